@@ -1,0 +1,176 @@
+"""The method contract: a distillation method is a strategy object the module hands each batch to.
+
+``DistillationModule.training_step`` knows no method by name. It calls
+``method.training_step(batch, host)`` and logs the dict of named loss terms it gets back
+(``"loss"`` is the one that is optimised). ``host`` is the LightningModule; a method may use only
+``host.student`` / ``host.teacher`` (:class:`~kdx.models.adapter.FeatureModel`), ``host.current_epoch``,
+``host.global_step``, ``host.trainer``, ``host.log_dict`` and, for manual optimization,
+``host.optimizers()``, ``host.lr_schedulers()``, ``host.manual_backward`` and ``host.clip_gradients``.
+A method never imports the module or an entry point.
+
+What a method declares (class attributes):
+
+* ``reads``: which parts of :class:`~kdx.models.base.ModelOutput` it needs from student and
+  teacher (``logits``, ``embedding``, ``stages``). The adapters compute nothing else.
+* ``needs_teacher``: ``none`` trains the student alone; every other method needs a teacher.
+* ``trains_teacher``: the teacher gets gradients and an optimizer (ProKT). Otherwise the module
+  keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
+* ``manual_optimization``: the method runs its own optimizer steps inside ``training_step``.
+
+What a method is: an ``nn.Module``. Its parameters (connectors, adapters) are optimised with the
+student's; its state (class centres, projections) lives in buffers, so checkpoints and resume
+carry it. Its hyper-parameters are its ``__init__`` arguments: ``@register_method`` turns the
+typed signature into a Hydra structured-config schema, so a misspelt or ill-typed key in
+``method.*`` fails at compose time.
+
+The common step is written once, here: student forward (what ``reads`` asks for), teacher forward
+under ``no_grad``, then ``loss(student_out, teacher_out, y, index)``. Methods override ``loss``;
+a method that changes the step overrides ``training_step`` and nothing in the loop.
+
+How the five seed methods plug in:
+
+* **KDA** (kernel transfer with Nyström landmarks): ``reads={"logits","embedding"}``. Class
+  centres of student and teacher are buffers; ``training_step`` calls the common step and
+  accumulates per-class feature sums and counts; ``on_train_epoch_end(host)`` all-reduces them
+  (``torch.distributed`` when initialised) and turns them into next epoch's centres. The loss is
+  switched on from epoch ``warm`` via ``host.current_epoch``.
+* **Backward-pass KD**: overrides ``training_step``: common terms, then generates auxiliary inputs
+  by gradient ascent on the teacher–student divergence w.r.t. the input (teacher parameters stay
+  frozen, input gradients flow through both models, BN statistics untouched) and adds the KL term
+  on them. The offline variant regenerates an auxiliary set in ``on_train_epoch_start``.
+* **Tang et al.** (ls, kd_pt, kd_sim, kd_pt_sim): ``setup`` reads the teacher's classifier weights
+  (``teacher.classifier.weight``) to build the class-similarity matrix, kept as a buffer; ``loss``
+  builds the per-example target distribution.
+* **RdimKD**: ``reads={"logits","stages"}`` (or ``embedding``); ``setup(student, teacher,
+  datamodule)`` probes shapes to size the student adapter and fits the projection (random
+  orthogonal, PCA or an autoencoder over ``datamodule.train_eval_dataloader()``), stored as a buffer.
+* **ProKT**: ``trains_teacher=True`` and ``manual_optimization=True``; ``teacher_optimizers``
+  returns the teacher's optimizer and scheduler (the module appends them after the student's), and
+  ``training_step`` runs the official order: student snapshot → teacher step → teacher snapshot →
+  student step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from torch import Tensor, nn
+
+from kdx.models.base import LOGITS, ModelOutput
+
+Terms = dict[str, Tensor]
+METHODS: dict[str, type[DistillationMethod]] = {}
+
+
+class DistillationMethod(nn.Module):
+    reads: ClassVar[frozenset[str]] = frozenset({LOGITS})
+    needs_teacher: ClassVar[bool] = True
+    trains_teacher: ClassVar[bool] = False
+    manual_optimization: ClassVar[bool] = False
+    name: ClassVar[str] = "method"
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
+        """Called once before training, after the teacher is ready (probe shapes, fit projections)."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+        x, y, index = batch
+        student_out = host.student(x, self.reads)
+        teacher_out = self.teacher_forward(host, x)
+        return self.loss(student_out, teacher_out, y, index)
+
+    def teacher_forward(self, host: Any, x: Tensor) -> ModelOutput | None:
+        if not self.needs_teacher or host.teacher is None:
+            return None
+        with torch.no_grad():
+            return host.teacher(x, self.reads)
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
+        raise NotImplementedError
+
+    def teacher_optimizers(self, teacher: nn.Module) -> list[dict]:
+        """Lightning optimizer configs for the teacher; only methods that train it return any."""
+        return []
+
+    # Hooks the module forwards; the defaults do nothing.
+    def on_fit_start(self, host: Any) -> None: ...
+    def on_train_epoch_start(self, host: Any) -> None: ...
+    def on_train_epoch_end(self, host: Any) -> None: ...
+    def on_validation_epoch_end(self, host: Any) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss pieces shared by methods.
+
+
+def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² · KL(q ‖ softmax(z_s/T))`` with batchmean reduction (the RepDistiller scaling)."""
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    return F.kl_div(log_p, target_probs, reduction="batchmean") * temperature**2
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton KD: ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``, batchmean."""
+    return soft_cross_entropy(student_logits, F.softmax(teacher_logits / temperature, dim=-1), temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and typed config schemas.
+
+_OMEGACONF_TYPES = (int, float, bool, str)
+
+
+def _schema_type(tp: Any) -> Any:
+    """Map an annotation to one OmegaConf can validate; fall back to Any."""
+    if tp in _OMEGACONF_TYPES:
+        return tp
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and rest[0] in _OMEGACONF_TYPES:
+            return rest[0] | None
+    if origin in (list, tuple, Iterable) or tp in (list, tuple):
+        inner = args[0] if args and args[0] in _OMEGACONF_TYPES else Any
+        return list[inner]  # type: ignore[valid-type]
+    if origin is dict or tp is dict:
+        return dict[str, Any]
+    return Any
+
+
+def schema_of(cls: type) -> type:
+    """A dataclass schema built from ``cls.__init__``'s typed signature, plus ``_target_``."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for pname, param in inspect.signature(cls.__init__).parameters.items():
+        if pname == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        tp = _schema_type(hints.get(pname, Any))
+        default = param.default
+        if default is inspect.Parameter.empty:
+            fields.append((pname, tp, dataclasses.field(default=dataclasses.MISSING)))
+        elif isinstance(default, (list, dict, tuple)):
+            fields.append((pname, tp, dataclasses.field(default_factory=lambda d=default: type(d)(d) if not isinstance(d, tuple) else list(d))))
+        else:
+            fields.append((pname, tp, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+def register_method(name: str):
+    """Class decorator: record the method and store its schema as ``schema/method/<name>``.
+
+    A method config then starts with ``defaults: [/schema/method/<name>@_here_, _self_]``.
+    """
+
+    def wrap(cls: type[DistillationMethod]) -> type[DistillationMethod]:
+        cls.name = name
+        METHODS[name] = cls
+        ConfigStore.instance().store(group="schema/method", name=name, node=schema_of(cls))
+        return cls
+
+    return wrap

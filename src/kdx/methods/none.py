@@ -1,0 +1,27 @@
+"""``none``: the student alone, cross-entropy on the labels (also how teachers are trained).
+
+Formula: ``L = CE(z_s, y)`` (optionally with label smoothing ε, PyTorch's definition).
+Defaults: ε = 0.
+Deviations from the paper: none (no paper).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdx.methods.base import DistillationMethod, Terms, register_method
+from kdx.models.base import ModelOutput
+
+
+@register_method("none")
+class NoDistillation(DistillationMethod):
+    needs_teacher = False
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
+        ce = F.cross_entropy(student.logits, y, label_smoothing=self.label_smoothing)
+        return {"loss": ce, "ce": ce}

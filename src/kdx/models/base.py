@@ -1,0 +1,64 @@
+"""The one record every model gives: logits, embedding, stages.
+
+Zoo models subclass :class:`KDModel` and return the record natively through ``extract``;
+foreign models (timm, torchvision, a user's ``nn.Module``) get it through
+:mod:`kdx.models.adapter`. ``forward`` always returns plain logits, so a model is still an
+ordinary classifier for code that knows nothing of kdx (the plain loop in ``kdx-bench``,
+``torch.compile``, export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+# What a method may ask a model for (``DistillationMethod.reads``).
+LOGITS, EMBEDDING, STAGES = "logits", "embedding", "stages"
+READABLE = frozenset({LOGITS, EMBEDDING, STAGES})
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, K)
+    embedding: Tensor | None = None  # (B, D): the classifier's input
+    stages: list[Tensor] = field(default_factory=list)  # feature map at the end of each stage
+
+    def detach(self) -> ModelOutput:
+        return ModelOutput(
+            self.logits.detach(),
+            None if self.embedding is None else self.embedding.detach(),
+            [s.detach() for s in self.stages],
+        )
+
+
+class KDModel(nn.Module):
+    """Base for kdx's own models: timm-style ``forward_features`` / ``forward_head`` split.
+
+    Subclasses set ``num_classes``, ``embedding_dim`` and ``classifier`` (the final ``nn.Linear``)
+    and implement ``forward_features(x, stages) -> (embedding, [stage maps])``; they compute the
+    stage list only when ``stages`` is true.
+    """
+
+    num_classes: int
+    embedding_dim: int
+    classifier: nn.Linear
+
+    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def forward_head(self, embedding: Tensor) -> Tensor:
+        return self.classifier(embedding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        embedding, _ = self.forward_features(x, stages=False)
+        return self.forward_head(embedding)
+
+    def extract(self, x: Tensor, stages: bool = False) -> ModelOutput:
+        embedding, maps = self.forward_features(x, stages=stages)
+        return ModelOutput(self.forward_head(embedding), embedding, maps)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
