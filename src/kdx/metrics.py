@@ -59,7 +59,8 @@ class FidelityMetrics(nn.Module):
             self.teacher_acc, self.teacher_ece, self.agreement = acc(), ece(), acc()
             self.kl = TeacherStudentKL()
 
-    def update(self, student_logits: Tensor, teacher_logits: Tensor | None, y: Tensor) -> None:
+    def update(self, student_logits: Tensor, teacher_logits: Tensor | None, y: Tensor,
+               student_embedding: Tensor | None = None, teacher_embedding: Tensor | None = None) -> None:
         student_logits = student_logits.float()
         self.student_acc.update(student_logits, y)
         self.student_ece.update(student_logits.softmax(-1), y)

@@ -101,7 +101,8 @@ class DistillationModule(L.LightningModule):
         reads = (LOGITS, EMBEDDING)
         student_out = self.student(x, reads)
         teacher_out = None if self.teacher is None else self.teacher(x, reads)
-        metrics.update(student_out.logits, None if teacher_out is None else teacher_out.logits, y)
+        metrics.update(student_out.logits, None if teacher_out is None else teacher_out.logits, y,
+                       student_out.embedding, None if teacher_out is None else teacher_out.embedding)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)

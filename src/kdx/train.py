@@ -112,8 +112,10 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
     if method.needs_teacher or cfg.teacher.get("model") is not None:
         if method.needs_teacher and cfg.teacher.get("model") is None:
             raise KDXError(f"method={method.name} needs a teacher but teacher=none; pick one, e.g. teacher=cnn1d")
-        teacher, info = provide_teacher(cfg, datamodule)
-        if teacher is not None:
+        if method.trains_teacher and not method.uses_teacher_weights():
+            teacher, info = instantiate(cfg.teacher.model), {"teacher/source": "random init"}
+        else:
+            teacher, info = provide_teacher(cfg, datamodule)
             info["teacher/val_acc"] = check_teacher(teacher, datamodule, cfg.teacher.min_acc, cfg.teacher.name)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same student init whatever the teacher did
     student = instantiate(cfg.student.model)

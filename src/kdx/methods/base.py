@@ -94,6 +94,11 @@ class DistillationMethod(nn.Module):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         raise NotImplementedError
 
+    def uses_teacher_weights(self) -> bool:
+        """False when the method starts its teacher from random initialisation (ProKT's default):
+        the teacher is then built but no checkpoint is loaded or trained for it."""
+        return True
+
     def teacher_optimizers(self, teacher: nn.Module) -> list[dict]:
         """Lightning optimizer configs for the teacher; only methods that train it return any."""
         return []
