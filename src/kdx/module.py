@@ -58,6 +58,7 @@ class DistillationModule(L.LightningModule):
                              "pick a teacher (e.g. teacher=cnn1d) or method=none")
         if self.teacher is not None:
             self.teacher.requires_grad_(method.trains_teacher)
+            self.teacher.train(method.trains_teacher)
         has_teacher = self.teacher is not None
         self.val_metrics = FidelityMetrics(num_classes, has_teacher)
         self.test_metrics = FidelityMetrics(num_classes, has_teacher)

@@ -31,7 +31,8 @@ from kdx.utils import atomic_torch_save, atomic_write_json, sha256_file, stable_
 
 log = logging.getLogger(__name__)
 
-# Lightning checkpoints of kdx runs keep models under these prefixes, in this order of preference.
+# Lightning checkpoints of kdx runs keep models under these prefixes; the one named like the
+# model asked for wins (a kdx run trained with method=none holds only a student).
 _PREFIXES = ("teacher.model.", "student.model.", "model.", "module.")
 
 
@@ -47,16 +48,18 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(recipe)}.pt"
 
 
-def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         full = obj["state_dict"]
-        for prefix in _PREFIXES:
+        for prefix in sorted(_PREFIXES, key=lambda p: not p.startswith(f"{what}.")):
             picked = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             if picked:
                 return picked
         return full
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # RepDistiller's released teachers
+        return _state_dict_from(obj["model"], path, what)
     raise KDXError(f"teacher checkpoint {path} holds neither a state_dict nor a Lightning checkpoint")
 
 
@@ -70,7 +73,7 @@ def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> N
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise KDXError(f"{what} checkpoint {path} cannot be loaded safely (weights_only=True): "
                        f"{str(err).splitlines()[0]}") from None
-    state = _state_dict_from(obj, path)
+    state = _state_dict_from(obj, path, what)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -1,0 +1,93 @@
+"""ShuffleNetV2 1× for CIFAR as in the CRD benchmark: widths 116/232/464, a 1024-channel head.
+
+Ma et al.'s units: a stride-2 down unit (two branches, concatenated) then 3/7/3 basic units (split
+the channels in half, transform one half, concatenate, shuffle). The stem is a single 1×1 conv to
+24 channels (no stride, no max-pool). Stages: the stem output, then each stage's output; the 1×1
+conv-BN-ReLU head belongs to the embedding. Module names follow RepDistiller's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kdx.models.base import KDModel
+from kdx.models.cifar.common import ChannelShuffle
+from kdx.models.registry import register_model
+
+
+def _conv(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, depthwise: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=c_in if depthwise else 1, bias=False)
+
+
+class BasicUnit(nn.Module):
+    """Identity on one half of the channels, 1×1 → 3×3 depthwise → 1×1 on the other."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels // 2
+        self.conv1, self.bn1 = _conv(c, c), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = _conv(c, c, 3, depthwise=True), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = _conv(c, c), nn.BatchNorm2d(c)
+        self.shuffle = ChannelShuffle(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return self.shuffle(torch.cat([x1, out], 1))
+
+
+class DownUnit(nn.Module):
+    """Both branches see the whole input at stride 2; each gives half the output channels."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        mid = c_out // 2
+        self.conv1, self.bn1 = _conv(c_in, c_in, 3, 2, depthwise=True), nn.BatchNorm2d(c_in)
+        self.conv2, self.bn2 = _conv(c_in, mid), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = _conv(c_in, mid), nn.BatchNorm2d(mid)
+        self.conv4, self.bn4 = _conv(mid, mid, 3, 2, depthwise=True), nn.BatchNorm2d(mid)
+        self.conv5, self.bn5 = _conv(mid, mid), nn.BatchNorm2d(mid)
+        self.shuffle = ChannelShuffle(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        return self.shuffle(torch.cat([left, right], 1))
+
+
+class ShuffleNetV2(KDModel):
+    def __init__(self, widths=(116, 232, 464), depths=(3, 7, 3), head: int = 1024, num_classes: int = 100):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv1, self.bn1 = _conv(3, 24), nn.BatchNorm2d(24)
+        c = 24
+        for i, (width, n) in enumerate(zip(widths, depths), start=1):
+            self.add_module(f"layer{i}", nn.Sequential(DownUnit(c, width), *[BasicUnit(width) for _ in range(n)]))
+            c = width
+        self.conv2, self.bn2 = _conv(c, head), nn.BatchNorm2d(head)
+        self.embedding_dim = head
+        self.linear = nn.Linear(head, num_classes)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.linear
+
+    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+        x = F.relu(self.bn1(self.conv1(x)))
+        maps = [x] if stages else []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            x = layer(x)
+            if stages:
+                maps.append(x)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1), maps
+
+
+@register_model
+def shufflenetv2(num_classes: int = 100) -> ShuffleNetV2:
+    return ShuffleNetV2(num_classes=num_classes)

@@ -1,0 +1,104 @@
+"""Wide ResNets (Zagoruyko & Komodakis) of the CRD benchmark: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
+
+WRN-d-k: a 3×3 16-channel stem, three stages of (d-4)/6 pre-activation blocks of 16k, 32k, 64k
+channels (strides 1, 2, 2), a final BN-ReLU, global average pooling, one linear layer.
+Stages (as in RepDistiller): the stem output, then each stage's raw (pre-activation) output; the
+final BN-ReLU belongs to the embedding. Module names follow RepDistiller's.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from kdx.models.base import KDModel
+from kdx.models.cifar.common import init_weights
+from kdx.models.registry import register_model
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3×3, BN-ReLU-conv3×3; a 1×1 conv on the activated input when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.convShortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(act)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.convShortcut is None else self.convShortcut(act))
+
+
+class WRNStage(nn.Module):
+    """A stage of ``n`` blocks; wrapped (``.layer``) only to keep RepDistiller's state-dict keys."""
+
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int, drop_rate: float):
+        super().__init__()
+        self.layer = nn.Sequential(*[PreActBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1,
+                                                 drop_rate) for i in range(n)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+class WideResNet(KDModel):
+    def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, drop_rate: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.block1 = WRNStage(n, widths[0], widths[1], 1, drop_rate)
+        self.block2 = WRNStage(n, widths[1], widths[2], 2, drop_rate)
+        self.block3 = WRNStage(n, widths[2], widths[3], 2, drop_rate)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.embedding_dim = widths[3]
+        self.fc = nn.Linear(widths[3], num_classes)
+        init_weights(self, zero_linear_bias=True)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc
+
+    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+        x = self.conv1(x)
+        maps = [x] if stages else []
+        for block in (self.block1, self.block2, self.block3):
+            x = block(x)
+            if stages:
+                maps.append(x)
+        return self.avgpool(self.relu(self.bn1(x))).flatten(1), maps
+
+
+@register_model
+def wrn_16_1(num_classes: int = 100) -> WideResNet:
+    return WideResNet(16, 1, num_classes)
+
+
+@register_model
+def wrn_16_2(num_classes: int = 100) -> WideResNet:
+    return WideResNet(16, 2, num_classes)
+
+
+@register_model
+def wrn_40_1(num_classes: int = 100) -> WideResNet:
+    return WideResNet(40, 1, num_classes)
+
+
+@register_model
+def wrn_40_2(num_classes: int = 100) -> WideResNet:
+    return WideResNet(40, 2, num_classes)

@@ -1,0 +1,301 @@
+"""KDA: the official loss and centre bookkeeping (methods.md §1.3/§1.4), gradient flow, resume, e2e."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST, ROOT, run_train
+
+from kdx.methods.kda import KDA, kda_loss, landmark_similarities
+from kdx.models.adapter import as_feature_model
+from kdx.models.small import MLP
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss on its own.
+
+
+def test_loss_is_zero_when_features_and_centres_agree():
+    torch.manual_seed(0)
+    feats, centres = torch.randn(6, 5), torch.randn(4, 5)
+    assert kda_loss(feats, feats.clone(), centres, centres.clone()).item() == 0.0
+
+
+def test_golden_value_2x2():
+    # Hand derivation (B = 2 examples, C = 2 classes, d = 2):
+    #   teacher centres C_t = I  ->  S_t = F_t = [[1, 2], [0, 2]],  ‖S_t‖_F = √(1 + 4 + 0 + 4) = 3
+    #   student centres C_s = [[1, 0], [0, 2]]  ->  S_s[i] = [F_s[i,0], 2·F_s[i,1]]
+    #   F_s = [[1.5, 1], [2, 0.25]]  ->  S_s = [[1.5, 2], [2, 0.5]]
+    #   S_s − S_t = [[0.5, 0], [2, −1.5]]; smooth-L1 with β = 1: 0.5·x² if |x| < 1 else |x| − 0.5
+    #     0.5 -> 0.125,  0 -> 0,  2 -> 1.5,  −1.5 -> 1.0;  sum = 2.625
+    #   loss = 2.625 / 3 = 0.875
+    f_s = torch.tensor([[1.5, 1.0], [2.0, 0.25]])
+    f_t = torch.tensor([[1.0, 2.0], [0.0, 2.0]])
+    c_s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    c_t = torch.eye(2)
+    assert kda_loss(f_s, f_t, c_s, c_t).item() == pytest.approx(0.875, abs=1e-7)
+
+
+@pytest.mark.parametrize("d_s,d_t", [(5, 5), (3, 11), (16, 4)])
+def test_similarity_shape_is_batch_by_classes(d_s, d_t):
+    b, c = 7, 4
+    s = landmark_similarities(torch.randn(b, d_s), torch.randn(c, d_s))
+    t = landmark_similarities(torch.randn(b, d_t), torch.randn(c, d_t))
+    assert s.shape == t.shape == (b, c)
+    loss = kda_loss(torch.randn(b, d_s), torch.randn(b, d_t), torch.randn(c, d_s), torch.randn(c, d_t))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_no_gradient_reaches_centres_or_teacher():
+    f_s = torch.randn(6, 5, requires_grad=True)
+    f_t = torch.randn(6, 3, requires_grad=True)
+    c_s = torch.randn(4, 5, requires_grad=True)
+    c_t = torch.randn(4, 3, requires_grad=True)
+    kda_loss(f_s, f_t, c_s, c_t).backward()
+    assert f_s.grad is not None and f_s.grad.abs().sum() > 0
+    assert f_t.grad is None and c_s.grad is None and c_t.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The method driven by a stand-in for the LightningModule.
+
+
+def _models(num_classes=4, d_in=6, d_s=5, d_t=9, seed=0):
+    torch.manual_seed(seed)
+    student = as_feature_model(MLP(num_classes, (d_in,), hidden=(d_s,)))
+    teacher = as_feature_model(MLP(num_classes, (d_in,), hidden=(d_t,))).eval().requires_grad_(False)
+    return student, teacher
+
+
+def _host(student, teacher, epoch):
+    return SimpleNamespace(student=student, teacher=teacher, current_epoch=epoch)
+
+
+def _batches(x, y, size):
+    for start in range(0, len(x), size):
+        yield x[start:start + size], y[start:start + size], torch.arange(start, min(start + size, len(x)))
+
+
+def _epoch(method, host, x, y, size=7):
+    method.on_train_epoch_start(host)
+    terms = [method.training_step(b, host) for b in _batches(x, y, size)]
+    method.on_train_epoch_end(host)
+    return terms
+
+
+def test_centres_are_per_class_means_of_the_previous_epoch():
+    student, teacher = _models()
+    method = KDA(warm=0)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    assert method.student_centres.shape == (4, 5) and method.teacher_centres.shape == (4, 9)
+    torch.manual_seed(1)
+    x, y = torch.randn(30, 6), torch.tensor([0, 1, 2] * 10)  # class 3 never appears
+    _epoch(method, _host(student, teacher, 0), x, y)  # uneven batches of 7: 7, 7, 7, 7, 2
+    with torch.no_grad():
+        e_s, e_t = student(x, ("embedding",)).embedding, teacher(x, ("embedding",)).embedding
+    for k in range(3):
+        torch.testing.assert_close(method.student_centres[k], e_s[y == k].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(method.teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6)
+    assert method.centre_counts.tolist() == [10, 10, 10, 0]
+    assert method.student_centres[3].abs().sum() == 0 and int(method.centres_epoch) == 0
+    # next epoch sees only class 0: its centre moves, the others keep theirs (counted again, not reused)
+    before = method.teacher_centres.clone()
+    x0 = torch.randn(5, 6)
+    _epoch(method, _host(student, teacher, 1), x0, torch.zeros(5, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(method.teacher_centres[0], teacher(x0, ("embedding",)).embedding.mean(0))
+    torch.testing.assert_close(method.teacher_centres[1:], before[1:])
+    assert method.centre_counts.tolist() == [5, 0, 0, 0] and int(method.centres_epoch) == 1
+
+
+def test_warm_up_and_weighting():
+    student, teacher = _models()
+    method = KDA(alpha=0.5, warm=2)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    first = _epoch(method, _host(student, teacher, 0), x, y, size=8)
+    assert all(t["kda"].item() == 0.0 for t in first)  # no centres yet: 0, not NaN
+    second = _epoch(method, _host(student, teacher, 1), x, y, size=8)  # centres exist, epoch < warm
+    assert second[0]["kda"].item() > 0 and not second[0]["kda"].requires_grad
+    torch.testing.assert_close(second[0]["loss"], second[0]["ce"])
+    third = method.training_step(next(_batches(x, y, 8)), _host(student, teacher, 2))
+    torch.testing.assert_close(third["loss"], third["ce"] + 0.5 * third["kda"])
+    out_s, out_t = student(x[:8], method.reads), teacher(x[:8], method.reads)
+    expected = kda_loss(out_s.embedding, out_t.embedding, method.student_centres, method.teacher_centres)
+    torch.testing.assert_close(third["kda"], expected)
+
+
+def test_logits_layer_and_combo_terms():
+    student, teacher = _models()
+    method = KDA(warm=0, layer="logits", kd_weight=0.9, ce_weight=0.1, temperature=4.0)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    assert method.student_centres.shape == method.teacher_centres.shape == (4, 4)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    _epoch(method, _host(student, teacher, 0), x, y, size=8)
+    terms = method.training_step((x, y, torch.arange(8)), _host(student, teacher, 1))
+    p_s, p_t = F.log_softmax(student(x).logits / 4, -1), F.softmax(teacher(x).logits / 4, -1)
+    torch.testing.assert_close(terms["kd"], F.kl_div(p_s, p_t, reduction="batchmean") * 16)
+    torch.testing.assert_close(terms["loss"], 0.1 * terms["ce"] + 0.04 * terms["kda"] + 0.9 * terms["kd"])
+
+
+def test_gradient_flow_student_only_teacher_bit_identical():
+    student, teacher = _models()
+    method = KDA(warm=0)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    assert list(method.parameters()) == []  # KDA's state is buffers only
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x, y = torch.randn(12, 6), torch.randint(0, 4, (12,))
+    _epoch(method, _host(student, teacher, 0), x, y, size=12)
+    optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=0.1)
+    terms = method.training_step((x, y, torch.arange(12)), _host(student, teacher, 1))
+    assert terms["kda"].requires_grad and terms["kda"].item() > 0
+    student.zero_grad()
+    terms["kda"].backward(retain_graph=True)  # the KDA term alone reaches every student layer
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters()
+               if "classifier" not in n)
+    terms["loss"].backward()
+    optimizer.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not b.requires_grad for b in method.buffers())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+
+
+def test_state_dict_round_trip_carries_centres_and_partial_sums():
+    student, teacher = _models()
+    method = KDA(warm=0)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    x, y = torch.randn(14, 6), torch.randint(0, 4, (14,))
+    _epoch(method, _host(student, teacher, 0), x, y)
+    host = _host(student, teacher, 1)
+    method.on_train_epoch_start(host)
+    method.training_step((x[:7], y[:7], torch.arange(7)), host)  # half of epoch 1, then "crash"
+    state = method.state_dict()
+    restored = KDA(warm=0)  # never set up: LazyBuffers sizes the buffers from the state_dict
+    restored.load_state_dict(state)
+    for name in ("student_centres", "teacher_centres", "centre_counts", "centres_epoch"):
+        assert torch.equal(getattr(restored, name), getattr(method, name)), name
+    for m in (method, restored):  # both finish epoch 1 the same way
+        m.on_train_epoch_start(host)
+        m.training_step((x[7:], y[7:], torch.arange(7, 14)), host)
+        m.on_train_epoch_end(host)
+    torch.testing.assert_close(restored.teacher_centres, method.teacher_centres)
+    with torch.no_grad():
+        e_t = teacher(x, ("embedding",)).embedding
+    for k in y.unique().tolist():
+        torch.testing.assert_close(restored.teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def _all_reduce_worker(rank: int, init_file: str, results):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        method = KDA(warm=0)
+        method._size(3, 2, 2)
+        feats = torch.tensor([[1.0, 0.0], [3.0, 2.0]]) + 10 * rank  # rank 0: classes 0, 1; rank 1: classes 0, 2
+        y = torch.tensor([0, 1 + rank])
+        method.accumulate(feats, feats, y)
+        method.finalise_centres()
+        results[rank] = (method.student_centres.tolist(), method.centre_counts.tolist())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_centres_are_all_reduced_across_processes(tmp_path):
+    ctx = torch.multiprocessing.get_context("fork")
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_all_reduce_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    expected = ([[6.0, 5.0], [3.0, 2.0], [13.0, 12.0]], [2, 1, 1])  # class 0: mean of [1, 0] and [11, 10]
+    assert results[0] == results[1] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Through Hydra and Lightning.
+
+
+class CentreRecorder(L.Callback):
+    """Saves the KDA state at the start of every training epoch (used by the resume test)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: dict[int, dict] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        m = pl_module.method
+        self.records[trainer.current_epoch] = {
+            "student_centres": m.student_centres.clone(), "teacher_centres": m.teacher_centres.clone(),
+            "centres_epoch": int(m.centres_epoch)}
+        torch.save(self.records, self.path)
+
+
+def test_fast_dev_run_writes_kernel_gap(tmp_path, cache_dir):
+    metrics = run_train([*FAST, "method=kda"], tmp_path, cache_dir)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["method"] == "kda" and math.isfinite(on_disk["fidelity/kernel_gap"])
+    assert metrics["fidelity/kernel_gap"] == on_disk["fidelity/kernel_gap"] >= 0
+
+
+def test_resume_restores_centres(tmp_path, cache_dir):
+    common = ["debug=limit", "logger=csv", "trainer.accelerator=cpu", "method=kda", "method.warm=0",
+              "test=false"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train([*common, "trainer.max_epochs=1"], first, cache_dir)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert int(saved["method.centres_epoch"]) == 0 and saved["method.teacher_centres"].abs().sum() > 0
+    record = second / "record.pt"
+    run_train([*common, "trainer.max_epochs=2", f"ckpt_path={ckpt}",
+               "+callbacks.recorder._target_=test_kda.CentreRecorder", f"+callbacks.recorder.path={record}"],
+              second, cache_dir)
+    records = torch.load(record, weights_only=True)
+    assert list(records) == [1]  # resumed straight into epoch 1 ...
+    assert records[1]["centres_epoch"] == 0  # ... with epoch 0's centres, restored, not recomputed
+    assert torch.equal(records[1]["student_centres"], saved["method.student_centres"])
+    assert torch.equal(records[1]["teacher_centres"], saved["method.teacher_centres"])
+
+
+ZOO = ROOT / "conf"
+
+
+@pytest.mark.skipif(not all((ZOO / p).is_file() for p in ("teacher/resnet32x4.yaml", "student/resnet8x4.yaml",
+                                                          "dataset/synthetic_cifar.yaml")),
+                    reason="CIFAR zoo configs not there yet")
+def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
+    metrics = run_train([*FAST, "method=kda", "dataset=synthetic_cifar", "teacher=resnet32x4",
+                         "student=resnet8x4"], tmp_path, cache_dir)
+    assert math.isfinite(metrics["fidelity/kernel_gap"])
+
+
+@pytest.mark.skipif(not all((ZOO / p).is_file() for p in ("teacher/timm.yaml", "student/timm.yaml",
+                                                          "dataset/synthetic_cifar.yaml")),
+                    reason="timm configs not there yet")
+def test_fast_dev_run_timm(tmp_path, cache_dir):
+    metrics = run_train([*FAST, "method=kda", "dataset=synthetic_cifar", "teacher=timm", "student=timm"],
+                        tmp_path, cache_dir)
+    assert math.isfinite(metrics["fidelity/kernel_gap"])
+
+
+def test_unknown_layer_is_rejected():
+    with pytest.raises(ValueError, match="method.layer"):
+        KDA(layer="pre_logits")
+
