@@ -10,11 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, ROOT, run_train
 
+from conftest import FAST, ROOT, run_train
 from kdx.methods.kda import KDA, kda_loss, landmark_similarities
 from kdx.models.adapter import as_feature_model
 from kdx.models.small import MLP
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -275,13 +276,16 @@ def test_resume_restores_centres(tmp_path, cache_dir):
 
 
 ZOO = ROOT / "conf"
+# a smaller synthetic CIFAR split: resnet32x4 costs ~1 GFLOP per image on one CPU thread
+SMALL_CIFAR = ["dataset=synthetic_cifar", "dataset.datamodule.num_train=64", "dataset.datamodule.num_val=32",
+               "dataset.datamodule.num_test=32", "dataset.datamodule.batch_size=16"]
 
 
 @pytest.mark.skipif(not all((ZOO / p).is_file() for p in ("teacher/resnet32x4.yaml", "student/resnet8x4.yaml",
                                                           "dataset/synthetic_cifar.yaml")),
                     reason="CIFAR zoo configs not there yet")
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=kda", "dataset=synthetic_cifar", "teacher=resnet32x4",
+    metrics = run_train([*FAST, "method=kda", *SMALL_CIFAR, "teacher=resnet32x4",
                          "student=resnet8x4"], tmp_path, cache_dir)
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 
@@ -290,7 +294,7 @@ def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
                                                           "dataset/synthetic_cifar.yaml")),
                     reason="timm configs not there yet")
 def test_fast_dev_run_timm(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=kda", "dataset=synthetic_cifar", "teacher=timm", "student=timm"],
+    metrics = run_train([*FAST, "method=kda", *SMALL_CIFAR, "teacher=timm", "student=timm"],
                         tmp_path, cache_dir)
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 

@@ -19,9 +19,13 @@ Tang, Shivanna, Zhao, Lin, Singh, Chi, Jain, *Understanding and Improving Knowle
   KD term lowers ``z_y``. ``r`` is the unweighted ratio; in the loss ``(1-α)·CE + α·KD`` the terms
   weigh ``α·r : (1-α)``. Its spread over examples is the teacher's per-instance gradient rescaling.
 
-  Logged per epoch: quantiles (``diag/p_t_true_q50``, ``diag/grad_ratio_q50``, ...), histograms on
-  TensorBoard and W&B loggers, and everything (quantiles, means, histogram counts) in
-  ``<dirpath>/diagnostics.json``.
+  When the student is sure of y, ``1 − p_s,y → 0`` and ``|r|`` grows without bound (CE has stopped
+  pushing, KD has not), so read ``r`` by its quantiles; its mean is kept in the JSON only.
+
+  Logged per epoch: quantiles (``diag/p_t_true_q50``, ``diag/p_t_true_T_q50``,
+  ``diag/grad_ratio_q50``, ...), histograms on TensorBoard and W&B loggers, and everything
+  (quantiles, means, histogram counts on a 1–99 % range) in ``<dirpath>/diagnostics.json``.
+  ``p_t_true`` is read at T = 1 (the teacher's confidence), ``p_t_true_T`` at the ratio's T.
 
 **Domain level**: the Pearson correlation ``diag/sim_corr`` between the off-diagonal entries of the
 student's and the teacher's class-similarity matrices (cosine of classifier weight vectors), per
@@ -199,7 +203,8 @@ class TangDiagnostics(L.Callback):
             record[key] = summary = summarize(values, self.quantiles, self.bins,
                                               (0.0, 1.0) if key.startswith("p_t") else None)
             if summary["n"]:
-                scalars[f"diag/{key}_mean"] = summary["mean"]
+                if key != "grad_ratio":  # the ratio's mean is ruled by students sure of y (1 − p_s,y → 0)
+                    scalars[f"diag/{key}_mean"] = summary["mean"]
                 scalars.update({f"diag/{key}_{_qname(q)}": v for q, v in zip(self.quantiles, summary["quantiles"])})
         domain = self._domain_level(trainer, pl_module)
         record.update({k: None if math.isnan(v) else v for k, v in domain.items()})
@@ -224,9 +229,10 @@ class TangDiagnostics(L.Callback):
         if not self.active or not self.history:
             return {}
         last, out = self.history[-1], {}
-        for key in ("p_t_true", "grad_ratio"):
+        for key in ("p_t_true", "p_t_true_T", "grad_ratio"):
             if last.get(key, {}).get("n"):
-                out[f"diag/{key}_mean"] = last[key]["mean"]
+                if key != "grad_ratio":
+                    out[f"diag/{key}_mean"] = last[key]["mean"]
                 if 0.5 in self.quantiles:
                     out[f"diag/{key}_q50"] = last[key]["quantiles"][self.quantiles.index(0.5)]
         out.update({f"diag/{k}": v for k, v in last.items() if k.startswith("sim_corr") and v is not None})
@@ -249,8 +255,9 @@ class TangDiagnostics(L.Callback):
         if loader is None:
             return {}
         zs, zt, ys, seen = [], [], [], 0
-        was_training = student.training
-        student.eval()
+        modes = [(m, m.training) for m in (student, teacher)]
+        for m, _ in modes:  # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
+            m.eval()
         try:
             for batch in loader:
                 x, y = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
@@ -261,7 +268,8 @@ class TangDiagnostics(L.Callback):
                 if seen >= self.max_samples:
                     break
         finally:
-            student.train(was_training)
+            for m, mode in modes:
+                m.train(mode)
         if not ys:
             return {}
         zs_, zt_, y_ = (torch.cat(t)[: self.max_samples] for t in (zs, zt, ys))

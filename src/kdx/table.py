@@ -282,23 +282,38 @@ def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
+ACCURACY_KEYS = ("student/acc_best", "student/acc", "teacher/acc")
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
-    """A GitHub markdown table; metric columns with no value anywhere are left out."""
+    """Two GitHub markdown tables: accuracies (with the published comparison and failure counts),
+    then fidelity, calibration and time. Columns with no value in any row are left out."""
     present = [m for m in METRICS if any(r[f"{m[0]}_n"] > 0 for r in rows)]
+    accuracy = [m for m in present if m[0] in ACCURACY_KEYS]
+    others = [m for m in present if m[0] not in ACCURACY_KEYS]
     has_pub = any(not math.isnan(r["published"]) for r in rows)
     has_pub_teacher = any(not math.isnan(r["published_teacher"]) for r in rows)
     has_missing = any(r["missing"] for r in rows)
-    header = ["dataset", "teacher → student", "method", *by, "n"]
-    header += [label for _, label, _, _ in present]
+
+    def keys(r: dict[str, Any]) -> list[str]:
+        return [r["dataset"], f"{r['teacher']} → {r['student']}", r["method"], *(str(r[k]) for k in by)]
+
+    key_header = ["dataset", "teacher → student", "method", *by]
+    header = [*key_header, "n", *(label for _, label, _, _ in accuracy)]
     if has_pub:
         header += ["published", "Δ", "within tol."]
     if has_pub_teacher:
         header += ["teacher published", "teacher Δ"]
     header += ["failed"] + (["missing"] if has_missing else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    body = []
     for r in rows:
-        cells = [r["dataset"], f"{r['teacher']} → {r['student']}", r["method"], *(r[k] for k in by), str(r["n"])]
-        cells += [_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in present]
+        cells = [*keys(r), str(r["n"])]
+        cells += [_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in accuracy]
         if has_pub:
             tol = r["within_tolerance"]
             flag = "–" if tol is None else (f"yes (±{r['tolerance']:g})" if tol else f"no (±{r['tolerance']:g})")
@@ -306,10 +321,16 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         if has_pub_teacher:
             cells += [_fmt(r["published_teacher"], math.nan, 2), _signed(r["teacher_delta"])]
         cells += [str(r["failed"])] + ([str(r["missing"])] if has_missing else [])
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = _md_table(header, body)
+    if others:
+        lines += ["", *_md_table([*key_header, *(label for _, label, _, _ in others)],
+                                 [[*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec)
+                                               for key, _, _, dec in others)] for r in rows])]
     notes = []
     if rows:
-        notes.append("Accuracies and agreement in % (×100), mean ± sample std over seeds (n = successful runs).")
+        notes.append("Accuracies and agreement in % (×100); mean ± sample std over seeds (n = successful "
+                     "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch.")
     metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
     if has_pub:
         notes.append(f"Δ = our mean − published, in points, on {', '.join(metrics)}.")
@@ -345,27 +366,29 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_
         means = [m[f"{metric}_mean"] for m in members]
         stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
         xs = list(range(len(members)))
-        ax.bar(xs, [0.0 if math.isnan(v) else v for v in means], yerr=stds, capsize=4, color="tab:blue",
-               alpha=0.8, label="ours (mean ± std)")
-        pub = [(x, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
+        ax.errorbar([x - 0.08 for x in xs], means, yerr=stds, fmt="o", capsize=4, color="tab:blue",
+                    label="ours (mean ± std)")
+        pub = [(x + 0.08, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
         if pub:
             ax.scatter([p[0] for p in pub], [p[1] for p in pub], marker="D", color="black", zorder=3,
                        label="published")
         teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
         if teacher_acc:
             ax.axhline(sum(teacher_acc) / len(teacher_acc), color="tab:red", linestyle="--", linewidth=1,
-                       label="teacher")
-        finite = [v for v in means if not math.isnan(v)] + [p[1] for p in pub] + teacher_acc
+                       label="teacher (ours)")
+        finite = [v + sign * e for v, e in zip(means, stds) if not math.isnan(v) for sign in (-1, 1)]
+        finite += [p[1] for p in pub] + teacher_acc
         if finite:
             low, high = min(finite), max(finite)
-            pad = max(1.0, 0.15 * (high - low))
-            ax.set_ylim(max(0.0, low - 3 * pad), min(100.0, high + pad))
+            pad = max(0.5, 0.1 * (high - low))
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_xlim(-0.6, len(members) - 0.4)
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{dataset}: {teacher} → {student}", fontsize=9)
         ax.set_ylabel(f"{metric} (%)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()

@@ -2,8 +2,9 @@
 
 * ``teacher.ckpt=<path>``: a plain ``state_dict`` or a Lightning checkpoint (kdx's own, whose
   student or teacher weights are taken, or any whose keys match after a ``model.`` prefix).
-* ``teacher.ckpt=auto``: train the teacher with method ``none`` and the recipe in ``teacher.train``
-  and cache it under ``<cache_dir>/teachers/<name>-<hash>.pt``; the hash covers the model, the data
+* ``teacher.ckpt=auto``: train the teacher with method ``none`` and the recipe in ``teacher.train``,
+  on one device (for a multi-GPU teacher, train it as a student with ``method=none`` and pass its
+  checkpoint), and cache it under ``<cache_dir>/teachers/<name>-<hash>.pt``; the hash covers the model, the data
   and the recipe, so a changed recipe trains a new teacher and an unchanged one is reused. A file
   lock makes parallel jobs (joblib, SLURM arrays on a shared disk) train it once.
 
@@ -121,6 +122,12 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: L.LightningData
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         max_epochs=recipe.epochs,
+        # one device: under `strategy=ddp` Lightning relaunches this script for the other ranks, and
+        # they must find the teacher cached rather than wait on the lock this process holds
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        sync_batchnorm=False,
         limit_train_batches=recipe.get("limit_train_batches", 1.0),
         limit_val_batches=1.0,
         fast_dev_run=False,

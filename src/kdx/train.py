@@ -24,6 +24,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 import kdx
@@ -164,6 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             metrics["student/acc_best"] = metrics["student/acc"]
     best_val = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    for callback in callbacks:  # callbacks with headline figures of their own (diagnostics)
+        metrics.update(getattr(callback, "summary", dict)())
     metrics.update({
         "status": "ok",
         "student/val_acc_best": None if best_val is None else _float(best_val),
@@ -240,7 +243,7 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             return float("nan")  # the sweep goes on; kdx-table counts this run as failed
         sys.exit(2)
-    if cfg.get("print_summary", True):
+    if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
         print_summary(metrics, output_dir)
     return _monitored(cfg, metrics)
 

@@ -74,6 +74,8 @@ class DistillationMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     trains_teacher: ClassVar[bool] = False
     manual_optimization: ClassVar[bool] = False
+    # the Tang et al. diagnostics callback (callbacks.diagnostics.enabled=auto) follows this
+    diagnostics_by_default: ClassVar[bool] = False
     name: ClassVar[str] = "method"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:

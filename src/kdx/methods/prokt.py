@@ -47,7 +47,9 @@ random teacher init and clipping the student at 1.0 are our choices; the optiona
 (Lagrangian) variant of the official code is not implemented (its code path is broken). The
 teacher snapshot uses eval-mode BatchNorm (the official order; the text models have no BatchNorm),
 whose running statistics lag behind a teacher trained from scratch for the first few dozen steps.
-Not tested under DDP (two backward passes per step over disjoint parameter sets).
+Under DDP the teacher is wrapped for gradient reduction too (the one method that does so), and the
+two backward passes per step need ``trainer.strategy=ddp_find_unused_parameters_true`` (checked at
+fit start); replicas were checked to stay in sync with ``trainer=ddp_sim``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.errors import KDXError
 from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method, soft_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -170,16 +173,16 @@ class ProKT(DistillationMethod):
         self._total_steps = float(trainer.estimated_stepping_batches)
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                raise ValueError("method=prokt steps its schedulers itself and does not support ReduceLROnPlateau; "
-                                 "pick a scheduler that needs no metric")
+                raise KDXError("method=prokt steps its schedulers itself and does not support ReduceLROnPlateau; "
+                               "pick a scheduler that needs no metric")
             if config.frequency != 1:
-                raise ValueError(f"method=prokt steps schedulers every {config.interval}; frequency "
-                                 f"{config.frequency} is not supported")
+                raise KDXError(f"method=prokt steps schedulers every {config.interval}; frequency "
+                               f"{config.frequency} is not supported")
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if trainer.world_size > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters"):
-            raise ValueError("method=prokt under DDP makes two backward passes per step over disjoint parameter "
-                             "sets; use trainer.strategy=ddp_find_unused_parameters_true "
-                             "(or ddp_spawn_find_unused_parameters_true)")
+            raise KDXError("method=prokt under DDP makes two backward passes per step over disjoint parameter "
+                           "sets; use trainer.strategy=ddp_find_unused_parameters_true "
+                           "(or ddp_spawn_find_unused_parameters_true)")
         if self.teacher_init == "checkpoint":
             log.info("method=prokt starts from teacher.ckpt: it should be an EARLY checkpoint, not a converged teacher")
 

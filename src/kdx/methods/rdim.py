@@ -42,7 +42,7 @@ is our choice, unverified: the mean reduction over tokens × d, the default d/C_
 distilling one stage (the last) rather than several, the adapter design (1×1 conv / linear with
 bias, identity when widths agree, pool-or-interpolate resize, global pooling on a rank mismatch),
 fitting PCA/AE once before training on the (augmented) training split rather than offline on clean
-data, orthonormalising the linear AE's encoder, the AE recipe (Adam, lr 1e-3, batch 256, 10 epochs,
+data, orthonormalising the linear AE's encoder, the AE recipe (Adam, lr 1e-2, batch 256, 10 epochs,
 ≤ 50 000 tokens), the optional standardisation, and the optional KD term.
 """
 
@@ -136,7 +136,7 @@ def rdim_loss(student_tokens: Tensor, teacher_tokens: Tensor, projection: Tensor
     return (diff @ projection.to(diff.dtype)).pow(2).mean()
 
 
-def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10, lr: float = 1e-3,
+def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10, lr: float = 1e-2,
                     batch_size: int = 256, seed: int = 0) -> nn.Sequential:
     """Train an autoencoder ``C → (hidden →) dim → (hidden →) C`` with MSE on ``tokens`` (M × C);
     returns the encoder. Self-contained randomness (``seed``)."""
@@ -175,7 +175,7 @@ class RdimKD(LazyBuffers, DistillationMethod):
     def __init__(self, projection: str = "random", feature: str = "stage", stage_index: int = -1,
                  dim: int | None = None, dim_ratio: float = 0.25, weight: float = 1.0, standardize: bool = False,
                  ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0, seed: int = 0,
-                 fit_batches: int | None = None, ae_epochs: int = 10, ae_hidden: int = 0, ae_lr: float = 1e-3,
+                 fit_batches: int | None = None, ae_epochs: int = 10, ae_hidden: int = 0, ae_lr: float = 1e-2,
                  ae_max_tokens: int = 50_000):
         super().__init__()
         if projection not in PROJECTIONS:

@@ -1,0 +1,132 @@
+"""Every experiment config composes and pins its recipe and published numbers; one CRD row runs end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF_DIR, FAST, compose_train, run_train
+from hydra.utils import instantiate
+
+EXPERIMENTS = sorted(
+    str(p.relative_to(Path(CONF_DIR) / "experiment").with_suffix(""))
+    for p in (Path(CONF_DIR) / "experiment").rglob("*.yaml")
+    if not p.name.startswith("_")
+)
+
+# methods.md §6.1 / §6.2 (RepDistiller README): teacher, scratch, KD, CRD (%).
+CRD_ROWS = {
+    "wrn_40_2_wrn_16_2": (75.61, 73.26, 74.92, 75.48),
+    "wrn_40_2_wrn_40_1": (75.61, 71.98, 73.54, 74.14),
+    "resnet56_resnet20": (72.34, 69.06, 70.66, 71.16),
+    "resnet110_resnet20": (74.31, 69.06, 70.67, 71.46),
+    "resnet110_resnet32": (74.31, 71.14, 73.08, 73.48),
+    "resnet32x4_resnet8x4": (79.42, 72.50, 73.33, 75.51),
+    "vgg13_vgg8": (74.64, 70.36, 72.98, 73.94),
+    "vgg13_mobile_half": (74.64, 64.60, 67.37, 69.73),
+    "resnet50_cifar_mobile_half": (79.34, 64.60, 67.35, 69.11),
+    "resnet50_cifar_vgg8": (79.34, 70.36, 73.81, 74.30),
+    "resnet32x4_shufflenetv1": (79.42, 70.50, 74.07, 75.11),
+    "resnet32x4_shufflenetv2": (79.42, 71.82, 74.45, 75.65),
+    "wrn_40_2_shufflenetv1": (75.61, 70.50, 74.83, 76.05),
+}
+SMALL_LR_STUDENTS = {"mobile_half", "shufflenetv1", "shufflenetv2"}
+
+
+def test_experiment_list_is_complete():
+    assert {f"crd_cifar100/{row}" for row in CRD_ROWS} <= set(EXPERIMENTS)
+    assert {"kda_cifar100/resnet34_resnet18", "mnist1d/table"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment, tmp_path, cache_dir):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path, cache_dir)
+    assert cfg.teacher.name and cfg.student.name and cfg.method._target_
+    # the models and the method can be built from the composed config
+    instantiate(cfg.method)
+    if cfg.dataset.name == "cifar100":
+        assert cfg.published.metric == "student/acc_best" and cfg.published.units == "percent"
+        assert cfg.published.tolerance > 0 and "seeds" in cfg.published
+
+
+@pytest.mark.parametrize("row", sorted(CRD_ROWS))
+def test_crd_row_pins_recipe_and_published_numbers(row, tmp_path, cache_dir):
+    cfg = compose_train([f"experiment=crd_cifar100/{row}"], tmp_path, cache_dir)
+    assert f"{cfg.teacher.name}_{cfg.student.name}" == row
+    teacher, scratch, kd, crd = CRD_ROWS[row]
+    pub = cfg.published
+    assert (pub.teacher, pub.student.none, pub.student.kd, pub.student.crd) == (teacher, scratch, kd, crd)
+    # the recipe
+    assert cfg.dataset.name == "cifar100" and cfg.dataset.datamodule.batch_size == 64
+    assert cfg.dataset.datamodule.val_fraction == 0.0  # validation = test set, as RepDistiller
+    assert cfg.trainer.max_epochs == 240
+    opt, sched = cfg.optim.optimizer, cfg.optim.scheduler
+    assert opt._target_ == "torch.optim.SGD" and opt.momentum == 0.9 and opt.weight_decay == 5e-4
+    assert opt.lr == (0.01 if cfg.student.name in SMALL_LR_STUDENTS else 0.05)
+    assert list(sched.milestones) == [150, 180, 210] and sched.gamma == 0.1
+    assert cfg.method._target_ == "kdx.methods.kd.KD"
+    assert (cfg.method.temperature, cfg.method.alpha) == (pub.recipe.temperature, pub.recipe.alpha) == (4.0, 0.9)
+    assert cfg.teacher.ckpt == "auto" and cfg.teacher.train.epochs == 240
+
+
+def test_method_override_keeps_the_recipe(tmp_path, cache_dir):
+    base = compose_train(["experiment=crd_cifar100/resnet32x4_shufflenetv1"], tmp_path, cache_dir)
+    other = compose_train(["experiment=crd_cifar100/resnet32x4_shufflenetv1", "method=none"], tmp_path, cache_dir)
+    assert other.method._target_ == "kdx.methods.none.NoDistillation"
+    for key in ("optim", "dataset", "trainer", "teacher", "student", "published"):
+        assert other[key] == base[key], key
+
+
+def test_kda_experiment(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=kda_cifar100/resnet34_resnet18"], tmp_path, cache_dir)
+    assert (cfg.teacher.name, cfg.student.name) == ("resnet34_cifar", "resnet18_cifar")
+    assert cfg.dataset.datamodule.batch_size == 256 and cfg.trainer.max_epochs == 120
+    assert (cfg.method.alpha, cfg.method.warm, cfg.method.layer) == (0.04, 5, "embedding")
+    assert cfg.method.kd_weight == 0.0 and cfg.method.ce_weight == 1.0
+    opt = cfg.optim.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.1, 0.9, 5e-4)
+    assert cfg.optim.interval == "step" and cfg.optim.scheduler.max_lr == 0.1
+    assert cfg.published.version == "v1" and cfg.published.student.kda == 79.6
+    assert cfg.published.teacher == 80.3 and cfg.published.student.none == 77.2
+
+
+def test_sgd_kda_schedule_warmup_then_cosine(tmp_path, cache_dir):
+    """120 epochs × 2 iterations: rises to lr over 5 epochs, then a cosine to ~0, per iteration."""
+    cfg = compose_train(["optim=sgd_kda"], tmp_path, cache_dir)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = instantiate(cfg.optim.optimizer)([param])
+    total, warm = 240, 10
+    scheduler = instantiate(cfg.optim.scheduler)(optimizer, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(0.1 / 1000)
+    assert max(lrs) == pytest.approx(0.1, rel=1e-6) and warm - 1 <= peak <= warm
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then only decays
+    for step in (60, 125, 200):  # the decay follows 0.1·(1 + cos(π·progress))/2
+        progress = (step - peak) / (total - 1 - peak)
+        assert lrs[step] == pytest.approx(0.1 * (1 + math.cos(math.pi * progress)) / 2, abs=1e-3)
+    assert lrs[-1] < 1e-6
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_mnist1d_table_is_cheap(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=mnist1d/table"], tmp_path, cache_dir)
+    assert cfg.dataset.name == "mnist1d" and cfg.trainer.max_epochs <= 15
+
+
+@pytest.mark.slow
+def test_crd_row_end_to_end_on_synthetic_cifar(tmp_path, cache_dir):
+    tiny = ["dataset.datamodule.num_train=64", "dataset.datamodule.num_val=32", "dataset.datamodule.num_test=32",
+            "dataset.datamodule.batch_size=32"]
+    metrics = run_train(["experiment=crd_cifar100/resnet56_resnet20", "dataset=synthetic_cifar", *tiny, *FAST],
+                        tmp_path, cache_dir)
+    assert metrics["status"] == "ok" and metrics["method"] == "kd"
+    assert (metrics["dataset"], metrics["teacher"], metrics["student"]) == ("synthetic_cifar", "resnet56", "resnet20")
+    assert 0.0 <= metrics["student/acc_best"] <= 1.0 and "fidelity/kl" in metrics
