@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, FAST, compose_train, run_train
 from hydra.utils import instantiate
+
+from conftest import CONF_DIR, FAST, compose_train, run_train
 
 EXPERIMENTS = sorted(
     str(p.relative_to(Path(CONF_DIR) / "experiment").with_suffix(""))

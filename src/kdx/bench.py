@@ -122,6 +122,8 @@ def plain_segment(cfg, student, teacher, device) -> float:
 
 def bench(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     device = torch.device("cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
     student0, teacher0 = instantiate(cfg.student.model), instantiate(cfg.teacher.model)
     kdx_rates, plain_rates, shares = [], [], []

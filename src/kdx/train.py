@@ -15,6 +15,7 @@ import logging
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ from kdx.teacher import check_teacher, provide_teacher
 from kdx.utils import atomic_write_json
 
 log = logging.getLogger("kdx")
+
+# Noise that says nothing about a kdx run: the frozen teacher is in eval mode on purpose, and
+# Lightning's advertisement and a deprecation inside Lightning itself.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -142,6 +150,8 @@ def _instantiate_dict(node: DictConfig | None) -> list:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One training run; returns the figures written to ``<output_dir>/metrics.json``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     module, datamodule, teacher_info = build(cfg)
@@ -154,9 +164,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_s = time.perf_counter() - started
 
     metrics: dict[str, Any] = {}
+    best_ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == cfg.monitor), None)
     if cfg.get("test", True):
         metrics.update(_test_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
-        best_path = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        best_path = best_ckpt.best_model_path if best_ckpt else ""
         if best_path and Path(best_path).is_file():
             best = _test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=best_path,
                                               verbose=False, weights_only=True))
@@ -164,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["student/best_ckpt"] = best_path
         else:
             metrics["student/acc_best"] = metrics["student/acc"]
-    best_val = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    best_val = best_ckpt.best_model_score if best_ckpt else None
     for callback in callbacks:  # callbacks with headline figures of their own (diagnostics)
         metrics.update(getattr(callback, "summary", dict)())
     metrics.update({

@@ -90,6 +90,7 @@ class KDA(LazyBuffers, DistillationMethod):
         self.register_buffer("centres_epoch", torch.tensor(-1, dtype=torch.long))  # -1: no centres yet
         self._reset_sums()
         self._epoch = 0
+        self._has_centres = False
 
     # -- state ---------------------------------------------------------------------------------
     def _reset_sums(self) -> None:
@@ -114,7 +115,11 @@ class KDA(LazyBuffers, DistillationMethod):
 
     @property
     def has_centres(self) -> bool:
-        return int(self.centres_epoch) >= 0
+        return self._has_centres  # a Python mirror of centres_epoch >= 0: no device sync per step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_centres = int(self.centres_epoch) >= 0
 
     def _size(self, num_classes: int, d_s: int, d_t: int) -> None:
         shapes = ((num_classes, d_s), (num_classes, d_t))
@@ -125,6 +130,7 @@ class KDA(LazyBuffers, DistillationMethod):
         self.teacher_centres = torch.zeros(shapes[1], device=device)
         self.centre_counts = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.centres_epoch.fill_(-1)
+        self._has_centres = False
         self._reset_sums()
 
     def _features(self, out: ModelOutput) -> Tensor:
@@ -189,6 +195,7 @@ class KDA(LazyBuffers, DistillationMethod):
         self.teacher_centres[seen.to(device)] = (t_sum[seen] / denom).to(device, self.teacher_centres.dtype)
         self.centre_counts.copy_(count.to(device))
         self.centres_epoch.fill_(self._sum_epoch)
+        self._has_centres = True
         self._reset_sums()
 
     # -- step ----------------------------------------------------------------------------------

@@ -209,6 +209,15 @@ class RdimKD(LazyBuffers, DistillationMethod):
         self.register_buffer("teacher_mean", torch.zeros(0))
         self.register_buffer("teacher_scale", torch.zeros(0))
         self.register_buffer("fitted", torch.tensor(False))
+        self._fitted = False  # a Python mirror of `fitted`: no device sync per step
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._fitted = bool(self.fitted)
+
+    def _mark_fitted(self, value: bool) -> None:
+        self.fitted.fill_(value)
+        self._fitted = value
 
     # -- features ------------------------------------------------------------------------------
     def select(self, out: ModelOutput, who: str = "model") -> Tensor:
@@ -270,13 +279,13 @@ class RdimKD(LazyBuffers, DistillationMethod):
         dim = self.resolve_dim(channels)
         if tuple(self.projection_matrix.shape) != (channels, dim):
             self.projection_matrix = torch.zeros(channels, dim, device=self.fitted.device)
-            self.fitted.fill_(False)
-        if self.projection == "random" and not self.standardize and not bool(self.fitted):
+            self._mark_fitted(False)
+        if self.projection == "random" and not self.standardize and not self._fitted:
             self.projection_matrix.copy_(random_orthogonal(channels, dim, self.seed))
-            self.fitted.fill_(True)  # needs no data
+            self._mark_fitted(True)  # needs no data
 
     def on_fit_start(self, host: Any) -> None:
-        if bool(self.fitted):
+        if self._fitted:
             return  # fitted earlier or restored from a checkpoint
         datamodule = self._datamodule or getattr(host.trainer, "datamodule", None)
         if datamodule is None:
@@ -341,11 +350,11 @@ class RdimKD(LazyBuffers, DistillationMethod):
                         self.ae_w1, self.ae_b1, self.ae_w2, self.ae_b2):
                 if buf.numel():
                     torch.distributed.broadcast(buf, src=0)
-        self.fitted.fill_(True)
+        self._mark_fitted(True)
 
     # -- loss ----------------------------------------------------------------------------------
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
-        if not bool(self.fitted) or self.connector is None:
+        if not self._fitted or self.connector is None:
             raise RuntimeError("rdim: the projection is not fitted; the module calls setup() and "
                                "on_fit_start(); outside Lightning call method.setup(...) and method.fit(...)")
         student_tokens = to_tokens(self.connector(self.select(student, "student")))
