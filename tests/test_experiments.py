@@ -131,3 +131,11 @@ def test_crd_row_end_to_end_on_synthetic_cifar(tmp_path, cache_dir):
     assert metrics["status"] == "ok" and metrics["method"] == "kd"
     assert (metrics["dataset"], metrics["teacher"], metrics["student"]) == ("synthetic_cifar", "resnet56", "resnet20")
     assert 0.0 <= metrics["student/acc_best"] <= 1.0 and "fidelity/kl" in metrics
+
+
+def test_sgd_kda_steps_per_iteration_in_a_run(tmp_path, cache_dir):
+    """OneCycleLR gets total_steps from the run's length and is stepped exactly that often."""
+    metrics = run_train(["optim=sgd_kda", "debug=limit", "logger=csv", "trainer.accelerator=cpu"], tmp_path, cache_dir)
+    assert metrics["status"] == "ok"
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert any(name.startswith("lr-SGD") for name in header)
