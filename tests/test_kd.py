@@ -12,7 +12,7 @@ from kdx.data.base import tensor_dataset
 from kdx.methods.kd import KD
 from kdx.methods.none import NoDistillation
 from kdx.models.base import ModelOutput
-from kdx.models.small import MLP, CNN1D
+from kdx.models.small import CNN1D, MLP
 from kdx.module import DistillationModule
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAST, compose_train, run_train
 from kdx.errors import KDXError
-from kdx.models.small import MLP, CNN1D
+from kdx.models.small import CNN1D, MLP
 from kdx.teacher import load_weights, teacher_cache_path
 
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method
+from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, kd_loss, register_method
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,7 @@ class BackwardPassKD(DistillationMethod):
                  clamp_min: float | None = None, clamp_max: float | None = None, epsilon: float | None = None,
                  mode: str = "online", offline_size: int = 0, space: str = "input"):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method.alpha={alpha} must lie in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be > 0")
+        check_kd_weights(alpha, temperature)
         if aux_weight < 0:
             raise ValueError(f"method.aux_weight={aux_weight} must be >= 0")
         if steps < 1:

@@ -116,6 +116,14 @@ class DistillationMethod(nn.Module):
 # Loss pieces shared by methods.
 
 
+def check_kd_weights(alpha: float, temperature: float) -> None:
+    """The checks every ``(1-α)·CE + α·T²·KL`` method makes on its two weights."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"method.alpha={alpha} must lie in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"method.temperature={temperature} must be > 0")
+
+
 def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     """``T² · KL(q ‖ softmax(z_s/T))`` with batchmean reduction (the RepDistiller scaling)."""
     log_p = F.log_softmax(student_logits / temperature, dim=-1)

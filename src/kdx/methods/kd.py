@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method
+from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, kd_loss, register_method
 from kdx.models.base import ModelOutput
 
 
@@ -20,10 +20,7 @@ from kdx.models.base import ModelOutput
 class KD(DistillationMethod):
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method.alpha={alpha} must lie in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be > 0")
+        check_kd_weights(alpha, temperature)
         self.alpha = alpha
         self.temperature = temperature
 

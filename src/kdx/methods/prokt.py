@@ -65,7 +65,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdx.errors import KDXError
-from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method, soft_cross_entropy
+from kdx.methods.base import (
+    DistillationMethod,
+    Terms,
+    check_kd_weights,
+    kd_loss,
+    register_method,
+    soft_cross_entropy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +112,7 @@ class ProKT(DistillationMethod):
         super().__init__()
         if not 0.0 <= move_back_weight <= 1.0:
             raise ValueError(f"method.move_back_weight={move_back_weight} (λ) must lie in [0, 1]")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method.alpha={alpha} must lie in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be > 0")
+        check_kd_weights(alpha, temperature)
         if teacher_init not in TEACHER_INITS:
             raise ValueError(f"method.teacher_init={teacher_init!r} must be one of {', '.join(TEACHER_INITS)}")
         if teacher_optimizer not in OPTIMIZERS:

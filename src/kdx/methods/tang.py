@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdx.methods.base import DistillationMethod, Terms, soft_cross_entropy
+from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, soft_cross_entropy
 from kdx.models.base import ModelOutput
 
 # ---------------------------------------------------------------------------------------------
@@ -111,10 +111,7 @@ class SyntheticTargetKD(DistillationMethod):
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"method.alpha={alpha} must lie in [0, 1]")
-        if temperature <= 0:
-            raise ValueError(f"method.temperature={temperature} must be > 0")
+        check_kd_weights(alpha, temperature)
         self.alpha = alpha
         self.temperature = temperature
 
