@@ -100,7 +100,7 @@ def test_optuna_sweep_two_trials(tmp_path, cache_dir):
 def test_joblib_multirun_with_failing_jobs(tmp_path, cache_dir):
     """Three jobs on two joblib workers: a good lr, lr=1e30 (the loss turns NaN), lr=-1 (the optimizer raises).
 
-    The NaN job writes ``status: failed`` into its run folder and returns NaN, so the sweep goes
+    The NaN job writes ``status: failed`` into its run folder and returns -inf, so the sweep goes
     on; the good job finishes either way; kdx-table counts one success and two failures."""
     sweep_dir = tmp_path / "joblib"
     result = kdx_train(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,

@@ -52,19 +52,21 @@ class _LossTimer:
 
 
 class _StepTimer(L.Callback):
-    def __init__(self, warmup: int, device: torch.device, loss_timer: _LossTimer):
-        self.warmup, self.device, self.loss_timer = warmup, device, loss_timer
+    """Times the steps of the last epoch after its first ``warmup`` batches."""
+
+    def __init__(self, warmup: int, device: torch.device, loss_timer: _LossTimer, epoch: int = 0):
+        self.warmup, self.device, self.loss_timer, self.epoch = warmup, device, loss_timer, epoch
         self.start = self.end = 0.0
         self.samples = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
+        if trainer.current_epoch == self.epoch and batch_idx == self.warmup:
             _sync(self.device)
             self.loss_timer.seconds = 0.0
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup:
+        if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
             self.samples += batch[0].shape[0]
             _sync(self.device)
             self.end = time.perf_counter()
@@ -83,9 +85,9 @@ def kdx_segment(cfg, student, teacher, device) -> tuple[float, float]:
                                 optimizer=instantiate(cfg.optim.optimizer))
     loader = _loader(cfg, cfg.batch_size * (cfg.warmup_steps + cfg.steps))
     loss_timer = _LossTimer(method, device)
-    timer = _StepTimer(cfg.warmup_steps, device, loss_timer)
+    timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
-                        max_steps=cfg.warmup_steps + cfg.steps, logger=False, enable_checkpointing=False,
+                        max_epochs=cfg.warmup_epochs + 1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)

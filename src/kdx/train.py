@@ -12,6 +12,7 @@ reason, so a multirun goes on and ``kdx-table`` counts the failure.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import sys
 import time
@@ -252,11 +253,14 @@ def main(cfg: DictConfig) -> float | None:
         atomic_write_json(output_dir / "metrics.json", failure)
         print(f"kdx: error: {message}", file=sys.stderr)
         if _is_multirun():
-            return float("nan")  # the sweep goes on; kdx-table counts this run as failed
+            # the sweep goes on and kdx-table counts this run as failed; -inf (not NaN, which
+            # optuna refuses) makes an Optuna sweep record it as the worst trial
+            return float("-inf")
         sys.exit(2)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
         print_summary(metrics, output_dir)
-    return _monitored(cfg, metrics)
+    value = _monitored(cfg, metrics)
+    return value if math.isfinite(value) else float("-inf")
 
 
 if __name__ == "__main__":
