@@ -13,3 +13,13 @@ def test_kd_fast_dev_run_writes_metrics(tmp_path, cache_dir):
         assert key in on_disk, key
     assert 0.0 <= metrics["student/acc"] <= 1.0
     assert len(on_disk["teacher/sha256"]) == 64
+
+
+def test_wandb_logs_offline_without_an_account(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    metrics = run_train(["debug=limit", "logger=wandb", "print_summary=false"], tmp_path, cache_dir)
+    assert metrics["status"] == "ok"
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
