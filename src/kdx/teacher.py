@@ -147,6 +147,9 @@ def provide_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple
     tcfg = cfg.teacher
     if tcfg.get("model") is None:
         return None, {}
+    # the teacher's initial weights belong to its recipe, not to whichever job builds it first
+    if tcfg.get("train") is not None:
+        L.seed_everything(tcfg.train.seed, workers=True, verbose=False)
     model: nn.Module = instantiate(tcfg.model)
     ckpt = tcfg.get("ckpt")
     info: dict[str, Any] = {"teacher/name": tcfg.name}

@@ -24,6 +24,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -245,17 +246,22 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = run(cfg)
-    except (KDXError, NonFiniteLossError) as err:
-        message = str(err).splitlines()[0]
-        failure = {"status": "failed", "error": message, "seed": int(cfg.seed),
+    except Exception as err:
+        user_error = isinstance(err, (KDXError, NonFiniteLossError, InstantiationException))
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        failure = {"status": "failed", "error": message, "error_type": type(cause).__name__, "seed": int(cfg.seed),
                    "method": _choice("method"), "dataset": cfg.dataset.name,
                    "teacher": cfg.teacher.name, "student": cfg.student.name}
         atomic_write_json(output_dir / "metrics.json", failure)
-        print(f"kdx: error: {message}", file=sys.stderr)
         if _is_multirun():
             # the sweep goes on and kdx-table counts this run as failed; -inf (not NaN, which
             # optuna refuses) makes an Optuna sweep record it as the worst trial
+            log.error("run failed: %s", message)
             return float("-inf")
+        if not user_error:
+            raise  # a bug, not a bad input: keep the traceback
+        print(f"kdx: error: {message}", file=sys.stderr)
         sys.exit(2)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
         print_summary(metrics, output_dir)
