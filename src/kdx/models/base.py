@@ -59,5 +59,14 @@ class KDModel(nn.Module):
         return ModelOutput(self.forward_head(embedding), embedding, maps)
 
 
+def run_stages(x: Tensor, layers, keep: bool, maps: list[Tensor]) -> Tensor:
+    """Apply ``layers`` in order; append each output to ``maps`` only when ``keep`` (stages were asked for)."""
+    for layer in layers:
+        x = layer(x)
+        if keep:
+            maps.append(x)
+    return x
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

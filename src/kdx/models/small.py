@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdx.models.base import KDModel
+from kdx.models.base import KDModel, run_stages
 
 
 class MLP(KDModel):
@@ -34,10 +34,7 @@ class MLP(KDModel):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         h = x.flatten(1)
         maps = []
-        for block in self.blocks:
-            h = block(h)
-            if stages:
-                maps.append(h)
+        h = run_stages(h, self.blocks, stages, maps)
         return h, maps
 
 
@@ -68,8 +65,5 @@ class CNN1D(KDModel):
         elif x.dim() > 3:
             x = x.flatten(1).unsqueeze(1)
         maps = []
-        for stage in self.stages:
-            x = stage(x)
-            if stages:
-                maps.append(x)
+        x = run_stages(x, self.stages, stages, maps)
         return self.pool(x).flatten(1), maps

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdx.models.base import KDModel
+from kdx.models.base import KDModel, run_stages
 from kdx.models.cifar.common import init_weights
 from kdx.models.registry import register_model
 
@@ -71,10 +71,7 @@ class CifarResNet(KDModel):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         x = self.relu(self.bn1(self.conv1(x)))
         maps = [x] if stages else []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            if stages:
-                maps.append(x)
+        x = run_stages(x, (self.layer1, self.layer2, self.layer3), stages, maps)
         return self.avgpool(x).flatten(1), maps
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel
+from kdx.models.base import KDModel, run_stages
 from kdx.models.cifar.common import init_weights
 from kdx.models.registry import register_model
 
@@ -91,10 +91,7 @@ class CifarStemResNet(KDModel):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
         maps = [x] if stages else []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            if stages:
-                maps.append(x)
+        x = run_stages(x, (self.layer1, self.layer2, self.layer3, self.layer4), stages, maps)
         return self.avgpool(x).flatten(1), maps
 
 

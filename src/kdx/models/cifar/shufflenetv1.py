@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel
+from kdx.models.base import KDModel, run_stages
 from kdx.models.cifar.common import ChannelShuffle
 from kdx.models.registry import register_model
 
@@ -64,10 +64,7 @@ class ShuffleNetV1(KDModel):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
         maps = [x] if stages else []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            if stages:
-                maps.append(x)
+        x = run_stages(x, (self.layer1, self.layer2, self.layer3), stages, maps)
         return F.adaptive_avg_pool2d(x, 1).flatten(1), maps
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel
+from kdx.models.base import KDModel, run_stages
 from kdx.models.cifar.common import init_weights
 from kdx.models.registry import register_model
 
@@ -77,10 +77,7 @@ class WideResNet(KDModel):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         x = self.conv1(x)
         maps = [x] if stages else []
-        for block in (self.block1, self.block2, self.block3):
-            x = block(x)
-            if stages:
-                maps.append(x)
+        x = run_stages(x, (self.block1, self.block2, self.block3), stages, maps)
         return self.avgpool(self.relu(self.bn1(x))).flatten(1), maps
 
 
