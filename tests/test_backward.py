@@ -219,7 +219,6 @@ def test_fast_dev_run_mnist1d(tmp_path, cache_dir):
     assert 0.0 <= metrics["student/acc"] <= 1.0
 
 
-@pytest.mark.skipif(not (Path(CONF_DIR) / "dataset" / "hier_synthetic.yaml").exists(), reason="no hier_synthetic")
 def test_fast_dev_run_offline_hier_synthetic(tmp_path, cache_dir):
     metrics = run_train([*FAST, "method=backward", "dataset=hier_synthetic", "method.mode=offline",
                          "method.offline_size=256", "method.step=sign", "method.steps=2", "method.epsilon=0.1"],
@@ -232,7 +231,6 @@ SMALL_CIFAR = ["dataset.datamodule.batch_size=16", "dataset.datamodule.num_train
 _CIFAR = [Path(CONF_DIR) / p for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")]
 
 
-@pytest.mark.skipif(not all(p.exists() for p in _CIFAR), reason="CIFAR zoo configs not present yet")
 def test_fast_dev_run_cifar_zoo_pair(tmp_path, cache_dir):
     metrics = run_train([*FAST, "method=backward", "dataset=synthetic_cifar", "teacher=resnet20",
                          "student=resnet8", *SMALL_CIFAR], tmp_path, cache_dir)

@@ -271,10 +271,15 @@ def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path,
 _CIFAR = [Path(CONF_DIR) / p for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")]
 
 
-@pytest.mark.skipif(not all(p.exists() for p in _CIFAR), reason="CIFAR zoo configs not present yet")
 def test_fast_dev_run_cifar_zoo_pair(tmp_path, cache_dir):
     metrics = run_train([*FAST, "method=prokt", "dataset=synthetic_cifar", "teacher=resnet20", "student=resnet8",
                          "method.zero_init_heads=true", "method.teacher_optimizer=sgd", "method.teacher_lr=0.05",
                          "dataset.datamodule.batch_size=16", "dataset.datamodule.num_train=64",
                          "dataset.datamodule.num_val=32", "dataset.datamodule.num_test=32"], tmp_path, cache_dir)
     assert metrics["status"] == "ok" and metrics["teacher/source"] == "random init"
+
+
+def test_fast_dev_run_hier_synthetic(tmp_path, cache_dir):
+    metrics = run_train([*FAST, "method=prokt", "dataset=hier_synthetic"], tmp_path, cache_dir)
+    assert metrics["status"] == "ok" and metrics["dataset"] == "hier_synthetic"
+    assert "teacher/acc" in metrics  # the jointly trained teacher is measured too

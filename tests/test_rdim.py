@@ -262,18 +262,12 @@ SMALL_CIFAR = ["dataset=synthetic_cifar", "dataset.datamodule.num_train=64", "da
                "dataset.datamodule.num_test=32", "dataset.datamodule.batch_size=16"]
 
 
-@pytest.mark.skipif(not all((ZOO / p).is_file() for p in ("teacher/resnet32x4.yaml", "student/resnet8x4.yaml",
-                                                          "dataset/synthetic_cifar.yaml")),
-                    reason="CIFAR zoo configs not there yet")
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
     metrics = run_train([*FAST, "method=rdim", "method.projection=pca", *SMALL_CIFAR,
                          "teacher=resnet32x4", "student=resnet8x4"], tmp_path, cache_dir)
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 
 
-@pytest.mark.skipif(not all((ZOO / p).is_file() for p in ("teacher/timm.yaml", "student/timm.yaml",
-                                                          "dataset/synthetic_cifar.yaml")),
-                    reason="timm configs not there yet")
 def test_fast_dev_run_timm(tmp_path, cache_dir):
     metrics = run_train([*FAST, "method=rdim", *SMALL_CIFAR, "teacher=timm", "student=timm",
                          "student.model.name=mobilenetv3_small_050"], tmp_path, cache_dir)
