@@ -14,29 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${KDX_BIN:-}" && -x .venv/bin/kdx-train ]]; then KDX_BIN=.venv/bin; fi
-train=${KDX_BIN:+$KDX_BIN/}kdx-train
-table=${KDX_BIN:+$KDX_BIN/}kdx-table
-
 METHODS=${METHODS:-none,kd,kda}
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-results/kda_cifar100}
 SWEEP_DIR=${SWEEP_DIR:-logs/kda_cifar100/multiruns/$(date +%Y-%m-%d_%H-%M-%S)}
 
-extra=(trainer=gpu "trainer.precision=32-true")
-if [[ -n "${KDX_TEACHER_DIR:-}" ]]; then
-  extra+=("teacher.ckpt='\${oc.env:KDX_TEACHER_DIR}/\${teacher.name}.ckpt'")
-fi
-if [[ "${DOWNLOAD:-0}" == 1 ]]; then
-  extra+=(dataset.datamodule.download=true)
-fi
-read -r -a launcher <<<"${LAUNCHER:-}"
-
-echo "methods: $METHODS   seeds: $SEEDS   runs in: $SWEEP_DIR"
-status=0
-"$train" -m experiment=kda_cifar100/resnet34_resnet18 "method=$METHODS" "seed=$SEEDS" "${extra[@]}" \
-  "${launcher[@]}" "hydra.sweep.dir=$SWEEP_DIR" "$@" || status=$?
-
-mkdir -p "$OUT"
-"$table" "$SWEEP_DIR" --out "$OUT/table"
-exit "$status"
+source scripts/_gpu_table.sh
+run_gpu_table kda_cifar100/resnet34_resnet18 "$@"

@@ -10,14 +10,6 @@ from torch.utils._pytree import tree_leaves
 from kdx.metrics import FidelityMetrics, KernelGap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dense_gap(xs: torch.Tensor, xt: torch.Tensor) -> float:
     ks, kt = xs.double() @ xs.double().t(), xt.double() @ xt.double().t()
     return (torch.linalg.matrix_norm(ks - kt) / torch.linalg.matrix_norm(kt)).item()

@@ -25,16 +25,6 @@ from kdx.methods.rdim import (
 from kdx.models.adapter import as_feature_model
 from kdx.models.small import CNN1D
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Projection identities.
 

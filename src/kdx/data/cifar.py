@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from kdx.errors import KDXError
 from kdx.data.base import IndexedDataset, KDDataModule
+from kdx.errors import KDXError
 
 
 class DatasetNotFoundError(KDXError, FileNotFoundError):
