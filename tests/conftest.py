@@ -24,7 +24,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kdx-cache")
 
 
-def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train") -> DictConfig:
+def compose_train(
+    overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train"
+) -> DictConfig:
     """The composed config of `kdx-train <overrides>`, writing into output_dir, caching into cache_dir."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -45,8 +45,9 @@ class Tiny(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()
+        )
         self.head = nn.Linear(16, 5)
         self.hooks_seen = -1
 
@@ -66,7 +67,9 @@ def test_zoo_model_is_native(x, monkeypatch):
 
     calls = []
     original = model.forward_features
-    monkeypatch.setattr(model, "forward_features", lambda x, stages=False: calls.append(stages) or original(x, stages))
+    monkeypatch.setattr(
+        model, "forward_features", lambda x, stages=False: calls.append(stages) or original(x, stages)
+    )
     logits_only = fm(x)
     assert calls == [False] and logits_only.stages == [] and logits_only.embedding is None
     torch.testing.assert_close(logits_only.logits, out.logits)
@@ -167,11 +170,14 @@ def test_custom_module_with_module_paths(x):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("make, valid", [
-    (lambda: Tiny(), "body.1"),
-    (lambda: create_model("resnet8", num_classes=10), "layer1.0.conv1"),
-    (lambda: torchvision_model("resnet18", num_classes=10), "layer1.0.add"),
-])
+@pytest.mark.parametrize(
+    "make, valid",
+    [
+        (lambda: Tiny(), "body.1"),
+        (lambda: create_model("resnet8", num_classes=10), "layer1.0.conv1"),
+        (lambda: torchvision_model("resnet18", num_classes=10), "layer1.0.add"),
+    ],
+)
 def test_bad_stage_name_lists_available(make, valid):
     with pytest.raises(ValueError, match="'layer9' does not exist") as err:
         as_feature_model(make(), stage_names=["layer9"])

@@ -62,7 +62,9 @@ def test_golden_projections():
     x = torch.tensor([[LN3 / 3, 0.0]], dtype=torch.float64)
     # 3 steps of 0.1 along (0.6, 0.8) would travel 0.3; the L2 ε-ball of 0.05 stops it at 0.05·(0.6, 0.8)
     m = BackwardPassKD(temperature=1.0, steps=3, step_size=0.1, epsilon=0.05)
-    torch.testing.assert_close(m.generate(host, x), x + 0.05 * torch.tensor([[0.6, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(
+        m.generate(host, x), x + 0.05 * torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    )
     # sign steps: the L∞ ball clamps each coordinate of δ = 0.3·(1, 1) to 0.05
     m = BackwardPassKD(temperature=1.0, steps=3, step_size=0.1, step="sign", epsilon=0.05)
     torch.testing.assert_close(m.generate(host, x), x + 0.05)
@@ -78,7 +80,9 @@ def test_golden_projections():
 #     KL(p_t(x_aux) ‖ u) = 5/6·ln(5/3) + 1/6·ln(1/3) = 5/6·ln5 − ln3.
 # CE of zero logits is ln2 whatever the label, so
 #     L = (1−α)·ln2 + α·T²·(3/4·ln3 − ln2) + λ·T²·(5/6·ln5 − ln3).
-@pytest.mark.parametrize(("temperature", "alpha", "aux_weight", "steps"), [(1.0, 0.5, 1.0, 1), (2.0, 0.9, 0.5, 2)])
+@pytest.mark.parametrize(
+    ("temperature", "alpha", "aux_weight", "steps"), [(1.0, 0.5, 1.0, 1), (2.0, 0.9, 0.5, 2)]
+)
 def test_golden_loss(temperature, alpha, aux_weight, steps):
     T = temperature
     host = host_of(linear([[0, 0], [0, 0]]), linear([[1, 0], [0, 0]]))
@@ -138,9 +142,13 @@ def test_generated_samples_increase_divergence(step):
 
 def _module(method, student=None, teacher=None) -> DistillationModule:
     torch.manual_seed(0)
-    return DistillationModule(student=student or MLP(10, (1, 40)), method=method, num_classes=10,
-                              optimizer=partial(torch.optim.SGD, lr=0.1),
-                              teacher=teacher or CNN1D(10, (1, 40), channels=(8, 8, 8)))
+    return DistillationModule(
+        student=student or MLP(10, (1, 40)),
+        method=method,
+        num_classes=10,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        teacher=teacher or CNN1D(10, (1, 40), channels=(8, 8, 8)),
+    )
 
 
 def test_gradients_reach_only_the_student():
@@ -174,13 +182,18 @@ def test_generation_leaves_batchnorm_statistics_and_modes_alone():
 
 
 def test_offline_aux_set_is_built_cached_and_cycled():
-    dm = SyntheticDataModule(input_shape=(1, 40), num_classes=10, num_train=96, num_val=16, num_test=16,
-                             batch_size=16, seed=0)
+    dm = SyntheticDataModule(
+        input_shape=(1, 40), num_classes=10, num_train=96, num_val=16, num_test=16, batch_size=16, seed=0
+    )
     dm.setup("fit")
     method = BackwardPassKD(mode="offline", offline_size=40, step_size=0.1)
     module = _module(method).train()
-    host = SimpleNamespace(student=module.student, teacher=module.teacher, current_epoch=0,
-                           trainer=SimpleNamespace(datamodule=dm, global_rank=0))
+    host = SimpleNamespace(
+        student=module.student,
+        teacher=module.teacher,
+        current_epoch=0,
+        trainer=SimpleNamespace(datamodule=dm, global_rank=0),
+    )
     method.on_train_epoch_start(host)
     assert method._aux_x.shape == (40, 1, 40) and method._aux_teacher.shape == (40, 10)
     with torch.no_grad():
@@ -220,18 +233,46 @@ def test_fast_dev_run_mnist1d(tmp_path, cache_dir):
 
 
 def test_fast_dev_run_offline_hier_synthetic(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=backward", "dataset=hier_synthetic", "method.mode=offline",
-                         "method.offline_size=256", "method.step=sign", "method.steps=2", "method.epsilon=0.1"],
-                        tmp_path, cache_dir)
+    metrics = run_train(
+        [
+            *FAST,
+            "method=backward",
+            "dataset=hier_synthetic",
+            "method.mode=offline",
+            "method.offline_size=256",
+            "method.step=sign",
+            "method.steps=2",
+            "method.epsilon=0.1",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert metrics["status"] == "ok" and metrics["dataset"] == "hier_synthetic"
 
 
-SMALL_CIFAR = ["dataset.datamodule.batch_size=16", "dataset.datamodule.num_train=64",
-               "dataset.datamodule.num_val=32", "dataset.datamodule.num_test=32"]
-_CIFAR = [Path(CONF_DIR) / p for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")]
+SMALL_CIFAR = [
+    "dataset.datamodule.batch_size=16",
+    "dataset.datamodule.num_train=64",
+    "dataset.datamodule.num_val=32",
+    "dataset.datamodule.num_test=32",
+]
+_CIFAR = [
+    Path(CONF_DIR) / p
+    for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")
+]
 
 
 def test_fast_dev_run_cifar_zoo_pair(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=backward", "dataset=synthetic_cifar", "teacher=resnet20",
-                         "student=resnet8", *SMALL_CIFAR], tmp_path, cache_dir)
+    metrics = run_train(
+        [
+            *FAST,
+            "method=backward",
+            "dataset=synthetic_cifar",
+            "teacher=resnet20",
+            "student=resnet8",
+            *SMALL_CIFAR,
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert metrics["status"] == "ok"

@@ -14,10 +14,16 @@ BIN = Path(sys.executable).parent
 
 
 def kdx(tool: str, *args: str, root: Path, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KDX_ROOT_DIR": str(root), "KDX_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=root)
+    env = {
+        **os.environ,
+        "KDX_ROOT_DIR": str(root),
+        "KDX_CACHE_DIR": str(cache),
+        "HYDRA_FULL_ERROR": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [str(BIN / tool), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=root
+    )
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -32,7 +38,9 @@ def test_misspelt_key_exits_nonzero_naming_the_key(tmp_path, cache_dir):
 
 
 def test_missing_teacher_checkpoint_is_one_line_and_recorded(tmp_path, cache_dir):
-    proc = kdx("kdx-train", "debug=fdr", "teacher.ckpt=/nonexistent/teacher.pt", root=tmp_path, cache=cache_dir)
+    proc = kdx(
+        "kdx-train", "debug=fdr", "teacher.ckpt=/nonexistent/teacher.pt", root=tmp_path, cache=cache_dir
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdx: error:")]
     assert len(errors) == 1 and "/nonexistent/teacher.pt" in errors[0] and "Traceback" not in proc.stderr
@@ -56,7 +64,9 @@ def test_multirun_gives_one_folder_per_job(tmp_path, cache_dir):
     runs = run_dirs(tmp_path)
     assert len(runs) == 6
     records = [json.loads((r / "metrics.json").read_text()) for r in runs]
-    assert sorted((r["method"], r["seed"]) for r in records) == [(m, s) for m in ("kd", "none") for s in (0, 1, 2)]
+    assert sorted((r["method"], r["seed"]) for r in records) == [
+        (m, s) for m in ("kd", "none") for s in (0, 1, 2)
+    ]
     assert all(r["status"] == "ok" for r in records)
 
 
@@ -68,7 +78,9 @@ def test_train_then_eval_the_checkpoint(tmp_path, cache_dir):
     metrics = json.loads((run / "metrics.json").read_text())
     ckpt = run / "checkpoints" / "best.ckpt"
     assert ckpt.is_file()
-    proc = kdx("kdx-eval", f"ckpt_path={ckpt}", "+trainer.limit_test_batches=2", root=tmp_path, cache=cache_dir)
+    proc = kdx(
+        "kdx-eval", f"ckpt_path={ckpt}", "+trainer.limit_test_batches=2", root=tmp_path, cache=cache_dir
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (evaluation,) = tmp_path.glob("logs/eval/**/eval.json")
     result = json.loads(evaluation.read_text())
@@ -84,10 +96,21 @@ def test_ddp_sim_runs(tmp_path, cache_dir):
 
 
 def test_bench_reports_both_sides(tmp_path, cache_dir):
-    proc = kdx("kdx-bench", "teacher=resnet8", "student=resnet8", "batch_size=8", "steps=2", "warmup_steps=1",
-               "rounds=1", "num_classes=10", root=tmp_path, cache=cache_dir)
+    proc = kdx(
+        "kdx-bench",
+        "teacher=resnet8",
+        "student=resnet8",
+        "batch_size=8",
+        "steps=2",
+        "warmup_steps=1",
+        "rounds=1",
+        "num_classes=10",
+        root=tmp_path,
+        cache=cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kdx_samples_per_s"] > 0 and result["plain_kd_samples_per_s"] > 0
     assert result["ratio_kdx_over_plain_kd"] == pytest.approx(
-        result["kdx_samples_per_s"] / result["plain_kd_samples_per_s"], rel=1e-2)
+        result["kdx_samples_per_s"] / result["plain_kd_samples_per_s"], rel=1e-2
+    )

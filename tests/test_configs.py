@@ -52,7 +52,9 @@ def test_misspelt_key_inside_an_experiment_file_is_caught_by_the_schema(tmp_path
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\nmethod:\n  alpah: 0.5\n")
     with pytest.raises(ConfigCompositionException) as err:
-        compose_train([f"hydra.searchpath=[file://{tmp_path}]", "method=kd", "experiment=typo"], tmp_path, tmp_path)
+        compose_train(
+            [f"hydra.searchpath=[file://{tmp_path}]", "method=kd", "experiment=typo"], tmp_path, tmp_path
+        )
     assert "alpah" in str(err.value) + str(err.value.__cause__)
 
 

@@ -27,8 +27,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 
 def check_batches(dm, augmented: bool = False) -> None:
     """Every loader yields (x, y, index) of the declared shape, and index points at the item."""
-    loaders = {"train": dm.train_dataloader(), "train_eval": dm.train_eval_dataloader(),
-               "val": dm.val_dataloader(), "test": dm.test_dataloader()}
+    loaders = {
+        "train": dm.train_dataloader(),
+        "train_eval": dm.train_eval_dataloader(),
+        "val": dm.val_dataloader(),
+        "test": dm.test_dataloader(),
+    }
     for split, loader in loaders.items():
         x, y, index = next(iter(loader))
         assert tuple(x.shape[1:]) == tuple(dm.input_shape), split
@@ -108,13 +112,19 @@ def test_digits_stratified_standardised_split():
 
 @pytest.mark.parametrize("shape", [(32,), (3, 32, 32)])
 def test_synthetic_shapes_determinism_and_learnability(shape):
-    dm = SyntheticDataModule(input_shape=shape, num_classes=10, num_train=300, num_val=100, num_test=100,
-                             batch_size=50)
+    dm = SyntheticDataModule(
+        input_shape=shape, num_classes=10, num_train=300, num_val=100, num_test=100, batch_size=50
+    )
     dm.setup("fit")
-    assert dm.input_shape == shape and (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (300, 100, 100)
+    assert dm.input_shape == shape and (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (
+        300,
+        100,
+        100,
+    )
     check_batches(dm)
-    other = SyntheticDataModule(input_shape=list(shape), num_classes=10, num_train=300, num_val=100,
-                                num_test=100)
+    other = SyntheticDataModule(
+        input_shape=list(shape), num_classes=10, num_train=300, num_val=100, num_test=100
+    )
     other.setup()
     assert torch.equal(split_rows(other.test_set), split_rows(dm.test_set))
     # nearest class mean, estimated on train, classifies test well: the task is learnable
@@ -125,8 +135,9 @@ def test_synthetic_shapes_determinism_and_learnability(shape):
 
 
 def test_hier_synthetic_hierarchy_is_consistent():
-    dm = HierSyntheticDataModule(num_super=4, sub_per_super=3, dim=16, num_train=600, num_val=120,
-                                 num_test=120, batch_size=64)
+    dm = HierSyntheticDataModule(
+        num_super=4, sub_per_super=3, dim=16, num_train=600, num_val=120, num_test=120, batch_size=64
+    )
     dm.setup("fit")
     assert dm.num_classes == 12 and dm.input_shape == (16,)
     assert dm.class_hierarchy.tolist() == [k // 3 for k in range(12)]
@@ -161,14 +172,30 @@ def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> dict[str, 
     for b in range(1, 6):
         x, y = _images(rng, per_batch), rng.integers(0, 10, per_batch)
         data[f"data_batch_{b}"] = x
-        _pickle(folder / f"data_batch_{b}", {"batch_label": f"training batch {b} of 5", "data": x,
-                                             "labels": y.tolist(), "filenames": [f"{i}.png" for i in y]})
+        _pickle(
+            folder / f"data_batch_{b}",
+            {
+                "batch_label": f"training batch {b} of 5",
+                "data": x,
+                "labels": y.tolist(),
+                "filenames": [f"{i}.png" for i in y],
+            },
+        )
     x, y = _images(rng, n_test), rng.integers(0, 10, n_test)
     data["test_batch"] = x
-    _pickle(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": x, "labels": y.tolist(),
-                                    "filenames": [f"{i}.png" for i in y]})
-    _pickle(folder / "batches.meta", {"label_names": [f"class{k}" for k in range(10)],
-                                      "num_cases_per_batch": per_batch, "num_vis": 3072})
+    _pickle(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "data": x,
+            "labels": y.tolist(),
+            "filenames": [f"{i}.png" for i in y],
+        },
+    )
+    _pickle(
+        folder / "batches.meta",
+        {"label_names": [f"class{k}" for k in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072},
+    )
     return data
 
 
@@ -177,10 +204,23 @@ def write_cifar100(root: Path, n_train: int = 20, n_test: int = 8) -> dict[str, 
     for name, n in (("train", n_train), ("test", n_test)):
         x, fine = _images(rng, n), rng.integers(0, 100, n)
         data[name] = x
-        _pickle(folder / name, {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name,
-                                "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(), "data": x})
-    _pickle(folder / "meta", {"fine_label_names": [f"fine{k}" for k in range(100)],
-                              "coarse_label_names": [f"coarse{k}" for k in range(20)]})
+        _pickle(
+            folder / name,
+            {
+                "filenames": [f"{i}.png" for i in range(n)],
+                "batch_label": name,
+                "fine_labels": fine.tolist(),
+                "coarse_labels": (fine // 5).tolist(),
+                "data": x,
+            },
+        )
+    _pickle(
+        folder / "meta",
+        {
+            "fine_label_names": [f"fine{k}" for k in range(100)],
+            "coarse_label_names": [f"coarse{k}" for k in range(20)],
+        },
+    )
     return data
 
 
@@ -237,8 +277,9 @@ def test_cifar100_reads_the_torchvision_layout_and_can_hold_out_val(tmp_path, mo
     check_batches(held, augmented=True)
 
 
-@pytest.mark.parametrize("cls, folder", [(CIFAR10DataModule, "cifar-10-batches-py"),
-                                         (CIFAR100DataModule, "cifar-100-python")])
+@pytest.mark.parametrize(
+    "cls, folder", [(CIFAR10DataModule, "cifar-10-batches-py"), (CIFAR100DataModule, "cifar-100-python")]
+)
 def test_cifar_missing_files_is_one_clear_error(tmp_path, cls, folder):
     dm = cls(root=str(tmp_path / "nowhere"))
     for step in (dm.prepare_data, dm.setup):
@@ -301,8 +342,12 @@ def test_imagenet_missing_folder_is_one_clear_error(tmp_path):
 def test_dataset_config_matches_its_data_module(path, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.create({"dataset": OmegaConf.load(path),
-                            "paths": {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}})
+    cfg = OmegaConf.create(
+        {
+            "dataset": OmegaConf.load(path),
+            "paths": {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")},
+        }
+    )
     dm = instantiate(cfg.dataset.datamodule)  # building one touches no file
     assert cfg.dataset.name == dm.name == path.stem
     assert cfg.dataset.num_classes == dm.num_classes

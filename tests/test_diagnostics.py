@@ -69,18 +69,24 @@ def test_similarity_correlation_hand_values():
     #   off-diagonal (0,1), (0,2), (1,2) = [0, 1/√2, 1/√2]
     teacher = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
     # the same directions at other lengths: r = 1; mirrored third row: [0, -1/√2, -1/√2], r = -1
-    assert similarity_correlation(teacher * torch.tensor([[5.0], [0.1], [2.0]]), teacher) == pytest.approx(1.0)
+    assert similarity_correlation(teacher * torch.tensor([[5.0], [0.1], [2.0]]), teacher) == pytest.approx(
+        1.0
+    )
     assert similarity_correlation(torch.tensor([[1.0, 0], [0, 1], [-1, -1]]), teacher) == pytest.approx(-1.0)
     # student rows [1,0], [1,1], [0,1]: off-diagonal = [1/√2, 0, 1/√2]; Pearson with numpy's own formula
     r = 1 / math.sqrt(2)
     expected = np.corrcoef([r, 0.0, r], [0.0, r, r])[0, 1]  # = -1/2
     assert expected == pytest.approx(-0.5)
-    assert similarity_correlation(torch.tensor([[1.0, 0], [1, 1], [0, 1]]), teacher) == pytest.approx(expected)
+    assert similarity_correlation(torch.tensor([[1.0, 0], [1, 1], [0, 1]]), teacher) == pytest.approx(
+        expected
+    )
 
 
 def test_enabled_resolution():
     ls, kd, none = METHODS["ls"](), METHODS["kd"](), METHODS["none"]()
-    assert resolve_enabled("auto", ls) and not resolve_enabled("auto", kd) and not resolve_enabled("auto", none)
+    assert (
+        resolve_enabled("auto", ls) and not resolve_enabled("auto", kd) and not resolve_enabled("auto", none)
+    )
     for name in ("kd_pt", "kd_sim", "kd_pt_sim"):
         assert METHODS[name].diagnostics_by_default
     assert resolve_enabled(True, kd) and not resolve_enabled(False, ls)
@@ -94,17 +100,28 @@ def test_enabled_resolution():
 
 
 def _fit(tmp_path: Path, method: str, enabled="auto", with_teacher: bool = True, epochs: int = 2):
-    dm = HierSyntheticDataModule(num_super=2, sub_per_super=2, dim=8, num_train=96, num_val=32, num_test=32,
-                                 batch_size=32)
+    dm = HierSyntheticDataModule(
+        num_super=2, sub_per_super=2, dim=8, num_train=96, num_val=32, num_test=32, batch_size=32
+    )
     torch.manual_seed(0)
     module = DistillationModule(
-        student=MLP(4, (8,), hidden=(16,)), method=METHODS[method](), num_classes=4,
+        student=MLP(4, (8,), hidden=(16,)),
+        method=METHODS[method](),
+        num_classes=4,
         optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-        teacher=MLP(4, (8,), hidden=(32,)) if with_teacher else None)
+        teacher=MLP(4, (8,), hidden=(32,)) if with_teacher else None,
+    )
     diag = TangDiagnostics(enabled=enabled, dirpath=str(tmp_path / "diag"), max_samples=64, bins=5)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv", version=""),
-                        callbacks=[diag], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[diag],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=dm)
     return trainer, diag
 
@@ -128,7 +145,10 @@ def test_callback_writes_json_png_and_logs_correlation(tmp_path):
     assert 0.0 <= p["quantiles"][0] <= p["quantiles"][2] <= p["quantiles"][4] <= 1.0
     assert last["grad_ratio"]["n"] == 64 and -1.0 <= last["sim_corr"] <= 1.0
     summary = diag.summary()
-    assert summary["diag/sim_corr"] == last["sim_corr"] and summary["diag/grad_ratio_q50"] == last["grad_ratio"]["quantiles"][2]
+    assert (
+        summary["diag/sim_corr"] == last["sim_corr"]
+        and summary["diag/grad_ratio_q50"] == last["grad_ratio"]["quantiles"][2]
+    )
     png = tmp_path / "diag" / PNG_NAME
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

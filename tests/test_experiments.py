@@ -68,13 +68,17 @@ def test_crd_row_pins_recipe_and_published_numbers(row, tmp_path, cache_dir):
     assert opt.lr == (0.01 if cfg.student.name in SMALL_LR_STUDENTS else 0.05)
     assert list(sched.milestones) == [150, 180, 210] and sched.gamma == 0.1
     assert cfg.method._target_ == "kdx.methods.kd.KD"
-    assert (cfg.method.temperature, cfg.method.alpha) == (pub.recipe.temperature, pub.recipe.alpha) == (4.0, 0.9)
+    assert (
+        (cfg.method.temperature, cfg.method.alpha) == (pub.recipe.temperature, pub.recipe.alpha) == (4.0, 0.9)
+    )
     assert cfg.teacher.ckpt == "auto" and cfg.teacher.train.epochs == 240
 
 
 def test_method_override_keeps_the_recipe(tmp_path, cache_dir):
     base = compose_train(["experiment=crd_cifar100/resnet32x4_shufflenetv1"], tmp_path, cache_dir)
-    other = compose_train(["experiment=crd_cifar100/resnet32x4_shufflenetv1", "method=none"], tmp_path, cache_dir)
+    other = compose_train(
+        ["experiment=crd_cifar100/resnet32x4_shufflenetv1", "method=none"], tmp_path, cache_dir
+    )
     assert other.method._target_ == "kdx.methods.none.NoDistillation"
     for key in ("optim", "dataset", "trainer", "teacher", "student", "published"):
         assert other[key] == base[key], key
@@ -108,8 +112,8 @@ def test_sgd_kda_schedule_warmup_then_cosine(tmp_path, cache_dir):
     peak = lrs.index(max(lrs))
     assert lrs[0] == pytest.approx(0.1 / 1000)
     assert max(lrs) == pytest.approx(0.1, rel=1e-6) and warm - 1 <= peak <= warm
-    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # warm-up rises
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then only decays
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # then only decays
     for step in (60, 125, 200):  # the decay follows 0.1·(1 + cos(π·progress))/2
         progress = (step - peak) / (total - 1 - peak)
         assert lrs[step] == pytest.approx(0.1 * (1 + math.cos(math.pi * progress)) / 2, abs=1e-3)
@@ -124,18 +128,31 @@ def test_mnist1d_table_is_cheap(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_crd_row_end_to_end_on_synthetic_cifar(tmp_path, cache_dir):
-    tiny = ["dataset.datamodule.num_train=64", "dataset.datamodule.num_val=32", "dataset.datamodule.num_test=32",
-            "dataset.datamodule.batch_size=32"]
-    metrics = run_train(["experiment=crd_cifar100/resnet56_resnet20", "dataset=synthetic_cifar", *tiny, *FAST],
-                        tmp_path, cache_dir)
+    tiny = [
+        "dataset.datamodule.num_train=64",
+        "dataset.datamodule.num_val=32",
+        "dataset.datamodule.num_test=32",
+        "dataset.datamodule.batch_size=32",
+    ]
+    metrics = run_train(
+        ["experiment=crd_cifar100/resnet56_resnet20", "dataset=synthetic_cifar", *tiny, *FAST],
+        tmp_path,
+        cache_dir,
+    )
     assert metrics["status"] == "ok" and metrics["method"] == "kd"
-    assert (metrics["dataset"], metrics["teacher"], metrics["student"]) == ("synthetic_cifar", "resnet56", "resnet20")
+    assert (metrics["dataset"], metrics["teacher"], metrics["student"]) == (
+        "synthetic_cifar",
+        "resnet56",
+        "resnet20",
+    )
     assert 0.0 <= metrics["student/acc_best"] <= 1.0 and "fidelity/kl" in metrics
 
 
 def test_sgd_kda_steps_per_iteration_in_a_run(tmp_path, cache_dir):
     """OneCycleLR gets total_steps from the run's length and is stepped exactly that often."""
-    metrics = run_train(["optim=sgd_kda", "debug=limit", "logger=csv", "trainer.accelerator=cpu"], tmp_path, cache_dir)
+    metrics = run_train(
+        ["optim=sgd_kda", "debug=limit", "logger=csv", "trainer.accelerator=cpu"], tmp_path, cache_dir
+    )
     assert metrics["status"] == "ok"
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert any(name.startswith("lr-SGD") for name in header)

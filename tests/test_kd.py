@@ -38,8 +38,9 @@ def test_kd_gradient_matches_closed_form():
     z_s = torch.randn(3, 5, requires_grad=True)
     z_t = torch.randn(3, 5)
     T = 3.0
-    KD(alpha=1.0, temperature=T).loss(ModelOutput(z_s), ModelOutput(z_t), torch.zeros(3, dtype=torch.long),
-                                      torch.arange(3))["loss"].backward()
+    KD(alpha=1.0, temperature=T).loss(
+        ModelOutput(z_s), ModelOutput(z_t), torch.zeros(3, dtype=torch.long), torch.arange(3)
+    )["loss"].backward()
     expected = T * (torch.softmax(z_s.detach() / T, -1) - torch.softmax(z_t / T, -1)) / 3
     torch.testing.assert_close(z_s.grad, expected)
 
@@ -54,8 +55,14 @@ def test_none_is_plain_cross_entropy():
 def _fit(module, n=64, epochs=2):
     torch.manual_seed(0)
     data = tensor_dataset(torch.randn(n, 1, 40), torch.randint(0, 10, (n,)))
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=32))
     return trainer
 
@@ -67,17 +74,36 @@ def test_kd_trains_student_and_never_touches_teacher():
     before = {k: v.clone() for k, v in teacher.state_dict().items()}  # incl. BN running stats
     student = MLP(num_classes=10, input_shape=(1, 40))
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    module = DistillationModule(student=student, teacher=teacher, method=KD(), num_classes=10,
-                                optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        method=KD(),
+        num_classes=10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
     grads = []
 
     class Spy(L.Callback):
         def on_after_backward(self, trainer, pl_module):
-            grads.append((all(p.grad is None for p in pl_module.teacher.parameters()) and not pl_module.teacher.training,
-                          any(p.grad is not None and p.grad.abs().sum() > 0 for p in pl_module.student.parameters())))
+            grads.append(
+                (
+                    all(p.grad is None for p in pl_module.teacher.parameters())
+                    and not pl_module.teacher.training,
+                    any(
+                        p.grad is not None and p.grad.abs().sum() > 0 for p in pl_module.student.parameters()
+                    ),
+                )
+            )
 
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Spy()],
+    )
     data = tensor_dataset(torch.randn(64, 1, 40), torch.randint(0, 10, (64,)))
     trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32))
     assert grads and all(no_teacher_grad and student_grad for no_teacher_grad, student_grad in grads)
@@ -93,10 +119,21 @@ def test_kd_trains_student_and_never_touches_teacher():
 
 def test_validation_logs_fidelity_metrics():
     L.seed_everything(0, verbose=False)
-    module = DistillationModule(student=MLP(10, (1, 40)), teacher=CNN1D(10, (1, 40)), method=KD(), num_classes=10,
-                                optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    module = DistillationModule(
+        student=MLP(10, (1, 40)),
+        teacher=CNN1D(10, (1, 40)),
+        method=KD(),
+        num_classes=10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
     trainer = _fit(module, epochs=1)
-    for key in ("val/student/acc", "val/teacher/acc", "val/fidelity/kl", "val/fidelity/agreement",
-                "val/student/ece", "val/teacher/ece"):
+    for key in (
+        "val/student/acc",
+        "val/teacher/acc",
+        "val/fidelity/kl",
+        "val/fidelity/agreement",
+        "val/student/ece",
+        "val/teacher/ece",
+    ):
         assert key in trainer.callback_metrics, key
     assert trainer.callback_metrics["val/fidelity/kl"] >= 0

@@ -78,7 +78,7 @@ def _host(student, teacher, epoch):
 
 def _batches(x, y, size):
     for start in range(0, len(x), size):
-        yield x[start:start + size], y[start:start + size], torch.arange(start, min(start + size, len(x)))
+        yield x[start : start + size], y[start : start + size], torch.arange(start, min(start + size, len(x)))
 
 
 def _epoch(method, host, x, y, size=7):
@@ -157,8 +157,11 @@ def test_gradient_flow_student_only_teacher_bit_identical():
     assert terms["kda"].requires_grad and terms["kda"].item() > 0
     student.zero_grad()
     terms["kda"].backward(retain_graph=True)  # the KDA term alone reaches every student layer
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters()
-               if "classifier" not in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in student.named_parameters()
+        if "classifier" not in n
+    )
     terms["loss"].backward()
     optimizer.step()
     assert all(p.grad is None for p in teacher.parameters())
@@ -198,7 +201,9 @@ def _all_reduce_worker(rank: int, init_file: str, results):
     try:
         method = KDA(warm=0)
         method._size(3, 2, 2)
-        feats = torch.tensor([[1.0, 0.0], [3.0, 2.0]]) + 10 * rank  # rank 0: classes 0, 1; rank 1: classes 0, 2
+        feats = (
+            torch.tensor([[1.0, 0.0], [3.0, 2.0]]) + 10 * rank
+        )  # rank 0: classes 0, 1; rank 1: classes 0, 2
         y = torch.tensor([0, 1 + rank])
         method.accumulate(feats, feats, y)
         method.finalise_centres()
@@ -210,7 +215,9 @@ def _all_reduce_worker(rank: int, init_file: str, results):
 def test_centres_are_all_reduced_across_processes(tmp_path):
     ctx = torch.multiprocessing.get_context("fork")
     results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_all_reduce_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_all_reduce_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -234,8 +241,10 @@ class CentreRecorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         m = pl_module.method
         self.records[trainer.current_epoch] = {
-            "student_centres": m.student_centres.clone(), "teacher_centres": m.teacher_centres.clone(),
-            "centres_epoch": int(m.centres_epoch)}
+            "student_centres": m.student_centres.clone(),
+            "teacher_centres": m.teacher_centres.clone(),
+            "centres_epoch": int(m.centres_epoch),
+        }
         torch.save(self.records, self.path)
 
 
@@ -247,17 +256,31 @@ def test_fast_dev_run_writes_kernel_gap(tmp_path, cache_dir):
 
 
 def test_resume_restores_centres(tmp_path, cache_dir):
-    common = ["debug=limit", "logger=csv", "trainer.accelerator=cpu", "method=kda", "method.warm=0",
-              "test=false"]
+    common = [
+        "debug=limit",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "method=kda",
+        "method.warm=0",
+        "test=false",
+    ]
     first, second = tmp_path / "first", tmp_path / "second"
     run_train([*common, "trainer.max_epochs=1"], first, cache_dir)
     ckpt = first / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert int(saved["method.centres_epoch"]) == 0 and saved["method.teacher_centres"].abs().sum() > 0
     record = second / "record.pt"
-    run_train([*common, "trainer.max_epochs=2", f"ckpt_path={ckpt}",
-               "+callbacks.recorder._target_=test_kda.CentreRecorder", f"+callbacks.recorder.path={record}"],
-              second, cache_dir)
+    run_train(
+        [
+            *common,
+            "trainer.max_epochs=2",
+            f"ckpt_path={ckpt}",
+            "+callbacks.recorder._target_=test_kda.CentreRecorder",
+            f"+callbacks.recorder.path={record}",
+        ],
+        second,
+        cache_dir,
+    )
     records = torch.load(record, weights_only=True)
     assert list(records) == [1]  # resumed straight into epoch 1 ...
     assert records[1]["centres_epoch"] == 0  # ... with epoch 0's centres, restored, not recomputed
@@ -267,23 +290,29 @@ def test_resume_restores_centres(tmp_path, cache_dir):
 
 ZOO = ROOT / "conf"
 # a smaller synthetic CIFAR split: resnet32x4 costs ~1 GFLOP per image on one CPU thread
-SMALL_CIFAR = ["dataset=synthetic_cifar", "dataset.datamodule.num_train=64", "dataset.datamodule.num_val=32",
-               "dataset.datamodule.num_test=32", "dataset.datamodule.batch_size=16"]
+SMALL_CIFAR = [
+    "dataset=synthetic_cifar",
+    "dataset.datamodule.num_train=64",
+    "dataset.datamodule.num_val=32",
+    "dataset.datamodule.num_test=32",
+    "dataset.datamodule.batch_size=16",
+]
 
 
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=kda", *SMALL_CIFAR, "teacher=resnet32x4",
-                         "student=resnet8x4"], tmp_path, cache_dir)
+    metrics = run_train(
+        [*FAST, "method=kda", *SMALL_CIFAR, "teacher=resnet32x4", "student=resnet8x4"], tmp_path, cache_dir
+    )
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 
 
 def test_fast_dev_run_timm(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=kda", *SMALL_CIFAR, "teacher=timm", "student=timm"],
-                        tmp_path, cache_dir)
+    metrics = run_train(
+        [*FAST, "method=kda", *SMALL_CIFAR, "teacher=timm", "student=timm"], tmp_path, cache_dir
+    )
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 
 
 def test_unknown_layer_is_rejected():
     with pytest.raises(ValueError, match="method.layer"):
         KDA(layer="pre_logits")
-

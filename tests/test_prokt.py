@@ -99,8 +99,11 @@ def test_golden_student_loss_temperature():
     # T = 2, α = 0.9, teacher logits (2·ln3, 0): p_t^T = (3/4, 1/4); student logits 0: p_s^T = u.
     # L_S = 0.1·CE(0, y) + 0.9·4·KL((3/4, 1/4) ‖ u) = 0.1·ln2 + 3.6·(3/4·ln3 − ln2)
     method = ProKT(alpha=0.9, temperature=2.0)
-    terms = method.student_loss(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([1]),
-                                torch.tensor([[2 * LN3, 0.0]], dtype=torch.float64))
+    terms = method.student_loss(
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.tensor([1]),
+        torch.tensor([[2 * LN3, 0.0]], dtype=torch.float64),
+    )
     assert terms["loss"].item() == pytest.approx(0.1 * LN2 + 3.6 * (0.75 * LN3 - LN2), rel=1e-9)
 
 
@@ -110,8 +113,9 @@ def test_teacher_gradient_clipping():
     host = Host(bias_only([0.0, 0.0]), bias_only([LN3, 0.0]), method)
     method.training_step((torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]), torch.tensor([0])), host)
     step = 0.01 / math.sqrt(2)
-    torch.testing.assert_close(host.teacher.model[0].bias.detach(),
-                               torch.tensor([LN3 + step, -step], dtype=torch.float64))
+    torch.testing.assert_close(
+        host.teacher.model[0].bias.detach(), torch.tensor([LN3 + step, -step], dtype=torch.float64)
+    )
 
 
 # -- methods.md §5.5 ---------------------------------------------------------------------------
@@ -205,7 +209,9 @@ def test_teacher_init_and_optimizers():
     assert ProKT(teacher_init="checkpoint").uses_teacher_weights()
     teacher = nn.Linear(3, 2)
     for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
-        (config,) = ProKT(teacher_optimizer=name, teacher_lr=0.2, teacher_scheduler="none").teacher_optimizers(teacher)
+        (config,) = ProKT(
+            teacher_optimizer=name, teacher_lr=0.2, teacher_scheduler="none"
+        ).teacher_optimizers(teacher)
         assert type(config["optimizer"]) is cls and config["optimizer"].param_groups[0]["lr"] == 0.2
         assert "lr_scheduler" not in config
     method = ProKT(teacher_lr=0.2, teacher_scheduler="cosine")
@@ -236,19 +242,37 @@ def test_fast_dev_run_mnist1d(tmp_path, cache_dir):
 def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path, cache_dir):
     from kdx.train import build
 
-    cfg = compose_train(["method=prokt", "debug=limit", "trainer.accelerator=cpu", "trainer.max_epochs=2",
-                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "dataset.datamodule.batch_size=32",
-                         "method.teacher_optimizer=sgd", "method.teacher_lr=0.05"], tmp_path, cache_dir)
+    cfg = compose_train(
+        [
+            "method=prokt",
+            "debug=limit",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "dataset.datamodule.batch_size=32",
+            "method.teacher_optimizer=sgd",
+            "method.teacher_lr=0.05",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     module, datamodule, info = build(cfg)
     assert info["teacher/source"] == "random init"
     initial = {k: v.clone() for k, v in module.teacher.state_dict().items()}
-    trainer = instantiate(cfg.trainer, logger=False,
-                          callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+    )
     trainer.fit(module, datamodule=datamodule)
 
     # validation logs the teacher's accuracy next to the student's, training logs the teacher terms
-    for key in ("val/student/acc", "val/teacher/acc", "train/teacher/loss_epoch", "train/teacher/kl_epoch",
-                "train/kd_epoch"):
+    for key in (
+        "val/student/acc",
+        "val/teacher/acc",
+        "train/teacher/loss_epoch",
+        "train/teacher/kl_epoch",
+        "train/kd_epoch",
+    ):
         assert key in trainer.callback_metrics, key
     # schedulers: the student's epoch-interval cosine stepped twice, the teacher's per-step one 4 times
     student_sched, teacher_sched = (c.scheduler for c in trainer.lr_scheduler_configs)
@@ -268,14 +292,31 @@ def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path,
     assert all(torch.equal(v, module.teacher.model.state_dict()[k]) for k, v in fresh.state_dict().items())
 
 
-_CIFAR = [Path(CONF_DIR) / p for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")]
+_CIFAR = [
+    Path(CONF_DIR) / p
+    for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")
+]
 
 
 def test_fast_dev_run_cifar_zoo_pair(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=prokt", "dataset=synthetic_cifar", "teacher=resnet20", "student=resnet8",
-                         "method.zero_init_heads=true", "method.teacher_optimizer=sgd", "method.teacher_lr=0.05",
-                         "dataset.datamodule.batch_size=16", "dataset.datamodule.num_train=64",
-                         "dataset.datamodule.num_val=32", "dataset.datamodule.num_test=32"], tmp_path, cache_dir)
+    metrics = run_train(
+        [
+            *FAST,
+            "method=prokt",
+            "dataset=synthetic_cifar",
+            "teacher=resnet20",
+            "student=resnet8",
+            "method.zero_init_heads=true",
+            "method.teacher_optimizer=sgd",
+            "method.teacher_lr=0.05",
+            "dataset.datamodule.batch_size=16",
+            "dataset.datamodule.num_train=64",
+            "dataset.datamodule.num_val=32",
+            "dataset.datamodule.num_test=32",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert metrics["status"] == "ok" and metrics["teacher/source"] == "random init"
 
 

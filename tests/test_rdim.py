@@ -111,14 +111,17 @@ def test_linear_autoencoder_approaches_the_principal_subspace():
 # Connectors.
 
 
-@pytest.mark.parametrize("s_shape,t_shape,out_shape,kind", [
-    ((8, 16, 16), (32, 8, 8), (32, 8, 8), torch.nn.Conv2d),   # student map larger: pool, 1×1 conv
-    ((8, 4, 4), (32, 8, 8), (32, 8, 8), torch.nn.Conv2d),     # smaller: 1×1 conv, interpolate
-    ((16, 10), (32, 5), (32, 5), torch.nn.Conv1d),            # 1-D stage maps
-    ((32, 8, 8), (32, 8, 8), (32, 8, 8), torch.nn.Identity),  # equal widths: identity
-    ((100,), (64,), (64,), torch.nn.Linear),                  # embeddings
-    ((100,), (64, 10), (64,), torch.nn.Linear),               # vector vs map: pool both
-])
+@pytest.mark.parametrize(
+    "s_shape,t_shape,out_shape,kind",
+    [
+        ((8, 16, 16), (32, 8, 8), (32, 8, 8), torch.nn.Conv2d),  # student map larger: pool, 1×1 conv
+        ((8, 4, 4), (32, 8, 8), (32, 8, 8), torch.nn.Conv2d),  # smaller: 1×1 conv, interpolate
+        ((16, 10), (32, 5), (32, 5), torch.nn.Conv1d),  # 1-D stage maps
+        ((32, 8, 8), (32, 8, 8), (32, 8, 8), torch.nn.Identity),  # equal widths: identity
+        ((100,), (64,), (64,), torch.nn.Linear),  # embeddings
+        ((100,), (64, 10), (64,), torch.nn.Linear),  # vector vs map: pool both
+    ],
+)
 def test_connector_maps_student_to_teacher_layout(s_shape, t_shape, out_shape, kind):
     conn = Connector(s_shape, t_shape)
     assert isinstance(conn.proj, kind) and conn.output_shape == out_shape
@@ -174,9 +177,16 @@ def test_pca_fit_on_teacher_stage_tokens_matches_scikit_learn():
     torch.testing.assert_close((components @ k).abs(), torch.eye(5, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("projection,kwargs", [("random", {}), ("pca", {}), ("ae", {"ae_epochs": 2}),
-                                               ("ae", {"ae_epochs": 2, "ae_hidden": 16}),
-                                               ("random", {"standardize": True})])
+@pytest.mark.parametrize(
+    "projection,kwargs",
+    [
+        ("random", {}),
+        ("pca", {}),
+        ("ae", {"ae_epochs": 2}),
+        ("ae", {"ae_epochs": 2, "ae_hidden": 16}),
+        ("random", {"standardize": True}),
+    ],
+)
 def test_gradient_flow_student_and_adapter_teacher_bit_identical(projection, kwargs):
     method, student, teacher, loader = _setup(projection, **kwargs)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -206,8 +216,9 @@ def test_loss_uses_the_fitted_projection_and_weights():
     method, student, teacher, loader = _setup("pca", dim=4, weight=2.5, kd_weight=0.5)
     method.fit(teacher, loader)
     x, y, index = next(iter(loader))
-    terms = method.training_step((x, y, index), SimpleNamespace(student=student, teacher=teacher,
-                                                                current_epoch=0))
+    terms = method.training_step(
+        (x, y, index), SimpleNamespace(student=student, teacher=teacher, current_epoch=0)
+    )
     s_tok = to_tokens(method.connector(student(x, method.reads).stages[-1]))
     t_tok = to_tokens(teacher(x, method.reads).stages[-1])
     expected = ((s_tok - t_tok) @ method.projection_matrix).pow(2).mean()
@@ -229,8 +240,9 @@ def test_state_dict_round_trip_restores_projection_and_adapter():
 def test_unfitted_projection_is_an_error():
     method, student, teacher, loader = _setup("pca")
     with pytest.raises(RuntimeError, match="not fitted"):
-        method.training_step(next(iter(loader)), SimpleNamespace(student=student, teacher=teacher,
-                                                                  current_epoch=0))
+        method.training_step(
+            next(iter(loader)), SimpleNamespace(student=student, teacher=teacher, current_epoch=0)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +252,9 @@ def test_unfitted_projection_is_an_error():
 @pytest.mark.parametrize("projection", ["random", "pca", "ae"])
 def test_fast_dev_run(projection, tmp_path, cache_dir):
     extra = ["method.ae_epochs=1"] if projection == "ae" else []
-    metrics = run_train([*FAST, "method=rdim", f"method.projection={projection}", *extra], tmp_path, cache_dir)
+    metrics = run_train(
+        [*FAST, "method=rdim", f"method.projection={projection}", *extra], tmp_path, cache_dir
+    )
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["method"] == "rdim" and math.isfinite(on_disk["fidelity/kernel_gap"])
     assert metrics["fidelity/kernel_gap"] == on_disk["fidelity/kernel_gap"]
@@ -248,17 +262,42 @@ def test_fast_dev_run(projection, tmp_path, cache_dir):
 
 ZOO = ROOT / "conf"
 # a smaller synthetic CIFAR split: resnet32x4 costs ~1 GFLOP per image on one CPU thread
-SMALL_CIFAR = ["dataset=synthetic_cifar", "dataset.datamodule.num_train=64", "dataset.datamodule.num_val=32",
-               "dataset.datamodule.num_test=32", "dataset.datamodule.batch_size=16"]
+SMALL_CIFAR = [
+    "dataset=synthetic_cifar",
+    "dataset.datamodule.num_train=64",
+    "dataset.datamodule.num_val=32",
+    "dataset.datamodule.num_test=32",
+    "dataset.datamodule.batch_size=16",
+]
 
 
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=rdim", "method.projection=pca", *SMALL_CIFAR,
-                         "teacher=resnet32x4", "student=resnet8x4"], tmp_path, cache_dir)
+    metrics = run_train(
+        [
+            *FAST,
+            "method=rdim",
+            "method.projection=pca",
+            *SMALL_CIFAR,
+            "teacher=resnet32x4",
+            "student=resnet8x4",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert math.isfinite(metrics["fidelity/kernel_gap"])
 
 
 def test_fast_dev_run_timm(tmp_path, cache_dir):
-    metrics = run_train([*FAST, "method=rdim", *SMALL_CIFAR, "teacher=timm", "student=timm",
-                         "student.model.name=mobilenetv3_small_050"], tmp_path, cache_dir)
+    metrics = run_train(
+        [
+            *FAST,
+            "method=rdim",
+            *SMALL_CIFAR,
+            "teacher=timm",
+            "student=timm",
+            "student.model.name=mobilenetv3_small_050",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert math.isfinite(metrics["fidelity/kernel_gap"])

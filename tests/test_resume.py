@@ -6,7 +6,13 @@ import torch
 
 from conftest import run_train
 
-SHORT = ["debug=limit", "method=kd", "logger=csv", "callbacks.diagnostics.enabled=false", "print_summary=false"]
+SHORT = [
+    "debug=limit",
+    "method=kd",
+    "logger=csv",
+    "callbacks.diagnostics.enabled=false",
+    "print_summary=false",
+]
 
 
 def _student_weights(ckpt):

@@ -23,12 +23,20 @@ from conftest import CONF_DIR, ROOT
 from kdx.table import make_table
 
 KDX_TRAIN = str(Path(sys.executable).parent / "kdx-train")
-SEARCHES = sorted(p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml") if not p.name.startswith("_"))
+SEARCHES = sorted(
+    p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml") if not p.name.startswith("_")
+)
 METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 # MNIST-1D-shaped synthetic data (made in memory), one epoch of 4 training batches (a checkpoint,
 # so a best validation score for Optuna), one validation and one test batch
-TINY = ["dataset=synthetic", "dataset.input_shape=[1,40]", "debug=limit", "trainer.max_epochs=1",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+TINY = [
+    "dataset=synthetic",
+    "dataset.input_shape=[1,40]",
+    "debug=limit",
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+]
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -40,17 +48,29 @@ def compose_with_hydra(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-def kdx_train(args: list[str], tmp_path: Path, cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KDX_CACHE_DIR": str(cache_dir), "KDX_ROOT_DIR": str(tmp_path),
-           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([KDX_TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def kdx_train(
+    args: list[str], tmp_path: Path, cache_dir: Path, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "KDX_CACHE_DIR": str(cache_dir),
+        "KDX_ROOT_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    return subprocess.run(
+        [KDX_TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def job_metrics(sweep_dir: Path) -> dict[int, dict | None]:
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    return {int(p.name): json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else None
-            for p in jobs}
+    jobs = sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    return {
+        int(p.name): json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").exists() else None
+        for p in jobs
+    }
 
 
 def test_every_method_with_a_teacher_has_a_search_space():
@@ -83,8 +103,11 @@ def test_search_space_is_valid(search):
 @pytest.mark.slow
 def test_optuna_sweep_two_trials(tmp_path, cache_dir):
     sweep_dir = tmp_path / "optuna"
-    result = kdx_train(["hparams_search=kd_optuna", *TINY, "hydra.sweeper.n_trials=2",
-                        f"hydra.sweep.dir={sweep_dir}"], tmp_path, cache_dir)
+    result = kdx_train(
+        ["hparams_search=kd_optuna", *TINY, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path,
+        cache_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"method.temperature", "method.alpha"}
@@ -103,8 +126,18 @@ def test_joblib_multirun_with_failing_jobs(tmp_path, cache_dir):
     The NaN job writes ``status: failed`` into its run folder and returns -inf, so the sweep goes
     on; the good job finishes either way; kdx-table counts one success and two failures."""
     sweep_dir = tmp_path / "joblib"
-    result = kdx_train(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
-                        "optim.optimizer.lr=0.01,1e30,-1", f"hydra.sweep.dir={sweep_dir}"], tmp_path, cache_dir)
+    result = kdx_train(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *TINY,
+            "optim.optimizer.lr=0.01,1e30,-1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        tmp_path,
+        cache_dir,
+    )
     assert "Joblib" in result.stdout + result.stderr
     jobs = job_metrics(sweep_dir)
     assert set(jobs) == {0, 1, 2}
@@ -123,15 +156,28 @@ def test_joblib_multirun_with_failing_jobs(tmp_path, cache_dir):
 
 def test_submitit_slurm_launcher_composes(tmp_path):
     env = {**os.environ, "KDX_ROOT_DIR": str(tmp_path)}
-    result = subprocess.run([KDX_TRAIN, "--cfg", "hydra", "hydra/launcher=submitit_slurm"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [KDX_TRAIN, "--cfg", "hydra", "hydra/launcher=submitit_slurm"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in result.stdout
 
 
 def test_slurm_ddp_launcher_follows_the_trainer():
-    cfg = compose_with_hydra(["hydra/launcher=slurm_ddp", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
-                              "hydra.launcher.partition=gpu"])
+    cfg = compose_with_hydra(
+        [
+            "hydra/launcher=slurm_ddp",
+            "trainer=ddp",
+            "trainer.num_nodes=2",
+            "trainer.devices=4",
+            "hydra.launcher.partition=gpu",
+        ]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

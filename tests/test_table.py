@@ -23,15 +23,27 @@ PUBLISHED = {
 }
 
 
-def write_run(folder: Path, metrics: dict | None, *, published: dict | None = None, experiment: str | None = None,
-              method: str = "kd", names: tuple[str, str, str] = ("cifar100", "wrn_40_2", "wrn_16_2"),
-              seed: int = 0) -> Path:
+def write_run(
+    folder: Path,
+    metrics: dict | None,
+    *,
+    published: dict | None = None,
+    experiment: str | None = None,
+    method: str = "kd",
+    names: tuple[str, str, str] = ("cifar100", "wrn_40_2", "wrn_16_2"),
+    seed: int = 0,
+) -> Path:
     """A Hydra run folder: .hydra/{config,hydra,overrides}.yaml and (unless None) metrics.json."""
     hydra_dir = folder / ".hydra"
     hydra_dir.mkdir(parents=True)
     dataset, teacher, student = names
-    config = {"seed": seed, "dataset": {"name": dataset}, "teacher": {"name": teacher},
-              "student": {"name": student}, "method": {"_target_": f"kdx.methods.{method}"}}
+    config = {
+        "seed": seed,
+        "dataset": {"name": dataset},
+        "teacher": {"name": teacher},
+        "student": {"name": student},
+        "method": {"_target_": f"kdx.methods.{method}"},
+    }
     if published is not None:
         config["published"] = published
     (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -44,11 +56,26 @@ def write_run(folder: Path, metrics: dict | None, *, published: dict | None = No
 
 
 def ok_metrics(method: str, seed: int, best: float, last: float, teacher: float = 0.7560, **extra) -> dict:
-    return {"status": "ok", "method": method, "seed": seed, "dataset": "cifar100", "teacher": "wrn_40_2",
-            "student": "wrn_16_2", "student/acc_best": best, "student/acc": last, "teacher/acc": teacher,
-            "fidelity/kl": 0.5 + seed, "fidelity/agreement": 0.80, "student/ece": 0.05, "teacher/ece": 0.04,
-            "time/fit_s": 10.0 * (seed + 1), "throughput/train_samples_per_s": 1000.0,
-            "student/val_acc_best": best, "teacher/sha256": "0" * 64, **extra}
+    return {
+        "status": "ok",
+        "method": method,
+        "seed": seed,
+        "dataset": "cifar100",
+        "teacher": "wrn_40_2",
+        "student": "wrn_16_2",
+        "student/acc_best": best,
+        "student/acc": last,
+        "teacher/acc": teacher,
+        "fidelity/kl": 0.5 + seed,
+        "fidelity/agreement": 0.80,
+        "student/ece": 0.05,
+        "teacher/ece": 0.04,
+        "time/fit_s": 10.0 * (seed + 1),
+        "throughput/train_samples_per_s": 1000.0,
+        "student/val_acc_best": best,
+        "teacher/sha256": "0" * 64,
+        **extra,
+    }
 
 
 @pytest.fixture()
@@ -58,13 +85,31 @@ def sweep(tmp_path: Path) -> Path:
     kd = [(0.75, 0.74), (0.76, 0.75), (0.77, 0.79)]
     for seed, (best, last) in enumerate(kd):
         extra = {"fidelity/kernel_gap": 0.2} if seed == 0 else {}
-        write_run(root / str(seed), ok_metrics("kd", seed, best, last, **extra), published=PUBLISHED,
-                  experiment="crd_cifar100/wrn_40_2_wrn_16_2", seed=seed)
+        write_run(
+            root / str(seed),
+            ok_metrics("kd", seed, best, last, **extra),
+            published=PUBLISHED,
+            experiment="crd_cifar100/wrn_40_2_wrn_16_2",
+            seed=seed,
+        )
     for i, (seed, best) in enumerate([(0, 0.7330), (1, 0.7320)]):
-        write_run(root / str(3 + i), ok_metrics("none", seed, best, best), published=PUBLISHED,
-                  experiment="crd_cifar100/wrn_40_2_wrn_16_2", method="none", seed=seed)
-    failed = {"status": "failed", "error": "loss is nan at epoch 3", "seed": 2, "method": "none",
-              "dataset": "cifar100", "teacher": "wrn_40_2", "student": "wrn_16_2"}
+        write_run(
+            root / str(3 + i),
+            ok_metrics("none", seed, best, best),
+            published=PUBLISHED,
+            experiment="crd_cifar100/wrn_40_2_wrn_16_2",
+            method="none",
+            seed=seed,
+        )
+    failed = {
+        "status": "failed",
+        "error": "loss is nan at epoch 3",
+        "seed": 2,
+        "method": "none",
+        "dataset": "cifar100",
+        "teacher": "wrn_40_2",
+        "student": "wrn_16_2",
+    }
     write_run(root / "5", failed, published=PUBLISHED, method="none", seed=2)
     write_run(root / "6", None, published=PUBLISHED, method="none", seed=3)  # crashed: no metrics.json
     return root

@@ -180,7 +180,9 @@ def test_kd_pt_with_uniform_off_gt_teacher_equals_ls_and_kd():
     ls = METHODS["ls"](alpha=0.7, temperature=t, epsilon=1 - p_y)
     kd = METHODS["kd"](alpha=0.7, temperature=t)
     assert torch.allclose(kd_pt.targets(y, zt, k), ls.targets(y, None, k), atol=1e-6)
-    losses = [m.loss(ModelOutput(zs), ModelOutput(zt), y, torch.arange(6))["loss"].item() for m in (kd_pt, ls, kd)]
+    losses = [
+        m.loss(ModelOutput(zs), ModelOutput(zt), y, torch.arange(6))["loss"].item() for m in (kd_pt, ls, kd)
+    ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(losses[2], abs=1e-5)
 
 
@@ -235,9 +237,13 @@ def test_gradient_of_kl_is_softmax_minus_target():
 
 def _module(name: str) -> DistillationModule:
     torch.manual_seed(0)
-    return DistillationModule(student=MLP(4, (6,), hidden=(8,)), method=METHODS[name](), num_classes=4,
-                              optimizer=functools.partial(torch.optim.SGD, lr=0.5),
-                              teacher=MLP(4, (6,), hidden=(16,)))
+    return DistillationModule(
+        student=MLP(4, (6,), hidden=(8,)),
+        method=METHODS[name](),
+        num_classes=4,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+        teacher=MLP(4, (6,), hidden=(16,)),
+    )
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -278,9 +284,13 @@ def test_bad_hyper_parameters_fail_clearly(tmp_path, cache_dir):
     with pytest.raises(ConfigCompositionException) as err:
         compose_train(["method=kd_sim", "method.sim_temprature=0.1"], tmp_path, cache_dir)
     assert "sim_temprature" in f"{err.value} {err.value.__cause__}"
-    for name, kwargs in (("ls", {"epsilon": 1.5}), ("kd_sim", {"sim_temperature": 0.0}),
-                         ("kd_pt", {"target_temperature": -1.0}), ("kd_sim", {"true_mass": 0.0}),
-                         ("kd_pt_sim", {"alpha": 1.5})):
+    for name, kwargs in (
+        ("ls", {"epsilon": 1.5}),
+        ("kd_sim", {"sim_temperature": 0.0}),
+        ("kd_pt", {"target_temperature": -1.0}),
+        ("kd_sim", {"true_mass": 0.0}),
+        ("kd_pt_sim", {"alpha": 1.5}),
+    ):
         with pytest.raises(ValueError, match=f"method.{next(iter(kwargs))}="):
             METHODS[name](**kwargs)
 

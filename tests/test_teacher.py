@@ -76,5 +76,8 @@ def test_teacher_output_class_mismatch(tmp_path, cache_dir):
     # a teacher checkpoint path that fits a 10-class model, used with a 4-class data set
     torch.save(CNN1D(10, (1, 40)).state_dict(), tmp_path / "ten.pt")
     with pytest.raises(KDXError, match="class-count mismatch"):
-        run_train([*FAST, "dataset=synthetic", "dataset.num_classes=4",
-                   f"teacher.ckpt={tmp_path / 'ten.pt'}"], tmp_path, cache_dir)
+        run_train(
+            [*FAST, "dataset=synthetic", "dataset.num_classes=4", f"teacher.ckpt={tmp_path / 'ten.pt'}"],
+            tmp_path,
+            cache_dir,
+        )

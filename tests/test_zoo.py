@@ -110,7 +110,12 @@ def test_state_dict_keys_follow_repdistiller():
     """Module names match RepDistiller's, so its published CIFAR-100 checkpoints load as they are."""
     expected = {
         "resnet8": ["conv1.weight", "layer2.0.downsample.0.weight", "layer3.0.bn2.running_var", "fc.bias"],
-        "wrn_16_2": ["block1.layer.0.convShortcut.weight", "block3.layer.1.bn2.weight", "bn1.weight", "fc.weight"],
+        "wrn_16_2": [
+            "block1.layer.0.convShortcut.weight",
+            "block3.layer.1.bn2.weight",
+            "bn1.weight",
+            "fc.weight",
+        ],
         "vgg8": ["block0.0.weight", "block0.1.running_mean", "block4.1.bias", "classifier.weight"],
         "resnet50_cifar": ["layer1.0.shortcut.0.weight", "layer4.2.conv3.weight", "linear.weight"],
         "shufflenetv1": ["layer1.0.conv1.weight", "layer3.3.bn3.bias", "linear.weight"],

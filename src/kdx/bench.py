@@ -81,15 +81,29 @@ def _loader(cfg: DictConfig, n: int) -> DataLoader:
 
 def kdx_segment(cfg, student, teacher, device) -> tuple[float, float]:
     method = instantiate(cfg.method)
-    module = DistillationModule(student=student, teacher=teacher, method=method, num_classes=cfg.num_classes,
-                                optimizer=instantiate(cfg.optim.optimizer))
+    module = DistillationModule(
+        student=student,
+        teacher=teacher,
+        method=method,
+        num_classes=cfg.num_classes,
+        optimizer=instantiate(cfg.optim.optimizer),
+    )
     loader = _loader(cfg, cfg.batch_size * (cfg.warmup_steps + cfg.steps))
     loss_timer = _LossTimer(method, device)
     timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision,
-                        max_epochs=cfg.warmup_epochs + 1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        precision=cfg.precision,
+        max_epochs=cfg.warmup_epochs + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=loader)
     seconds = timer.end - timer.start
     return timer.samples / seconds, loss_timer.seconds / seconds
@@ -111,7 +125,9 @@ def plain_segment(cfg, student, teacher, device) -> float:
             logits = student(x)
             with torch.no_grad():
                 teacher_logits = teacher(x)
-            kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean")
+            kl = F.kl_div(
+                F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean"
+            )
             loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +142,9 @@ def bench(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    device = torch.device("cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    )
     student0, teacher0 = instantiate(cfg.student.model), instantiate(cfg.teacher.model)
     kdx_rates, plain_rates, shares = [], [], []
     for round_ in range(cfg.rounds):
@@ -141,12 +159,21 @@ def bench(cfg: DictConfig) -> dict:
                 plain_rates.append(plain_segment(cfg, student, teacher, device))
     kdx_rate, plain_rate = statistics.median(kdx_rates), statistics.median(plain_rates)
     method = instantiate(cfg.method).name
-    return {"method": method, "teacher": cfg.teacher.name, "student": cfg.student.name, "batch_size": cfg.batch_size,
-            "num_classes": cfg.num_classes, "device": device.type, "threads": torch.get_num_threads(),
-            "kdx_samples_per_s": round(kdx_rate, 2), "plain_kd_samples_per_s": round(plain_rate, 2),
-            "ratio_kdx_over_plain_kd": round(kdx_rate / plain_rate, 4),
-            "method_loss_share_of_step": round(statistics.median(shares), 4), "rounds": cfg.rounds,
-            "steps_per_segment": cfg.steps}
+    return {
+        "method": method,
+        "teacher": cfg.teacher.name,
+        "student": cfg.student.name,
+        "batch_size": cfg.batch_size,
+        "num_classes": cfg.num_classes,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "kdx_samples_per_s": round(kdx_rate, 2),
+        "plain_kd_samples_per_s": round(plain_rate, 2),
+        "ratio_kdx_over_plain_kd": round(kdx_rate / plain_rate, 4),
+        "method_loss_share_of_step": round(statistics.median(shares), 4),
+        "rounds": cfg.rounds,
+        "steps_per_segment": cfg.steps,
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")

@@ -67,8 +67,9 @@ PNG_NAME = "class_similarity.png"
 # The quantities, as plain functions (tested on their own).
 
 
-def true_class_gradient_ratio(student_logits: Tensor, teacher_logits: Tensor, y: Tensor,
-                              temperature: float) -> Tensor:
+def true_class_gradient_ratio(
+    student_logits: Tensor, teacher_logits: Tensor, y: Tensor, temperature: float
+) -> Tensor:
     """``r = T·(p^T_s,y − p^T_t,y) / (p_s,y − 1)`` per example (float64, see the module docstring)."""
     zs, zt = student_logits.double(), teacher_logits.double()
     idx = y[:, None]
@@ -96,12 +97,15 @@ def pearson(a: Tensor, b: Tensor) -> float:
 
 def similarity_correlation(student_weight: Tensor, teacher_weight: Tensor, center: bool = False) -> float:
     """Pearson correlation of the off-diagonal class cosine similarities of two classifiers."""
-    return pearson(off_diagonal(class_similarity(student_weight, center)),
-                   off_diagonal(class_similarity(teacher_weight, center)))
+    return pearson(
+        off_diagonal(class_similarity(student_weight, center)),
+        off_diagonal(class_similarity(teacher_weight, center)),
+    )
 
 
-def summarize(values: np.ndarray, levels: Sequence[float], bins: int,
-              value_range: tuple[float, float] | None = None) -> dict[str, Any]:
+def summarize(
+    values: np.ndarray, levels: Sequence[float], bins: int, value_range: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """Mean, quantiles and a histogram of the finite values."""
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -110,9 +114,12 @@ def summarize(values: np.ndarray, levels: Sequence[float], bins: int,
         lo, hi = np.quantile(values, [0.01, 0.99])
         value_range = (float(lo), float(hi)) if hi > lo else (float(lo) - 0.5, float(lo) + 0.5)
     counts, edges = np.histogram(np.clip(values, *value_range), bins=bins, range=value_range)
-    return {"n": int(values.size), "mean": float(values.mean()),
-            "quantiles": [float(q) for q in np.quantile(values, list(levels))],
-            "hist": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+    return {
+        "n": int(values.size),
+        "mean": float(values.mean()),
+        "quantiles": [float(q) for q in np.quantile(values, list(levels))],
+        "hist": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+    }
 
 
 def _qname(level: float) -> str:
@@ -150,9 +157,17 @@ class TangDiagnostics(L.Callback):
         quantiles: the quantile levels reported.
     """
 
-    def __init__(self, enabled: bool | str = "auto", dirpath: str | None = None, max_samples: int = 2048,
-                 temperature: float | None = None, bins: int = 20, every_n_epochs: int = 1,
-                 center: bool = False, quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95)):
+    def __init__(
+        self,
+        enabled: bool | str = "auto",
+        dirpath: str | None = None,
+        max_samples: int = 2048,
+        temperature: float | None = None,
+        bins: int = 20,
+        every_n_epochs: int = 1,
+        center: bool = False,
+        quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+    ):
         super().__init__()
         resolve_enabled(enabled, None)  # fail early on a bad value
         if max_samples < 1 or bins < 1 or every_n_epochs < 1:
@@ -200,12 +215,15 @@ class TangDiagnostics(L.Callback):
         scalars: dict[str, float] = {}
         instance = self._instance_level(trainer, pl_module)
         for key, values in instance.items():
-            record[key] = summary = summarize(values, self.quantiles, self.bins,
-                                              (0.0, 1.0) if key.startswith("p_t") else None)
+            record[key] = summary = summarize(
+                values, self.quantiles, self.bins, (0.0, 1.0) if key.startswith("p_t") else None
+            )
             if summary["n"]:
                 if key != "grad_ratio":  # the ratio's mean is ruled by students sure of y (1 − p_s,y → 0)
                     scalars[f"diag/{key}_mean"] = summary["mean"]
-                scalars.update({f"diag/{key}_{_qname(q)}": v for q, v in zip(self.quantiles, summary["quantiles"])})
+                scalars.update(
+                    {f"diag/{key}_{_qname(q)}": v for q, v in zip(self.quantiles, summary["quantiles"])}
+                )
         domain = self._domain_level(trainer, pl_module)
         record.update({k: None if math.isnan(v) else v for k, v in domain.items()})
         scalars.update({f"diag/{k}": v for k, v in domain.items() if not math.isnan(v)})
@@ -256,7 +274,10 @@ class TangDiagnostics(L.Callback):
             return {}
         zs, zt, ys, seen = [], [], [], 0
         modes = [(m, m.training) for m in (student, teacher)]
-        for m, _ in modes:  # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
+        for (
+            m,
+            _,
+        ) in modes:  # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
             m.eval()
         try:
             for batch in loader:
@@ -293,8 +314,10 @@ class TangDiagnostics(L.Callback):
                 elif isinstance(logger, WandbLogger):
                     import wandb
 
-                    logger.log_metrics({f"diag/{k}_hist": wandb.Histogram(v[np.isfinite(v)])
-                                        for k, v in instance.items()}, step=step)
+                    logger.log_metrics(
+                        {f"diag/{k}_hist": wandb.Histogram(v[np.isfinite(v)]) for k, v in instance.items()},
+                        step=step,
+                    )
             except Exception as err:  # a logger that cannot take a histogram is not an error
                 log.warning("diagnostics: %s did not take the histograms: %s", type(logger).__name__, err)
 
@@ -324,8 +347,9 @@ class TangDiagnostics(L.Callback):
             for name, w in (("student", ws), ("teacher", wt)):
                 if w is not None and w.shape[0] == true.shape[0]:
                     # the data's similarity is of centred class means, so centre the weights too
-                    out[f"sim_corr_true_{name}"] = pearson(off_diagonal(class_similarity(w, center=True)),
-                                                           off_diagonal(true))
+                    out[f"sim_corr_true_{name}"] = pearson(
+                        off_diagonal(class_similarity(w, center=True)), off_diagonal(true)
+                    )
         return out
 
     def _plot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -378,10 +402,16 @@ class TangDiagnostics(L.Callback):
     def _write_json(self) -> None:
         if self._dir is None:
             return
-        atomic_write_json(self._dir / JSON_NAME, {
-            "temperature": self._temperature, "max_samples": self.max_samples, "center": self.center,
-            "quantile_levels": self.quantiles, "epochs": self.history,
-        })
+        atomic_write_json(
+            self._dir / JSON_NAME,
+            {
+                "temperature": self._temperature,
+                "max_samples": self.max_samples,
+                "center": self.center,
+                "quantile_levels": self.quantiles,
+                "epochs": self.history,
+            },
+        )
 
 
 def _logits(out: Any) -> Tensor:

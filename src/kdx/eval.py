@@ -32,8 +32,12 @@ def evaluate(cfg: DictConfig) -> dict:
     network = instantiate(model_cfg.model)
     load_weights(network, cfg.ckpt_path, what=cfg.model)
     datamodule = instantiate(cfg.dataset.datamodule)
-    module = DistillationModule(student=network, method=METHODS["none"](), num_classes=cfg.dataset.num_classes,
-                                optimizer=lambda params: None)
+    module = DistillationModule(
+        student=network,
+        method=METHODS["none"](),
+        num_classes=cfg.dataset.num_classes,
+        optimizer=lambda params: None,
+    )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     loaders = {"test": "test_dataloader", "val": "val_dataloader", "train": "train_eval_dataloader"}
     if cfg.split not in loaders:
@@ -43,8 +47,13 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     loader = getattr(datamodule, loaders[cfg.split])()
     results = _test_metrics(trainer.test(module, dataloaders=loader, verbose=False))
-    out = {"split": cfg.split, "model": cfg.model, "ckpt": str(cfg.ckpt_path),
-           "acc": results["student/acc"], "ece": results["student/ece"]}
+    out = {
+        "split": cfg.split,
+        "model": cfg.model,
+        "ckpt": str(cfg.ckpt_path),
+        "acc": results["student/acc"],
+        "ece": results["student/ece"],
+    }
     atomic_write_json(Path(cfg.paths.output_dir) / "eval.json", out)
     return out
 
@@ -56,8 +65,10 @@ def main(cfg: DictConfig) -> None:
     except KDXError as err:
         print(f"kdx: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{out['model']} {out['ckpt']} on {cfg.dataset.name}/{out['split']}: "
-          f"acc {out['acc']:.4f}  ece {out['ece']:.4f}")
+    print(
+        f"{out['model']} {out['ckpt']} on {cfg.dataset.name}/{out['split']}: "
+        f"acc {out['acc']:.4f}  ece {out['ece']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,11 @@ class KernelGap(Metric):
         self.gram_st += xs.t() @ xt
 
     def compute(self) -> Tensor:
-        kss, ktt, kst = (self.gram_ss.square().sum(), self.gram_tt.square().sum(), self.gram_st.square().sum())
+        kss, ktt, kst = (
+            self.gram_ss.square().sum(),
+            self.gram_tt.square().sum(),
+            self.gram_st.square().sum(),
+        )
         gap = (kss + ktt - 2 * kst).clamp_min(0).sqrt()
         return (gap / ktt.sqrt().clamp_min(torch.finfo(torch.float64).tiny)).float()
 
@@ -108,8 +112,14 @@ class FidelityMetrics(nn.Module):
             self.kl = TeacherStudentKL()
             self.kernel_gap = KernelGap()
 
-    def update(self, student_logits: Tensor, teacher_logits: Tensor | None, y: Tensor,
-               student_embedding: Tensor | None = None, teacher_embedding: Tensor | None = None) -> None:
+    def update(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        y: Tensor,
+        student_embedding: Tensor | None = None,
+        teacher_embedding: Tensor | None = None,
+    ) -> None:
         student_logits = student_logits.float()
         self.student_acc.update(student_logits, y)
         self.student_ece.update(student_logits.softmax(-1), y)

@@ -54,8 +54,10 @@ class DistillationModule(L.LightningModule):
         self._scheduler_interval = scheduler_interval
         self.automatic_optimization = not method.manual_optimization
         if method.needs_teacher and self.teacher is None:
-            raise ValueError(f"method '{method.name}' needs a teacher, but teacher=none; "
-                             "pick a teacher (e.g. teacher=cnn1d) or method=none")
+            raise ValueError(
+                f"method '{method.name}' needs a teacher, but teacher=none; "
+                "pick a teacher (e.g. teacher=cnn1d) or method=none"
+            )
         if self.teacher is not None:
             self.teacher.requires_grad_(method.trains_teacher)
             self.teacher.train(method.trains_teacher)
@@ -82,9 +84,14 @@ class DistillationModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
                 f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                "lower optim.optimizer.lr, set trainer.gradient_clip_val, or check the method's weights")
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()},
-                      on_step=True, on_epoch=True, batch_size=batch[0].shape[0])
+                "lower optim.optimizer.lr, set trainer.gradient_clip_val, or check the method's weights"
+            )
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in terms.items()},
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch[0].shape[0],
+        )
         return loss if self.automatic_optimization else None
 
     def on_fit_start(self) -> None:
@@ -102,8 +109,13 @@ class DistillationModule(L.LightningModule):
         reads = (LOGITS, EMBEDDING)
         student_out = self.student(x, reads)
         teacher_out = None if self.teacher is None else self.teacher(x, reads)
-        metrics.update(student_out.logits, None if teacher_out is None else teacher_out.logits, y,
-                       student_out.embedding, None if teacher_out is None else teacher_out.embedding)
+        metrics.update(
+            student_out.logits,
+            None if teacher_out is None else teacher_out.logits,
+            y,
+            student_out.embedding,
+            None if teacher_out is None else teacher_out.embedding,
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
@@ -126,8 +138,10 @@ class DistillationModule(L.LightningModule):
         optimizer = self._optimizer(params)
         configs: list[dict] = [{"optimizer": optimizer}]
         if self._scheduler is not None:
-            configs[0]["lr_scheduler"] = {"scheduler": self._build_scheduler(self._scheduler, optimizer),
-                                          "interval": self._scheduler_interval}
+            configs[0]["lr_scheduler"] = {
+                "scheduler": self._build_scheduler(self._scheduler, optimizer),
+                "interval": self._scheduler_interval,
+            }
         if self.method.trains_teacher and self.teacher is not None:
             configs += self.method.teacher_optimizers(self.teacher)
         return configs[0] if len(configs) == 1 else configs

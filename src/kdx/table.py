@@ -60,8 +60,8 @@ METHOD_ORDER = ("none", "kd")
 
 @dataclass
 class Run:
-    path: Path                      # the run folder
-    status: str                     # ok | failed | missing
+    path: Path  # the run folder
+    status: str  # ok | failed | missing
     keys: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
@@ -128,10 +128,15 @@ def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
         metrics = {k: v for k, _, _, _ in METRICS if (v := _number(data.get(k))) is not None}
     published = config.get("published") if config else None
     seed = data.get("seed")
-    return Run(path=run_dir, status=status, keys=keys, metrics=metrics,
-               seed=None if seed is None else int(seed),
-               published=published if isinstance(published, dict) else None,
-               error=data.get("error"))
+    return Run(
+        path=run_dir,
+        status=status,
+        keys=keys,
+        metrics=metrics,
+        seed=None if seed is None else int(seed),
+        published=published if isinstance(published, dict) else None,
+        error=data.get("error"),
+    )
 
 
 def _missing_run(run_dir: Path, by: Sequence[str]) -> Run:
@@ -142,9 +147,14 @@ def _missing_run(run_dir: Path, by: Sequence[str]) -> Run:
     keys["method"] = _hydra_choice(run_dir, "method") or "?"
     keys.update({k: _extra_key(run_dir, config, k) for k in by})
     seed = config.get("seed")
-    return Run(path=run_dir, status="missing", keys=keys, seed=None if seed is None else int(seed),
-               published=config.get("published") if isinstance(config.get("published"), dict) else None,
-               error="no metrics.json (the job crashed or is still running)")
+    return Run(
+        path=run_dir,
+        status="missing",
+        keys=keys,
+        seed=None if seed is None else int(seed),
+        published=config.get("published") if isinstance(config.get("published"), dict) else None,
+        error="no metrics.json (the job crashed or is still running)",
+    )
 
 
 def find_runs(paths: Iterable[str | Path], by: Sequence[str] = ()) -> list[Run]:
@@ -226,17 +236,29 @@ def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any
         row["seeds"] = " ".join(str(s) for s in sorted({r.seed for r in ok if r.seed is not None}))
         seeds = [r.seed for r in ok]
         if len(seeds) != len(set(seeds)):
-            log.warning("group %s holds several runs with the same seed: are different configs mixed? "
-                        "split them with --by (e.g. --by experiment)", "/".join(key))
+            log.warning(
+                "group %s holds several runs with the same seed: are different configs mixed? "
+                "split them with --by (e.g. --by experiment)",
+                "/".join(key),
+            )
         for metric, _, scale, _ in METRICS:
             mean, std, n = _mean_std([r.metrics[metric] * scale for r in ok if metric in r.metrics])
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             row[f"{metric}_n"] = n
 
         pubs = [r.published for r in members if r.published]
-        row.update({"published": math.nan, "published_metric": "", "delta": math.nan, "tolerance": math.nan,
-                    "within_tolerance": None, "published_teacher": math.nan, "teacher_delta": math.nan,
-                    "published_source": ""})
+        row.update(
+            {
+                "published": math.nan,
+                "published_metric": "",
+                "delta": math.nan,
+                "tolerance": math.nan,
+                "within_tolerance": None,
+                "published_teacher": math.nan,
+                "teacher_delta": math.nan,
+                "published_source": "",
+            }
+        )
         if pubs:
             pub = pubs[0]
             if any(p != pub for p in pubs[1:]):
@@ -286,8 +308,11 @@ ACCURACY_KEYS = ("student/acc_best", "student/acc", "teacher/acc")
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(cells) + " |" for cells in body)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in body),
+    ]
 
 
 def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
@@ -316,7 +341,9 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         cells += [_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in accuracy]
         if has_pub:
             tol = r["within_tolerance"]
-            flag = "–" if tol is None else (f"yes (±{r['tolerance']:g})" if tol else f"no (±{r['tolerance']:g})")
+            flag = (
+                "–" if tol is None else (f"yes (±{r['tolerance']:g})" if tol else f"no (±{r['tolerance']:g})")
+            )
             cells += [_fmt(r["published"], math.nan, 2), _signed(r["delta"]), flag]
         if has_pub_teacher:
             cells += [_fmt(r["published_teacher"], math.nan, 2), _signed(r["teacher_delta"])]
@@ -324,13 +351,22 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         body.append(cells)
     lines = _md_table(header, body)
     if others:
-        lines += ["", *_md_table([*key_header, *(label for _, label, _, _ in others)],
-                                 [[*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec)
-                                               for key, _, _, dec in others)] for r in rows])]
+        lines += [
+            "",
+            *_md_table(
+                [*key_header, *(label for _, label, _, _ in others)],
+                [
+                    [*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in others)]
+                    for r in rows
+                ],
+            ),
+        ]
     notes = []
     if rows:
-        notes.append("Accuracies and agreement in % (×100); mean ± sample std over seeds (n = successful "
-                     "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch.")
+        notes.append(
+            "Accuracies and agreement in % (×100); mean ± sample std over seeds (n = successful "
+            "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch."
+        )
     metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
     if has_pub:
         notes.append(f"Δ = our mean − published, in points, on {', '.join(metrics)}.")
@@ -346,8 +382,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     frame.to_csv(path, index=False, float_format="%.6g")
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_best",
-         by: Sequence[str] = ()) -> None:
+def plot(
+    rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_best", by: Sequence[str] = ()
+) -> None:
     """Accuracy per method (mean ± std over seeds), one panel per (dataset, teacher → student)."""
     import matplotlib
 
@@ -366,16 +403,34 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_
         means = [m[f"{metric}_mean"] for m in members]
         stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
         xs = list(range(len(members)))
-        ax.errorbar([x - 0.08 for x in xs], means, yerr=stds, fmt="o", capsize=4, color="tab:blue",
-                    label="ours (mean ± std)")
+        ax.errorbar(
+            [x - 0.08 for x in xs],
+            means,
+            yerr=stds,
+            fmt="o",
+            capsize=4,
+            color="tab:blue",
+            label="ours (mean ± std)",
+        )
         pub = [(x + 0.08, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
         if pub:
-            ax.scatter([p[0] for p in pub], [p[1] for p in pub], marker="D", color="black", zorder=3,
-                       label="published")
+            ax.scatter(
+                [p[0] for p in pub],
+                [p[1] for p in pub],
+                marker="D",
+                color="black",
+                zorder=3,
+                label="published",
+            )
         teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
         if teacher_acc:
-            ax.axhline(sum(teacher_acc) / len(teacher_acc), color="tab:red", linestyle="--", linewidth=1,
-                       label="teacher (ours)")
+            ax.axhline(
+                sum(teacher_acc) / len(teacher_acc),
+                color="tab:red",
+                linestyle="--",
+                linewidth=1,
+                label="teacher (ours)",
+            )
         finite = [v + sign * e for v, e in zip(means, stds) if not math.isnan(v) for sign in (-1, 1)]
         finite += [p[1] for p in pub] + teacher_acc
         if finite:
@@ -389,24 +444,34 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_
         ax.set_ylabel(f"{metric} (%)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def make_table(paths: Sequence[str | Path], out: str | Path | None = None, by: Sequence[str] = (),
-               metric: str = "student/acc_best", figure: bool = True) -> tuple[list[dict[str, Any]], str]:
+def make_table(
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    by: Sequence[str] = (),
+    metric: str = "student/acc_best",
+    figure: bool = True,
+) -> tuple[list[dict[str, Any]], str]:
     """Read, aggregate and (when ``out`` is given) write ``<out>.md``, ``.csv`` and ``.png``."""
     runs = find_runs(paths, by)
     rows = aggregate(runs, by)
     markdown = to_markdown(rows, by)
     failures = [r for r in runs if r.status != "ok"]
     if failures:
-        markdown += "\nFailed or missing runs:\n\n" + "\n".join(
-            f"- `{r.path}` ({'/'.join(r.keys[k] for k in GROUP_KEYS)}, seed {r.seed}): {r.status}: {r.error}"
-            for r in failures) + "\n"
+        markdown += (
+            "\nFailed or missing runs:\n\n"
+            + "\n".join(
+                f"- `{r.path}` ({'/'.join(r.keys[k] for k in GROUP_KEYS)}, seed {r.seed}): {r.status}: {r.error}"
+                for r in failures
+            )
+            + "\n"
+        )
     if out is not None:
         prefix = Path(out)
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -421,17 +486,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kdx-table",
         description="Run folders / multirun folders (searched recursively for metrics.json) → "
-                    "<out>.md, <out>.csv, <out>.png: mean ± std over seeds per (dataset, teacher, "
-                    "student, method), with the difference to published numbers when the "
-                    "experiment config pins them.")
+        "<out>.md, <out>.csv, <out>.png: mean ± std over seeds per (dataset, teacher, "
+        "student, method), with the difference to published numbers when the "
+        "experiment config pins them.",
+    )
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders, or metrics.json files")
     parser.add_argument("--out", default=None, help="output prefix (writes <out>.md, <out>.csv, <out>.png)")
-    parser.add_argument("--by", action="append", default=[],
-                        help="extra grouping key: a config group (experiment, optim...) or a dotted "
-                             "config path (method.temperature); repeatable")
-    parser.add_argument("--metric", default="student/acc_best",
-                        choices=[k for k in PERCENT_KEYS if k.startswith("student/")],
-                        help="accuracy drawn in the figure (default: student/acc_best)")
+    parser.add_argument(
+        "--by",
+        action="append",
+        default=[],
+        help="extra grouping key: a config group (experiment, optim...) or a dotted "
+        "config path (method.temperature); repeatable",
+    )
+    parser.add_argument(
+        "--metric",
+        default="student/acc_best",
+        choices=[k for k in PERCENT_KEYS if k.startswith("student/")],
+        help="accuracy drawn in the figure (default: student/acc_best)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kdx-table: %(message)s")

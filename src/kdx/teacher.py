@@ -44,8 +44,11 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
         "dataset": {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()},
         "precision": str(cfg.trainer.get("precision")),
     }
-    recipe["dataset"]["datamodule"] = {k: v for k, v in recipe["dataset"]["datamodule"].items()
-                                       if k not in ("num_workers", "pin_memory", "cache_dir", "root")}
+    recipe["dataset"]["datamodule"] = {
+        k: v
+        for k, v in recipe["dataset"]["datamodule"].items()
+        if k not in ("num_workers", "pin_memory", "cache_dir", "root")
+    }
     return Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(recipe)}.pt"
 
 
@@ -53,7 +56,7 @@ def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         full = obj["state_dict"]
         for prefix in sorted(_PREFIXES, key=lambda p: not p.startswith(f"{what}.")):
-            picked = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            picked = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
             if picked:
                 return picked
         return full
@@ -67,13 +70,17 @@ def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]
 def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> None:
     path = Path(path)
     if not path.is_file():
-        raise KDXError(f"{what} checkpoint not found: {path}; pass {what}.ckpt=<existing file> "
-                       f"or {what}.ckpt=auto to train and cache one")
+        raise KDXError(
+            f"{what} checkpoint not found: {path}; pass {what}.ckpt=<existing file> "
+            f"or {what}.ckpt=auto to train and cache one"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise KDXError(f"{what} checkpoint {path} cannot be loaded safely (weights_only=True): "
-                       f"{str(err).splitlines()[0]}") from None
+        raise KDXError(
+            f"{what} checkpoint {path} cannot be loaded safely (weights_only=True): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
     state = _state_dict_from(obj, path, what)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -82,15 +89,20 @@ def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> N
         raise KDXError(
             f"{what} checkpoint {path} does not fit {what} model {type(model).__name__}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
-            f"is {what}= the architecture the checkpoint was trained with?")
+            f"is {what}= the architecture the checkpoint was trained with?"
+        )
     for key, value in state.items():
         if own[key].shape != value.shape:
             hint = ""
             if value.dim() >= 1 and own[key].dim() == value.dim() and own[key].shape[1:] == value.shape[1:]:
-                hint = (f" — class-count mismatch: the checkpoint has {value.shape[0]} classes, "
-                        f"the model {own[key].shape[0]}; check dataset= and the checkpoint")
-            raise KDXError(f"{what} checkpoint {path}: '{key}' has shape {tuple(value.shape)} in the file "
-                           f"but {tuple(own[key].shape)} in the model{hint}")
+                hint = (
+                    f" — class-count mismatch: the checkpoint has {value.shape[0]} classes, "
+                    f"the model {own[key].shape[0]}; check dataset= and the checkpoint"
+                )
+            raise KDXError(
+                f"{what} checkpoint {path}: '{key}' has shape {tuple(value.shape)} in the file "
+                f"but {tuple(own[key].shape)} in the model{hint}"
+            )
     model.load_state_dict(state)
 
 
@@ -162,12 +174,18 @@ def provide_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple
                 log.info("Reusing cached teacher %s", path)
                 info["teacher/source"] = "cache"
             else:
-                log.info("Training teacher %s (%d epochs); it will be cached at %s",
-                         tcfg.name, tcfg.train.epochs, path)
+                log.info(
+                    "Training teacher %s (%d epochs); it will be cached at %s",
+                    tcfg.name,
+                    tcfg.train.epochs,
+                    path,
+                )
                 val_acc = train_teacher(cfg, model, datamodule)
                 atomic_torch_save(model.state_dict(), path)
-                atomic_write_json(path.with_suffix(".json"), {
-                    "val_acc": val_acc, "config": OmegaConf.to_container(tcfg, resolve=True)})
+                atomic_write_json(
+                    path.with_suffix(".json"),
+                    {"val_acc": val_acc, "config": OmegaConf.to_container(tcfg, resolve=True)},
+                )
                 info["teacher/source"] = "trained"
     else:
         path = Path(str(ckpt)).expanduser()
@@ -188,13 +206,17 @@ def check_teacher(model: nn.Module, datamodule: L.LightningDataModule, min_acc: 
     for x, y, _ in datamodule.val_dataloader():
         logits = model(x.to(device))
         if logits.shape[-1] != datamodule.num_classes:
-            raise KDXError(f"teacher={name} outputs {logits.shape[-1]} classes but the data set has "
-                           f"{datamodule.num_classes}; set the teacher's num_classes to the data set's")
+            raise KDXError(
+                f"teacher={name} outputs {logits.shape[-1]} classes but the data set has "
+                f"{datamodule.num_classes}; set the teacher's num_classes to the data set's"
+            )
         correct += int((logits.argmax(-1).cpu() == y).sum())
         total += y.numel()
     model.train(was_training).cpu()
     acc = correct / max(total, 1)
     if acc < min_acc:
-        raise KDXError(f"teacher={name} has validation accuracy {acc:.4f} < teacher.min_acc={min_acc}; "
-                       "train it longer (teacher.train.epochs), pass a better teacher.ckpt, or lower teacher.min_acc")
+        raise KDXError(
+            f"teacher={name} has validation accuracy {acc:.4f} < teacher.min_acc={min_acc}; "
+            "train it longer (teacher.train.epochs), pass a better teacher.ckpt, or lower teacher.min_acc"
+        )
     return acc

@@ -44,7 +44,9 @@ log = logging.getLogger("kdx")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda r: "litlogger" not in r.getMessage()
+)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -99,35 +101,49 @@ def _versions() -> dict[str, str]:
     import timm
     import torchmetrics
 
-    return {"kdx": kdx.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "torchmetrics": torchmetrics.__version__,
-            "timm": timm.__version__, "hydra": hydra.__version__}
+    return {
+        "kdx": kdx.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "timm": timm.__version__,
+        "hydra": hydra.__version__,
+    }
 
 
 def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, dict]:
     """Everything a run needs, checked for consistency, before any training."""
     datamodule: L.LightningDataModule = instantiate(cfg.dataset.datamodule)
     if int(datamodule.num_classes) != int(cfg.dataset.num_classes):
-        raise KDXError(f"dataset={cfg.dataset.name}: the config says num_classes={cfg.dataset.num_classes} "
-                       f"but the data has {datamodule.num_classes}; fix dataset.num_classes")
+        raise KDXError(
+            f"dataset={cfg.dataset.name}: the config says num_classes={cfg.dataset.num_classes} "
+            f"but the data has {datamodule.num_classes}; fix dataset.num_classes"
+        )
     method = instantiate(cfg.method)
     student = instantiate(cfg.student.model)
     student_classes = getattr(student, "num_classes", None)
     if student_classes is not None and int(student_classes) != int(cfg.dataset.num_classes):
-        raise KDXError(f"student={cfg.student.name} has {student_classes} classes but dataset={cfg.dataset.name} "
-                       f"has {cfg.dataset.num_classes}; leave student.model.num_classes at ${{dataset.num_classes}}")
+        raise KDXError(
+            f"student={cfg.student.name} has {student_classes} classes but dataset={cfg.dataset.name} "
+            f"has {cfg.dataset.num_classes}; leave student.model.num_classes at ${{dataset.num_classes}}"
+        )
     datamodule.prepare_data()
     datamodule.setup("fit")
     info: dict[str, Any] = {}
     teacher = None
     if method.needs_teacher or cfg.teacher.get("model") is not None:
         if method.needs_teacher and cfg.teacher.get("model") is None:
-            raise KDXError(f"method={method.name} needs a teacher but teacher=none; pick one, e.g. teacher=cnn1d")
+            raise KDXError(
+                f"method={method.name} needs a teacher but teacher=none; pick one, e.g. teacher=cnn1d"
+            )
         if method.trains_teacher and not method.uses_teacher_weights():
             teacher, info = instantiate(cfg.teacher.model), {"teacher/source": "random init"}
         else:
             teacher, info = provide_teacher(cfg, datamodule)
-            info["teacher/val_acc"] = check_teacher(teacher, datamodule, cfg.teacher.min_acc, cfg.teacher.name)
+            info["teacher/val_acc"] = check_teacher(
+                teacher, datamodule, cfg.teacher.min_acc, cfg.teacher.name
+            )
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same student init whatever the teacher did
     student = instantiate(cfg.student.model)
     optim = cfg.optim
@@ -166,13 +182,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_s = time.perf_counter() - started
 
     metrics: dict[str, Any] = {}
-    best_ckpt = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == cfg.monitor), None)
+    best_ckpt = next(
+        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == cfg.monitor), None
+    )
     if cfg.get("test", True):
         metrics.update(_test_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
         best_path = best_ckpt.best_model_path if best_ckpt else ""
         if best_path and Path(best_path).is_file():
-            best = _test_metrics(trainer.test(module, datamodule=datamodule, ckpt_path=best_path,
-                                              verbose=False, weights_only=True))
+            best = _test_metrics(
+                trainer.test(
+                    module, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=True
+                )
+            )
             metrics["student/acc_best"] = best["student/acc"]
             metrics["student/best_ckpt"] = best_path
         else:
@@ -180,36 +201,50 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best_val = best_ckpt.best_model_score if best_ckpt else None
     for callback in callbacks:  # callbacks with headline figures of their own (diagnostics)
         metrics.update(getattr(callback, "summary", dict)())
-    metrics.update({
-        "status": "ok",
-        "student/val_acc_best": None if best_val is None else _float(best_val),
-        "time/fit_s": fit_s,
-        "throughput/train_samples_per_s": throughput.samples_per_s,
-        "epochs": trainer.current_epoch,
-        "seed": int(cfg.seed),
-        "method": module.method.name,
-        "dataset": cfg.dataset.name,
-        "teacher": cfg.teacher.name,
-        "student": cfg.student.name,
-        "teacher/sha256": teacher_info.get("teacher/sha256"),
-        "versions": _versions(),
-    })
+    metrics.update(
+        {
+            "status": "ok",
+            "student/val_acc_best": None if best_val is None else _float(best_val),
+            "time/fit_s": fit_s,
+            "throughput/train_samples_per_s": throughput.samples_per_s,
+            "epochs": trainer.current_epoch,
+            "seed": int(cfg.seed),
+            "method": module.method.name,
+            "dataset": cfg.dataset.name,
+            "teacher": cfg.teacher.name,
+            "student": cfg.student.name,
+            "teacher/sha256": teacher_info.get("teacher/sha256"),
+            "versions": _versions(),
+        }
+    )
     metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
     return metrics
 
 
-SUMMARY_KEYS = ("student/acc", "student/acc_best", "teacher/acc", "fidelity/kl", "fidelity/agreement",
-                "fidelity/kernel_gap", "student/ece", "teacher/ece", "time/fit_s", "throughput/train_samples_per_s")
+SUMMARY_KEYS = (
+    "student/acc",
+    "student/acc_best",
+    "teacher/acc",
+    "fidelity/kl",
+    "fidelity/agreement",
+    "fidelity/kernel_gap",
+    "student/ece",
+    "teacher/ece",
+    "time/fit_s",
+    "throughput/train_samples_per_s",
+)
 
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kdx · {metrics['method']} · {metrics['teacher']} → {metrics['student']} "
-                        f"on {metrics['dataset']} · seed {metrics['seed']}")
+    table = Table(
+        title=f"kdx · {metrics['method']} · {metrics['teacher']} → {metrics['student']} "
+        f"on {metrics['dataset']} · seed {metrics['seed']}"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in SUMMARY_KEYS:
@@ -237,7 +272,11 @@ def _choice(group: str) -> str | None:
 
 def _monitored(cfg: DictConfig, metrics: dict[str, Any]) -> float:
     key = str(cfg.get("monitor", "val/student/acc"))
-    value = metrics.get("student/val_acc_best") if key == "val/student/acc" else metrics.get(key.removeprefix("test/"))
+    value = (
+        metrics.get("student/val_acc_best")
+        if key == "val/student/acc"
+        else metrics.get(key.removeprefix("test/"))
+    )
     return float("nan") if value is None else float(value)
 
 
@@ -250,9 +289,16 @@ def main(cfg: DictConfig) -> float | None:
         user_error = isinstance(err, (KDXError, NonFiniteLossError, InstantiationException))
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        failure = {"status": "failed", "error": message, "error_type": type(cause).__name__, "seed": int(cfg.seed),
-                   "method": _choice("method"), "dataset": cfg.dataset.name,
-                   "teacher": cfg.teacher.name, "student": cfg.student.name}
+        failure = {
+            "status": "failed",
+            "error": message,
+            "error_type": type(cause).__name__,
+            "seed": int(cfg.seed),
+            "method": _choice("method"),
+            "dataset": cfg.dataset.name,
+            "teacher": cfg.teacher.name,
+            "student": cfg.student.name,
+        }
         atomic_write_json(output_dir / "metrics.json", failure)
         if _is_multirun():
             # the sweep goes on and kdx-table counts this run as failed; -inf (not NaN, which

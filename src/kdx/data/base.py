@@ -60,8 +60,14 @@ class KDDataModule(L.LightningDataModule):
     input_shape: tuple[int, ...]
     name: str = "dataset"
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False, drop_last: bool = False):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ):
         super().__init__()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

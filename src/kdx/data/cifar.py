@@ -44,8 +44,15 @@ def image_transform(mean: Sequence[float], std: Sequence[float], *augment: Calla
     """PIL image → normalised float tensor, after the given (PIL or uint8) augmentations."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.ToImage(), *augment, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(mean), list(std)), v2.ToPureTensor()])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *augment,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+            v2.ToPureTensor(),
+        ]
+    )
 
 
 class _CIFARDataModule(KDDataModule):
@@ -63,8 +70,15 @@ class _CIFARDataModule(KDDataModule):
     std: tuple[float, float, float]
     input_shape = (3, 32, 32)
 
-    def __init__(self, root: str, download: bool = False, val_fraction: float = 0.0, seed: int = 0,
-                 augment: bool = True, **loader_kwargs: Any):
+    def __init__(
+        self,
+        root: str,
+        download: bool = False,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        augment: bool = True,
+        **loader_kwargs: Any,
+    ):
         super().__init__(**loader_kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"{type(self).__name__}: val_fraction must be in [0, 1), got {val_fraction}")
@@ -88,7 +102,8 @@ class _CIFARDataModule(KDDataModule):
             raise DatasetNotFoundError(
                 f"{self.title} not found in {folder} (missing {', '.join(missing)}): run once with "
                 f"dataset.datamodule.download=true on a machine with internet, or copy the extracted "
-                f"{cls.base_folder}/ folder into {self.root}")
+                f"{cls.base_folder}/ folder into {self.root}"
+            )
 
     def _load(self, train: bool):
         try:
@@ -97,7 +112,8 @@ class _CIFARDataModule(KDDataModule):
             folder = self.root / self._dataset_class().base_folder
             raise DatasetNotFoundError(
                 f"{self.title} files in {folder} failed torchvision's checksum check (corrupt or partial "
-                f"copy): replace them, or delete them and run with dataset.datamodule.download=true") from None
+                f"copy): replace them, or delete them and run with dataset.datamodule.download=true"
+            ) from None
 
     def prepare_data(self) -> None:
         if self.download:
@@ -114,7 +130,10 @@ class _CIFARDataModule(KDDataModule):
         from torchvision.transforms import v2
 
         augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
-        train_tf, eval_tf = image_transform(self.mean, self.std, *augment), image_transform(self.mean, self.std)
+        train_tf, eval_tf = (
+            image_transform(self.mean, self.std, *augment),
+            image_transform(self.mean, self.std),
+        )
         self.test_set = IndexedDataset(TransformedSubset(test, None, eval_tf))
         if self.val_fraction > 0:
             perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
@@ -130,7 +149,9 @@ class _CIFARDataModule(KDDataModule):
         if self.train_set is None:
             return super().train_eval_dataloader()
         subset: TransformedSubset = self.train_set.base  # type: ignore[assignment]
-        plain = IndexedDataset(TransformedSubset(subset.base, subset.indices, image_transform(self.mean, self.std)))
+        plain = IndexedDataset(
+            TransformedSubset(subset.base, subset.indices, image_transform(self.mean, self.std))
+        )
         return self._loader(plain, train=False)
 
 

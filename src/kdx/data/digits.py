@@ -21,12 +21,15 @@ class DigitsDataModule(KDDataModule):
     num_classes = 10
     input_shape = (1, 8, 8)
 
-    def __init__(self, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-                 **loader_kwargs: Any):
+    def __init__(
+        self, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, **loader_kwargs: Any
+    ):
         super().__init__(**loader_kwargs)
         if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
-            raise ValueError("DigitsDataModule: need val_fraction > 0, test_fraction > 0 and their sum < 1, "
-                             f"got {val_fraction} and {test_fraction}")
+            raise ValueError(
+                "DigitsDataModule: need val_fraction > 0, test_fraction > 0 and their sum < 1, "
+                f"got {val_fraction} and {test_fraction}"
+            )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -39,10 +42,15 @@ class DigitsDataModule(KDDataModule):
 
         x, y = load_digits(return_X_y=True)
         x_rest, x_test, y_rest, y_test = train_test_split(
-            x, y, test_size=self.test_fraction, stratify=y, random_state=self.seed)
+            x, y, test_size=self.test_fraction, stratify=y, random_state=self.seed
+        )
         x_train, x_val, y_train, y_val = train_test_split(
-            x_rest, y_rest, test_size=self.val_fraction / (1 - self.test_fraction), stratify=y_rest,
-            random_state=self.seed)
+            x_rest,
+            y_rest,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            stratify=y_rest,
+            random_state=self.seed,
+        )
 
         def to_tensor(a):
             return torch.as_tensor(a, dtype=torch.float32).div(16.0).reshape(-1, *self.input_shape)

@@ -27,8 +27,14 @@ class ImageNetDataModule(KDDataModule):
 
     name = "imagenet"
 
-    def __init__(self, root: str, num_classes: int = 1000, image_size: int = 224, resize_size: int = 256,
-                 **loader_kwargs: Any):
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 1000,
+        image_size: int = 224,
+        resize_size: int = 256,
+        **loader_kwargs: Any,
+    ):
         super().__init__(**loader_kwargs)
         self.root = Path(root).expanduser()
         self.num_classes = int(num_classes)
@@ -39,7 +45,8 @@ class ImageNetDataModule(KDDataModule):
         return DatasetNotFoundError(
             f"ImageNet not found in {self.root} ({why}): expected {self.root}/train/<class>/*.JPEG and "
             f"{self.root}/val/<class>/*.JPEG; download ILSVRC-2012 from image-net.org, sort val/ into "
-            f"class folders, and point dataset.datamodule.root (or KDX_DATA_DIR) at it")
+            f"class folders, and point dataset.datamodule.root (or KDX_DATA_DIR) at it"
+        )
 
     def _folder(self, split: str, transform):
         from torchvision.datasets import ImageFolder
@@ -62,24 +69,30 @@ class ImageNetDataModule(KDDataModule):
             return
         from torchvision.transforms import v2
 
-        train_tf = image_transform(IMAGENET_MEAN, IMAGENET_STD, v2.RandomResizedCrop(self.image_size),
-                                   v2.RandomHorizontalFlip())
+        train_tf = image_transform(
+            IMAGENET_MEAN, IMAGENET_STD, v2.RandomResizedCrop(self.image_size), v2.RandomHorizontalFlip()
+        )
         train = self._folder("train", train_tf)
         val = self._folder("val", self._eval_transform())
         if train.classes != val.classes:
-            raise ValueError(f"ImageNet: train/ and val/ under {self.root} have different class folders "
-                             f"({len(train.classes)} vs {len(val.classes)})")
+            raise ValueError(
+                f"ImageNet: train/ and val/ under {self.root} have different class folders "
+                f"({len(train.classes)} vs {len(val.classes)})"
+            )
         if len(train.classes) != self.num_classes:
-            raise ValueError(f"ImageNet: {self.root}/train has {len(train.classes)} class folders, but "
-                             f"num_classes={self.num_classes}")
+            raise ValueError(
+                f"ImageNet: {self.root}/train has {len(train.classes)} class folders, but "
+                f"num_classes={self.num_classes}"
+            )
         self.train_set = IndexedDataset(train)
         self.val_set = self.test_set = IndexedDataset(val)
 
     def _eval_transform(self):
         from torchvision.transforms import v2
 
-        return image_transform(IMAGENET_MEAN, IMAGENET_STD, v2.Resize(self.resize_size),
-                               v2.CenterCrop(self.image_size))
+        return image_transform(
+            IMAGENET_MEAN, IMAGENET_STD, v2.Resize(self.resize_size), v2.CenterCrop(self.image_size)
+        )
 
     def train_eval_dataloader(self):
         """The training split in order, with the evaluation transform (for PCA, class centres...)."""

@@ -32,8 +32,15 @@ class MNIST1DDataModule(KDDataModule):
     num_classes = 10
     input_shape = (1, 40)
 
-    def __init__(self, cache_dir: str, num_samples: int = 5000, val_fraction: float = 0.1, seed: int = 42,
-                 generator_args: dict[str, Any] | None = None, **loader_kwargs: Any):
+    def __init__(
+        self,
+        cache_dir: str,
+        num_samples: int = 5000,
+        val_fraction: float = 0.1,
+        seed: int = 42,
+        generator_args: dict[str, Any] | None = None,
+        **loader_kwargs: Any,
+    ):
         super().__init__(**loader_kwargs)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"MNIST1DDataModule: val_fraction must be in (0, 1), got {val_fraction}")
@@ -74,13 +81,16 @@ class MNIST1DDataModule(KDDataModule):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        atomic_torch_save({
-            "format": _FORMAT,
-            "x": torch.as_tensor(data["x"], dtype=torch.float32),
-            "y": torch.as_tensor(data["y"], dtype=torch.int64),
-            "x_test": torch.as_tensor(data["x_test"], dtype=torch.float32),
-            "y_test": torch.as_tensor(data["y_test"], dtype=torch.int64),
-        }, path)
+        atomic_torch_save(
+            {
+                "format": _FORMAT,
+                "x": torch.as_tensor(data["x"], dtype=torch.float32),
+                "y": torch.as_tensor(data["y"], dtype=torch.int64),
+                "x_test": torch.as_tensor(data["x_test"], dtype=torch.float32),
+                "y_test": torch.as_tensor(data["y_test"], dtype=torch.int64),
+            },
+            path,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

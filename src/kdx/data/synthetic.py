@@ -54,9 +54,19 @@ class SyntheticDataModule(_SplitTensors):
     learnable for any shape; lower ``class_sep`` (or raise ``noise``) for a harder one.
     """
 
-    def __init__(self, input_shape: Sequence[int] = (32,), num_classes: int = 10, num_train: int = 2000,
-                 num_val: int = 500, num_test: int = 500, class_sep: float = 0.75, noise: float = 1.0,
-                 seed: int = 0, name: str = "synthetic", **loader_kwargs: Any):
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (32,),
+        num_classes: int = 10,
+        num_train: int = 2000,
+        num_val: int = 500,
+        num_test: int = 500,
+        class_sep: float = 0.75,
+        noise: float = 1.0,
+        seed: int = 0,
+        name: str = "synthetic",
+        **loader_kwargs: Any,
+    ):
         super().__init__(num_train, num_val, num_test, seed, **loader_kwargs)
         self.name = name  # e.g. "synthetic_cifar"
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -82,10 +92,22 @@ class HierSyntheticDataModule(_SplitTensors):
 
     name = "hier_synthetic"
 
-    def __init__(self, num_super: int = 5, sub_per_super: int = 4, dim: int = 32, modes_per_sub: int = 3,
-                 super_spread: float = 3.0, sub_spread: float = 0.6, mode_spread: float = 0.3,
-                 noise: float = 1.0, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000,
-                 seed: int = 0, **loader_kwargs: Any):
+    def __init__(
+        self,
+        num_super: int = 5,
+        sub_per_super: int = 4,
+        dim: int = 32,
+        modes_per_sub: int = 3,
+        super_spread: float = 3.0,
+        sub_spread: float = 0.6,
+        mode_spread: float = 0.3,
+        noise: float = 1.0,
+        num_train: int = 4000,
+        num_val: int = 1000,
+        num_test: int = 1000,
+        seed: int = 0,
+        **loader_kwargs: Any,
+    ):
         super().__init__(num_train, num_val, num_test, seed, **loader_kwargs)
         self.num_super, self.sub_per_super, self.modes_per_sub = num_super, sub_per_super, modes_per_sub
         self.num_classes = num_super * sub_per_super
@@ -98,7 +120,8 @@ class HierSyntheticDataModule(_SplitTensors):
         subs = supers[self.class_hierarchy] + sub_spread * torch.randn(self.num_classes, dim, generator=g)
         # mode_centres: (num_classes, modes_per_sub, dim)
         self.mode_centres = subs[:, None] + mode_spread * torch.randn(
-            self.num_classes, modes_per_sub, dim, generator=g)
+            self.num_classes, modes_per_sub, dim, generator=g
+        )
         # the true mean of each sub-class's mixture
         self.class_means = self.mode_centres.mean(1)
 
@@ -121,4 +144,3 @@ class HierSyntheticDataModule(_SplitTensors):
 
     def super_class_of(self, y: Tensor) -> Tensor:
         return self.class_hierarchy.to(y.device)[y]
-

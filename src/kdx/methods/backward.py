@@ -115,8 +115,15 @@ class Perturbation:
 class InputGradientAscent(Perturbation):
     """``steps`` steps of gradient ascent on ``D`` w.r.t. the model's input tensor."""
 
-    def __init__(self, steps: int = 1, step_size: float = 0.05, step: str = "normalized",
-                 clamp_min: float | None = None, clamp_max: float | None = None, epsilon: float | None = None):
+    def __init__(
+        self,
+        steps: int = 1,
+        step_size: float = 0.05,
+        step: str = "normalized",
+        clamp_min: float | None = None,
+        clamp_max: float | None = None,
+        epsilon: float | None = None,
+    ):
         self.steps = steps
         self.step_size = step_size
         self.step = step
@@ -129,7 +136,9 @@ class InputGradientAscent(Perturbation):
             return grad.sign()
         norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
         # a zero gradient (teacher == student) gives no step, not 0/0
-        return torch.where(norm > 0, grad / norm.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(grad))
+        return torch.where(
+            norm > 0, grad / norm.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(grad)
+        )
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         if self.epsilon is not None:
@@ -146,8 +155,10 @@ class InputGradientAscent(Perturbation):
 
     def __call__(self, inputs: Tensor, divergence: Divergence) -> Tensor:
         if not torch.is_floating_point(inputs):
-            raise TypeError(f"method=backward perturbs the input tensor, but the inputs are {inputs.dtype}; "
-                            "discrete inputs (token ids) need an embedding-space Perturbation")
+            raise TypeError(
+                f"method=backward perturbs the input tensor, but the inputs are {inputs.dtype}; "
+                "discrete inputs (token ids) need an embedding-space Perturbation"
+            )
         x = inputs.detach()
         x_adv = x.clone()
         with torch.enable_grad():
@@ -173,10 +184,21 @@ def _trainer(host: Any) -> Any:
 
 @register_method("backward")
 class BackwardPassKD(DistillationMethod):
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, aux_weight: float = 1.0,
-                 steps: int = 1, step_size: float = 0.05, step: str = "normalized",
-                 clamp_min: float | None = None, clamp_max: float | None = None, epsilon: float | None = None,
-                 mode: str = "online", offline_size: int = 0, space: str = "input"):
+    def __init__(
+        self,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        aux_weight: float = 1.0,
+        steps: int = 1,
+        step_size: float = 0.05,
+        step: str = "normalized",
+        clamp_min: float | None = None,
+        clamp_max: float | None = None,
+        epsilon: float | None = None,
+        mode: str = "online",
+        offline_size: int = 0,
+        space: str = "input",
+    ):
         super().__init__()
         check_kd_weights(alpha, temperature)
         if aux_weight < 0:
@@ -203,7 +225,13 @@ class BackwardPassKD(DistillationMethod):
         self.mode = mode
         self.offline_size = offline_size
         self.perturb: Perturbation = PERTURBATIONS[space](
-            steps=steps, step_size=step_size, step=step, clamp_min=clamp_min, clamp_max=clamp_max, epsilon=epsilon)
+            steps=steps,
+            step_size=step_size,
+            step=step,
+            clamp_min=clamp_min,
+            clamp_max=clamp_max,
+            epsilon=epsilon,
+        )
         # offline auxiliary set (CPU): inputs, cached teacher logits, and the draw order
         self._aux_x: Tensor | None = None
         self._aux_teacher: Tensor | None = None
@@ -243,14 +271,19 @@ class BackwardPassKD(DistillationMethod):
                 teacher_logits = host.teacher(torch.cat([x, x_aux]), self.reads).logits
         student_logits = host.student(torch.cat([x, x_aux]), self.reads).logits
         n = x.shape[0]
-        terms = self.terms(student_logits[:n], teacher_logits[:n], y,
-                           student_logits[n:], teacher_logits[n:])
+        terms = self.terms(student_logits[:n], teacher_logits[:n], y, student_logits[n:], teacher_logits[n:])
         if self.mode == "online":
             terms["aux_dist"] = (x_aux - x).flatten(1).norm(dim=1).mean().detach()
         return terms
 
-    def terms(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor,
-              student_aux_logits: Tensor, teacher_aux_logits: Tensor) -> Terms:
+    def terms(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        y: Tensor,
+        student_aux_logits: Tensor,
+        teacher_aux_logits: Tensor,
+    ) -> Terms:
         ce = F.cross_entropy(student_logits, y)
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
         aux_kd = kd_loss(student_aux_logits, teacher_aux_logits, self.temperature)
@@ -266,15 +299,22 @@ class BackwardPassKD(DistillationMethod):
         """Generate the epoch's auxiliary set from the un-augmented training split."""
         datamodule = getattr(_trainer(host), "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_eval_dataloader"):
-            raise RuntimeError("method.mode=offline needs a kdx data module (train_eval_dataloader()) on the trainer")
+            raise RuntimeError(
+                "method.mode=offline needs a kdx data module (train_eval_dataloader()) on the trainer"
+            )
         loader: DataLoader = datamodule.train_eval_dataloader()
         self._aux_rng = self._generator(host)
         if self.offline_size:
             n = len(loader.dataset)  # type: ignore[arg-type]
             picked = torch.randperm(n, generator=self._aux_rng)[: min(self.offline_size, n)]
-            loader = DataLoader(Subset(loader.dataset, picked.tolist()), batch_size=loader.batch_size,
-                                shuffle=False, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                pin_memory=loader.pin_memory)
+            loader = DataLoader(
+                Subset(loader.dataset, picked.tolist()),
+                batch_size=loader.batch_size,
+                shuffle=False,
+                num_workers=loader.num_workers,
+                collate_fn=loader.collate_fn,
+                pin_memory=loader.pin_memory,
+            )
         device = next(host.student.parameters()).device
         xs, zs = [], []
         for batch in loader:
@@ -286,8 +326,11 @@ class BackwardPassKD(DistillationMethod):
         self._aux_x, self._aux_teacher = torch.cat(xs), torch.cat(zs)
         self._aux_order = torch.randperm(len(self._aux_x), generator=self._aux_rng)
         self._aux_cursor = 0
-        log.info("method=backward: generated %d auxiliary samples for epoch %d",
-                 len(self._aux_x), getattr(host, "current_epoch", 0))
+        log.info(
+            "method=backward: generated %d auxiliary samples for epoch %d",
+            len(self._aux_x),
+            getattr(host, "current_epoch", 0),
+        )
 
     def _generator(self, host: Any) -> torch.Generator:
         """Reproducible per (run seed, epoch, rank): independent of how much global RNG was used,
@@ -306,7 +349,7 @@ class BackwardPassKD(DistillationMethod):
             if self._aux_cursor >= len(self._aux_order):
                 self._aux_order = torch.randperm(len(self._aux_order), generator=self._aux_rng)
                 self._aux_cursor = 0
-            take = self._aux_order[self._aux_cursor:self._aux_cursor + size]
+            take = self._aux_order[self._aux_cursor : self._aux_cursor + size]
             self._aux_cursor += len(take)
             size -= len(take)
             picked.append(take)

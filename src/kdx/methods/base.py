@@ -161,7 +161,9 @@ def _schema_type(tp: Any) -> Any:
 def schema_of(cls: type) -> type:
     """A dataclass schema built from ``cls.__init__``'s typed signature, plus ``_target_``."""
     hints = typing.get_type_hints(cls.__init__)
-    fields: list[tuple] = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    fields: list[tuple] = [
+        ("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))
+    ]
     for pname, param in inspect.signature(cls.__init__).parameters.items():
         if pname == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
@@ -170,7 +172,15 @@ def schema_of(cls: type) -> type:
         if default is inspect.Parameter.empty:
             fields.append((pname, tp, dataclasses.field(default=dataclasses.MISSING)))
         elif isinstance(default, (list, dict, tuple)):
-            fields.append((pname, tp, dataclasses.field(default_factory=lambda d=default: type(d)(d) if not isinstance(d, tuple) else list(d))))
+            fields.append(
+                (
+                    pname,
+                    tp,
+                    dataclasses.field(
+                        default_factory=lambda d=default: type(d)(d) if not isinstance(d, tuple) else list(d)
+                    ),
+                )
+            )
         else:
             fields.append((pname, tp, dataclasses.field(default=default)))
     return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)

@@ -66,9 +66,14 @@ class Connector(nn.Module):
 
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], bias: bool = True):
         super().__init__()
-        student_shape, teacher_shape = tuple(int(s) for s in student_shape), tuple(int(s) for s in teacher_shape)
+        student_shape, teacher_shape = (
+            tuple(int(s) for s in student_shape),
+            tuple(int(s) for s in teacher_shape),
+        )
         if not student_shape or not teacher_shape:
-            raise ValueError(f"features need a channel axis; got student {student_shape}, teacher {teacher_shape}")
+            raise ValueError(
+                f"features need a channel axis; got student {student_shape}, teacher {teacher_shape}"
+            )
         self.student_shape, self.teacher_shape = student_shape, teacher_shape
         self.pool_both = len(student_shape) != len(teacher_shape)
         spatial_axes = 0 if self.pool_both else len(teacher_shape) - 1
@@ -96,7 +101,9 @@ class Connector(nn.Module):
         if self.pool_both or not self.spatial:
             return self.proj(global_pool(s))
         if all(c >= t for c, t in zip(s.shape[2:], self.spatial)):
-            return self.proj(resize_spatial(s, self.spatial))  # shrink first: the 1×1 map runs on fewer positions
+            return self.proj(
+                resize_spatial(s, self.spatial)
+            )  # shrink first: the 1×1 map runs on fewer positions
         return resize_spatial(self.proj(s), self.spatial)
 
     def teacher(self, t: Tensor) -> Tensor:
@@ -110,14 +117,16 @@ class LazyBuffers(nn.Module):
     """Mixin for methods whose buffers are sized after probing: ``load_state_dict`` first resizes each
     own buffer to the stored shape, so a checkpoint loads into a method whose ``setup`` has not run."""
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         for name, buf in list(self._buffers.items()):
             stored = state_dict.get(prefix + name)
             if buf is not None and isinstance(stored, Tensor) and stored.shape != buf.shape:
                 self._buffers[name] = torch.zeros(stored.shape, dtype=buf.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def distributed() -> bool:

@@ -24,7 +24,9 @@ class KDPartialTeacher(SyntheticTargetKD):
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0, target_temperature: float | None = None):
         super().__init__(alpha, temperature)
         if target_temperature is not None and target_temperature <= 0:
-            raise ValueError(f"method.target_temperature={target_temperature} must be > 0 (or null: = temperature)")
+            raise ValueError(
+                f"method.target_temperature={target_temperature} must be > 0 (or null: = temperature)"
+            )
         self.target_temperature = target_temperature
 
     def targets(self, y: Tensor, teacher_logits: Tensor | None, num_classes: int) -> Tensor:

@@ -21,12 +21,19 @@ from kdx.methods.tang import TeacherSimilarity, check_tau, similarity_rest_targe
 
 @register_method("kd_pt_sim")
 class KDPartialTeacherSimilarity(TeacherSimilarity):
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, target_temperature: float | None = None,
-                 sim_temperature: float = 0.25):
+    def __init__(
+        self,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        target_temperature: float | None = None,
+        sim_temperature: float = 0.25,
+    ):
         super().__init__(alpha, temperature)
         check_tau(sim_temperature)
         if target_temperature is not None and target_temperature <= 0:
-            raise ValueError(f"method.target_temperature={target_temperature} must be > 0 (or null: = temperature)")
+            raise ValueError(
+                f"method.target_temperature={target_temperature} must be > 0 (or null: = temperature)"
+            )
         self.target_temperature = target_temperature
         self.sim_temperature = sim_temperature
 

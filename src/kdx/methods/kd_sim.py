@@ -25,8 +25,13 @@ from kdx.methods.tang import TeacherSimilarity, check_tau, similarity_rest_targe
 
 @register_method("kd_sim")
 class KDSimilarity(TeacherSimilarity):
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, sim_temperature: float = 0.25,
-                 true_mass: float | None = None):
+    def __init__(
+        self,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        sim_temperature: float = 0.25,
+        true_mass: float | None = None,
+    ):
         super().__init__(alpha, temperature)
         check_tau(sim_temperature)
         if true_mass is not None and not 0.0 < true_mass <= 1.0:

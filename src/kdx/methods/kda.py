@@ -55,8 +55,13 @@ def landmark_similarities(features: Tensor, centres: Tensor) -> Tensor:
     return features @ centres.t()
 
 
-def kda_loss(student_features: Tensor, teacher_features: Tensor, student_centres: Tensor,
-             teacher_centres: Tensor, beta: float = 1.0) -> Tensor:
+def kda_loss(
+    student_features: Tensor,
+    teacher_features: Tensor,
+    student_centres: Tensor,
+    teacher_centres: Tensor,
+    beta: float = 1.0,
+) -> Tensor:
     """``smooth_l1(F_s C_sᵀ, F_t C_tᵀ, 'sum') / ‖F_t C_tᵀ‖_F``; only ``student_features`` gets a gradient."""
     s_sim = landmark_similarities(student_features, student_centres.detach().to(student_features.dtype))
     with torch.no_grad():
@@ -69,8 +74,16 @@ def kda_loss(student_features: Tensor, teacher_features: Tensor, student_centres
 class KDA(LazyBuffers, DistillationMethod):
     reads = frozenset({LOGITS, EMBEDDING})
 
-    def __init__(self, alpha: float = 0.04, warm: int = 5, layer: str = "embedding", ce_weight: float = 1.0,
-                 kd_weight: float = 0.0, temperature: float = 4.0, beta: float = 1.0):
+    def __init__(
+        self,
+        alpha: float = 0.04,
+        warm: int = 5,
+        layer: str = "embedding",
+        ce_weight: float = 1.0,
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
+        beta: float = 1.0,
+    ):
         super().__init__()
         if layer not in LAYERS:
             raise ValueError(f"method.layer={layer!r} must be one of {', '.join(LAYERS)}")
@@ -102,8 +115,12 @@ class KDA(LazyBuffers, DistillationMethod):
     def get_extra_state(self) -> dict[str, Tensor]:
         if self._count is None:
             return {}
-        return {"student_sum": self._student_sum, "teacher_sum": self._teacher_sum, "count": self._count,
-                "epoch": torch.tensor(self._sum_epoch, dtype=torch.long)}
+        return {
+            "student_sum": self._student_sum,
+            "teacher_sum": self._teacher_sum,
+            "count": self._count,
+            "epoch": torch.tensor(self._sum_epoch, dtype=torch.long),
+        }
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
         self._reset_sums()
@@ -174,7 +191,10 @@ class KDA(LazyBuffers, DistillationMethod):
             self._sum_epoch = self._epoch
         elif self._count.device != s.device:  # restored from a checkpoint on another device
             self._student_sum, self._teacher_sum, self._count = (
-                self._student_sum.to(s.device), self._teacher_sum.to(s.device), self._count.to(s.device))
+                self._student_sum.to(s.device),
+                self._teacher_sum.to(s.device),
+                self._count.to(s.device),
+            )
         self._student_sum.index_add_(0, y, s)
         self._teacher_sum.index_add_(0, y, t)
         self._count += torch.bincount(y, minlength=self._count.shape[0])

@@ -104,21 +104,37 @@ class ProKT(DistillationMethod):
     trains_teacher = True
     manual_optimization = True
 
-    def __init__(self, move_back_weight: float = 0.4, alpha: float = 0.9, temperature: float = 4.0,
-                 teacher_init: str = "random", zero_init_heads: bool = False,
-                 teacher_optimizer: str = "adam", teacher_lr: float = 0.01, teacher_momentum: float = 0.9,
-                 teacher_weight_decay: float = 0.0, teacher_scheduler: str = "cosine",
-                 teacher_max_grad_norm: float = 1.0, student_max_grad_norm: float = 1.0):
+    def __init__(
+        self,
+        move_back_weight: float = 0.4,
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        teacher_init: str = "random",
+        zero_init_heads: bool = False,
+        teacher_optimizer: str = "adam",
+        teacher_lr: float = 0.01,
+        teacher_momentum: float = 0.9,
+        teacher_weight_decay: float = 0.0,
+        teacher_scheduler: str = "cosine",
+        teacher_max_grad_norm: float = 1.0,
+        student_max_grad_norm: float = 1.0,
+    ):
         super().__init__()
         if not 0.0 <= move_back_weight <= 1.0:
             raise ValueError(f"method.move_back_weight={move_back_weight} (λ) must lie in [0, 1]")
         check_kd_weights(alpha, temperature)
         if teacher_init not in TEACHER_INITS:
-            raise ValueError(f"method.teacher_init={teacher_init!r} must be one of {', '.join(TEACHER_INITS)}")
+            raise ValueError(
+                f"method.teacher_init={teacher_init!r} must be one of {', '.join(TEACHER_INITS)}"
+            )
         if teacher_optimizer not in OPTIMIZERS:
-            raise ValueError(f"method.teacher_optimizer={teacher_optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"method.teacher_optimizer={teacher_optimizer!r} must be one of {', '.join(OPTIMIZERS)}"
+            )
         if teacher_scheduler not in SCHEDULERS:
-            raise ValueError(f"method.teacher_scheduler={teacher_scheduler!r} must be one of {', '.join(SCHEDULERS)}")
+            raise ValueError(
+                f"method.teacher_scheduler={teacher_scheduler!r} must be one of {', '.join(SCHEDULERS)}"
+            )
         if teacher_lr <= 0:
             raise ValueError(f"method.teacher_lr={teacher_lr} must be > 0")
         self.move_back_weight = move_back_weight
@@ -151,8 +167,12 @@ class ProKT(DistillationMethod):
     def teacher_optimizers(self, teacher: nn.Module) -> list[dict]:
         params = [p for p in teacher.parameters() if p.requires_grad]
         if self.teacher_optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=self.teacher_lr, momentum=self.teacher_momentum,
-                                  weight_decay=self.teacher_weight_decay)
+            opt = torch.optim.SGD(
+                params,
+                lr=self.teacher_lr,
+                momentum=self.teacher_momentum,
+                weight_decay=self.teacher_weight_decay,
+            )
         elif self.teacher_optimizer == "adam":
             opt = torch.optim.Adam(params, lr=self.teacher_lr, weight_decay=self.teacher_weight_decay)
         else:
@@ -177,18 +197,26 @@ class ProKT(DistillationMethod):
         self._total_steps = float(trainer.estimated_stepping_batches)
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                raise KDXError("method=prokt steps its schedulers itself and does not support ReduceLROnPlateau; "
-                               "pick a scheduler that needs no metric")
+                raise KDXError(
+                    "method=prokt steps its schedulers itself and does not support ReduceLROnPlateau; "
+                    "pick a scheduler that needs no metric"
+                )
             if config.frequency != 1:
-                raise KDXError(f"method=prokt steps schedulers every {config.interval}; frequency "
-                               f"{config.frequency} is not supported")
+                raise KDXError(
+                    f"method=prokt steps schedulers every {config.interval}; frequency "
+                    f"{config.frequency} is not supported"
+                )
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if trainer.world_size > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters"):
-            raise KDXError("method=prokt under DDP makes two backward passes per step over disjoint parameter "
-                           "sets; use trainer.strategy=ddp_find_unused_parameters_true "
-                           "(or ddp_spawn_find_unused_parameters_true)")
+            raise KDXError(
+                "method=prokt under DDP makes two backward passes per step over disjoint parameter "
+                "sets; use trainer.strategy=ddp_find_unused_parameters_true "
+                "(or ddp_spawn_find_unused_parameters_true)"
+            )
         if self.teacher_init == "checkpoint":
-            log.info("method=prokt starts from teacher.ckpt: it should be an EARLY checkpoint, not a converged teacher")
+            log.info(
+                "method=prokt starts from teacher.ckpt: it should be an EARLY checkpoint, not a converged teacher"
+            )
 
     # -- the step -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
@@ -221,7 +249,9 @@ class ProKT(DistillationMethod):
         kd = kd_loss(student_logits, teacher_logits.detach(), self.temperature)
         return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce, "kd": kd}
 
-    def teacher_step(self, host: Any, x: Tensor, y: Tensor, student_logits: Tensor | None, optimizer: Any) -> Terms:
+    def teacher_step(
+        self, host: Any, x: Tensor, y: Tensor, student_logits: Tensor | None, optimizer: Any
+    ) -> Terms:
         """One update of the teacher towards the labels and back towards the student snapshot."""
         with mode(host.teacher, True):
             terms = self.teacher_loss(host.teacher(x, self.reads).logits, y, student_logits)
@@ -247,8 +277,10 @@ class ProKT(DistillationMethod):
     def _optimizers(host: Any) -> tuple[Any, Any]:
         optimizers = host.optimizers()
         if not isinstance(optimizers, (list, tuple)) or len(optimizers) != 2:
-            raise RuntimeError("method=prokt needs two optimizers (student, teacher); the module gave "
-                               f"{1 if not isinstance(optimizers, (list, tuple)) else len(optimizers)}")
+            raise RuntimeError(
+                "method=prokt needs two optimizers (student, teacher); the module gave "
+                f"{1 if not isinstance(optimizers, (list, tuple)) else len(optimizers)}"
+            )
         return optimizers[0], optimizers[1]
 
     # -- schedulers ---------------------------------------------------------------------------

@@ -136,8 +136,15 @@ def rdim_loss(student_tokens: Tensor, teacher_tokens: Tensor, projection: Tensor
     return (diff @ projection.to(diff.dtype)).pow(2).mean()
 
 
-def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10, lr: float = 1e-2,
-                    batch_size: int = 256, seed: int = 0) -> nn.Sequential:
+def fit_autoencoder(
+    tokens: Tensor,
+    dim: int,
+    hidden: int = 0,
+    epochs: int = 10,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> nn.Sequential:
     """Train an autoencoder ``C → (hidden →) dim → (hidden →) C`` with MSE on ``tokens`` (M × C);
     returns the encoder. Self-contained randomness (``seed``)."""
     channels = tokens.shape[1]
@@ -147,7 +154,10 @@ def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10,
             encoder = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, dim))
             decoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, channels))
         else:
-            encoder, decoder = nn.Sequential(nn.Linear(channels, dim)), nn.Sequential(nn.Linear(dim, channels))
+            encoder, decoder = (
+                nn.Sequential(nn.Linear(channels, dim)),
+                nn.Sequential(nn.Linear(dim, channels)),
+            )
     encoder.to(tokens.device), decoder.to(tokens.device)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -156,7 +166,7 @@ def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10,
         for _ in range(epochs):
             order = torch.randperm(tokens.shape[0], generator=generator).to(tokens.device)
             for start in range(0, tokens.shape[0], batch_size):
-                x = tokens[order[start:start + batch_size]]
+                x = tokens[order[start : start + batch_size]]
                 loss = F.mse_loss(decoder(encoder(x)), x)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -172,11 +182,25 @@ def fit_autoencoder(tokens: Tensor, dim: int, hidden: int = 0, epochs: int = 10,
 class RdimKD(LazyBuffers, DistillationMethod):
     reads = frozenset({LOGITS, STAGES})
 
-    def __init__(self, projection: str = "random", feature: str = "stage", stage_index: int = -1,
-                 dim: int | None = None, dim_ratio: float = 0.25, weight: float = 1.0, standardize: bool = False,
-                 ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0, seed: int = 0,
-                 fit_batches: int | None = None, ae_epochs: int = 10, ae_hidden: int = 0, ae_lr: float = 1e-2,
-                 ae_max_tokens: int = 50_000):
+    def __init__(
+        self,
+        projection: str = "random",
+        feature: str = "stage",
+        stage_index: int = -1,
+        dim: int | None = None,
+        dim_ratio: float = 0.25,
+        weight: float = 1.0,
+        standardize: bool = False,
+        ce_weight: float = 1.0,
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
+        seed: int = 0,
+        fit_batches: int | None = None,
+        ae_epochs: int = 10,
+        ae_hidden: int = 0,
+        ae_lr: float = 1e-2,
+        ae_max_tokens: int = 50_000,
+    ):
         super().__init__()
         if projection not in PROJECTIONS:
             raise ValueError(f"method.projection={projection!r} must be one of {', '.join(PROJECTIONS)}")
@@ -193,12 +217,19 @@ class RdimKD(LazyBuffers, DistillationMethod):
         if fit_batches is not None and fit_batches < 1:
             raise ValueError(f"method.fit_batches={fit_batches} must be >= 1 (or null for the whole split)")
         if ae_epochs < 1 or ae_hidden < 0 or ae_max_tokens < 2 or ae_lr <= 0:
-            raise ValueError("method.ae_epochs >= 1, ae_hidden >= 0, ae_max_tokens >= 2 and ae_lr > 0 required")
+            raise ValueError(
+                "method.ae_epochs >= 1, ae_hidden >= 0, ae_max_tokens >= 2 and ae_lr > 0 required"
+            )
         self.projection, self.feature, self.stage_index = projection, feature, stage_index
         self.dim, self.dim_ratio, self.weight, self.standardize = dim, dim_ratio, weight, standardize
         self.ce_weight, self.kd_weight, self.temperature, self.seed = ce_weight, kd_weight, temperature, seed
         self.fit_batches = fit_batches
-        self.ae_epochs, self.ae_hidden, self.ae_lr, self.ae_max_tokens = ae_epochs, ae_hidden, ae_lr, ae_max_tokens
+        self.ae_epochs, self.ae_hidden, self.ae_lr, self.ae_max_tokens = (
+            ae_epochs,
+            ae_hidden,
+            ae_lr,
+            ae_max_tokens,
+        )
         self.reads = frozenset({LOGITS, STAGES if feature == "stage" else EMBEDDING})
         self.connector: Connector | None = None  # built in setup, from probed shapes
         self._datamodule: Any = None
@@ -227,13 +258,16 @@ class RdimKD(LazyBuffers, DistillationMethod):
                 raise RuntimeError(f"rdim: the {who} returned no embedding")
             return out.embedding
         if not out.stages:
-            raise RuntimeError(f"rdim: the {who} returned no stages; give it stage_names (foreign models) "
-                               "or use method.feature=embedding")
+            raise RuntimeError(
+                f"rdim: the {who} returned no stages; give it stage_names (foreign models) "
+                "or use method.feature=embedding"
+            )
         try:
             return out.stages[self.stage_index]
         except IndexError:
-            raise IndexError(f"rdim: method.stage_index={self.stage_index} but the {who} has "
-                             f"{len(out.stages)} stages") from None
+            raise IndexError(
+                f"rdim: method.stage_index={self.stage_index} but the {who} has {len(out.stages)} stages"
+            ) from None
 
     def resolve_dim(self, channels: int) -> int:
         dim = self.dim if self.dim is not None else max(1, int(round(self.dim_ratio * channels)))
@@ -266,14 +300,17 @@ class RdimKD(LazyBuffers, DistillationMethod):
         if teacher is None:
             raise ValueError("rdim needs a teacher")
         if input_shape is None:
-            raise ValueError("rdim sizes its adapter by probing the models: setup() needs a datamodule "
-                             "with an input_shape")
+            raise ValueError(
+                "rdim sizes its adapter by probing the models: setup() needs a datamodule with an input_shape"
+            )
         self._datamodule = datamodule
         s = self.select(student.probe(tuple(input_shape), self.reads), "student")
         t = self.select(teacher.probe(tuple(input_shape), self.reads), "teacher")
         connector = Connector(s.shape[1:], t.shape[1:])
         if self.connector is None or (self.connector.student_shape, self.connector.teacher_shape) != (
-                connector.student_shape, connector.teacher_shape):
+            connector.student_shape,
+            connector.teacher_shape,
+        ):
             self.connector = connector.to(s.device)
         channels = self.connector.out_channels
         dim = self.resolve_dim(channels)
@@ -346,8 +383,15 @@ class RdimKD(LazyBuffers, DistillationMethod):
         for name in ("ae_w1", "ae_b1", "ae_w2", "ae_b2"):
             setattr(self, name, getattr(self, name).to(self.fitted.device))
         if distributed():  # every rank fitted on the same data; make the buffers bit-identical anyway
-            for buf in (self.projection_matrix, self.teacher_mean, self.teacher_scale,
-                        self.ae_w1, self.ae_b1, self.ae_w2, self.ae_b2):
+            for buf in (
+                self.projection_matrix,
+                self.teacher_mean,
+                self.teacher_scale,
+                self.ae_w1,
+                self.ae_b1,
+                self.ae_w2,
+                self.ae_b2,
+            ):
                 if buf.numel():
                     torch.distributed.broadcast(buf, src=0)
         self._mark_fitted(True)
@@ -355,8 +399,10 @@ class RdimKD(LazyBuffers, DistillationMethod):
     # -- loss ----------------------------------------------------------------------------------
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         if not self._fitted or self.connector is None:
-            raise RuntimeError("rdim: the projection is not fitted; the module calls setup() and "
-                               "on_fit_start(); outside Lightning call method.setup(...) and method.fit(...)")
+            raise RuntimeError(
+                "rdim: the projection is not fitted; the module calls setup() and "
+                "on_fit_start(); outside Lightning call method.setup(...) and method.fit(...)"
+            )
         student_tokens = to_tokens(self.connector(self.select(student, "student")))
         teacher_tokens = self.teacher_target(self.select(teacher, "teacher"))
         if self.nonlinear:

@@ -145,15 +145,19 @@ class TeacherSimilarity(SyntheticTargetKD):
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
         if teacher is None:
-            raise ValueError(f"method '{self.name}' builds its targets from the teacher's classifier; "
-                             "pick a teacher (e.g. teacher=cnn1d)")
+            raise ValueError(
+                f"method '{self.name}' builds its targets from the teacher's classifier; "
+                "pick a teacher (e.g. teacher=cnn1d)"
+            )
         weight = teacher.classifier.weight
         self.similarity = class_similarity(weight).to(weight.device)
 
     def _similarity(self) -> Tensor:
         if self.similarity.numel() == 0:
-            raise RuntimeError(f"method '{self.name}': the class similarity is empty; "
-                               "call setup(student, teacher, datamodule) first")
+            raise RuntimeError(
+                f"method '{self.name}': the class similarity is empty; "
+                "call setup(student, teacher, datamodule) first"
+            )
         return self.similarity
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

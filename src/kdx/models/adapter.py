@@ -51,7 +51,9 @@ class FeatureModel(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def probe(self, input_shape: tuple[int, ...], reads: Iterable[str] = (LOGITS, EMBEDDING, STAGES)) -> ModelOutput:
+    def probe(
+        self, input_shape: tuple[int, ...], reads: Iterable[str] = (LOGITS, EMBEDDING, STAGES)
+    ) -> ModelOutput:
         """Forward a zero batch of two in eval mode, to read output shapes."""
         was_training = self.training
         self.eval()
@@ -97,8 +99,10 @@ class TimmFeatureModel(FeatureModel):
             return ModelOutput(self.model(x))
         if STAGES in reads:
             if not hasattr(self.model, "forward_intermediates"):
-                raise TypeError(f"timm model {type(self.model).__name__} has no forward_intermediates; "
-                                "give stage_names (module paths) to read stages through hooks")
+                raise TypeError(
+                    f"timm model {type(self.model).__name__} has no forward_intermediates; "
+                    "give stage_names (module paths) to read stages through hooks"
+                )
             final, stages = self.model.forward_intermediates(x)
         else:
             final, stages = self.model.forward_features(x), []
@@ -109,8 +113,10 @@ class TimmFeatureModel(FeatureModel):
 def _last_linear(model: nn.Module) -> str:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise StageNameError(f"{type(model).__name__} has no nn.Linear to use as classifier; "
-                             "name it with classifier_name=<module path>")
+        raise StageNameError(
+            f"{type(model).__name__} has no nn.Linear to use as classifier; "
+            "name it with classifier_name=<module path>"
+        )
     return linears[-1]
 
 
@@ -126,7 +132,9 @@ class HookFeatureModel(FeatureModel):
     ``deepcopy`` or a ``state_dict`` never sees them.
     """
 
-    def __init__(self, model: nn.Module, stage_names: list[str] | None = None, classifier_name: str | None = None):
+    def __init__(
+        self, model: nn.Module, stage_names: list[str] | None = None, classifier_name: str | None = None
+    ):
         super().__init__(model)
         self.classifier_name = classifier_name or _last_linear(model)
         self.stage_names = list(stage_names or [])
@@ -150,11 +158,15 @@ class HookFeatureModel(FeatureModel):
         captured: dict[str, Tensor] = {}
         handles = []
         if EMBEDDING in reads:
-            handles.append(self.classifier.register_forward_pre_hook(
-                lambda _m, args: captured.__setitem__("__embedding__", args[0])))
+            handles.append(
+                self.classifier.register_forward_pre_hook(
+                    lambda _m, args: captured.__setitem__("__embedding__", args[0])
+                )
+            )
         for name, module in stage_modules.items():
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out, name=name: captured.__setitem__(name, out)))
+            handles.append(
+                module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out))
+            )
         try:
             out = fn(x)
         finally:
@@ -168,7 +180,9 @@ class HookFeatureModel(FeatureModel):
             return ModelOutput(self.model(x))
         stage_modules = {n: self.model.get_submodule(n) for n in self.stage_names} if STAGES in reads else {}
         logits, captured = self._run(self.model, x, reads, stage_modules)
-        return ModelOutput(logits, captured.get("__embedding__"), [captured[n] for n in stage_modules if n in captured])
+        return ModelOutput(
+            logits, captured.get("__embedding__"), [captured[n] for n in stage_modules if n in captured]
+        )
 
 
 class GraphFeatureModel(HookFeatureModel):
@@ -213,7 +227,9 @@ class GraphFeatureModel(HookFeatureModel):
         if STAGES not in reads:
             return super().forward(x, reads)
         out, captured = self._run(self._extractor(), x, reads, {})
-        return ModelOutput(out[self._LOGITS_KEY], captured.get("__embedding__"), [out[n] for n in self.stage_names])
+        return ModelOutput(
+            out[self._LOGITS_KEY], captured.get("__embedding__"), [out[n] for n in self.stage_names]
+        )
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -224,8 +240,9 @@ def is_torchvision_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("torchvision.models")
 
 
-def as_feature_model(model: nn.Module, stage_names: list[str] | None = None,
-                     classifier_name: str | None = None) -> FeatureModel:
+def as_feature_model(
+    model: nn.Module, stage_names: list[str] | None = None, classifier_name: str | None = None
+) -> FeatureModel:
     """The adapter for ``model``; ``stage_names`` (module paths / graph nodes) override native stages."""
     if isinstance(model, FeatureModel):
         return model
@@ -240,6 +257,7 @@ def as_feature_model(model: nn.Module, stage_names: list[str] | None = None,
         except StageNameError:
             raise
         except Exception as err:  # not FX-traceable: module paths through hooks still work
-            warnings.warn(f"{type(model).__name__} cannot be traced ({err}); reading stages through hooks",
-                          stacklevel=2)
+            warnings.warn(
+                f"{type(model).__name__} cannot be traced ({err}); reading stages through hooks", stacklevel=2
+            )
     return HookFeatureModel(model, stage_names, classifier_name)

@@ -23,7 +23,9 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Decorator: register a factory under its function name (``fn(num_classes) -> nn.Module``)."""
     name = fn.__name__
     if name in _MODELS and _MODELS[name] is not fn:
-        raise ValueError(f"model '{name}' is registered twice ({_MODELS[name].__module__} and {fn.__module__})")
+        raise ValueError(
+            f"model '{name}' is registered twice ({_MODELS[name].__module__} and {fn.__module__})"
+        )
     _MODELS[name] = fn
     return fn
 
@@ -50,13 +52,16 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown kdx model '{name}'.{hint} Known: {', '.join(sorted(_MODELS))}. "
-                         "For timm / torchvision models use student=timm / student=torchvision.")
+        raise ValueError(
+            f"unknown kdx model '{name}'.{hint} Known: {', '.join(sorted(_MODELS))}. "
+            "For timm / torchvision models use student=timm / student=torchvision."
+        )
     return _MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def timm_model(name: str, num_classes: int, input_shape: Sequence[int] | None = None,
-               pretrained: bool = False, **kwargs) -> nn.Module:
+def timm_model(
+    name: str, num_classes: int, input_shape: Sequence[int] | None = None, pretrained: bool = False, **kwargs
+) -> nn.Module:
     """Any timm model by name, randomly initialised; ``in_chans`` follows a (C, H, W) ``input_shape``.
 
     Extra keyword arguments go to ``timm.create_model`` (e.g. ``img_size=32`` for a ViT).
@@ -73,7 +78,9 @@ def timm_model(name: str, num_classes: int, input_shape: Sequence[int] | None = 
         if "Unknown model" not in str(err):
             raise
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ValueError(f"unknown timm model '{name}'" + (f"; similar: {', '.join(close)}" if close else "")) from err
+        raise ValueError(
+            f"unknown timm model '{name}'" + (f"; similar: {', '.join(close)}" if close else "")
+        ) from err
 
 
 def torchvision_model(name: str, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:

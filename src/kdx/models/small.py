@@ -16,8 +16,13 @@ from kdx.models.base import KDModel, run_stages
 
 
 class MLP(KDModel):
-    def __init__(self, num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (100, 100),
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: Sequence[int],
+        hidden: Sequence[int] = (100, 100),
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.num_classes = num_classes
         width = math.prod(input_shape)
@@ -39,21 +44,35 @@ class MLP(KDModel):
 
 
 class CNN1D(KDModel):
-    def __init__(self, num_classes: int, input_shape: Sequence[int], channels: Sequence[int] = (32, 64, 64),
-                 kernel_size: int = 5):
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: Sequence[int],
+        channels: Sequence[int] = (32, 64, 64),
+        kernel_size: int = 5,
+    ):
         super().__init__()
         self.num_classes = num_classes
         in_ch = input_shape[0] if len(input_shape) == 2 else 1
         self.stages = nn.ModuleList()
         for i, ch in enumerate(channels):
-            self.stages.append(nn.Sequential(
-                nn.Conv1d(in_ch, ch, kernel_size, stride=1 if i == 0 else 2, padding=kernel_size // 2, bias=False),
-                nn.BatchNorm1d(ch),
-                nn.ReLU(inplace=True),
-                nn.Conv1d(ch, ch, 3, padding=1, bias=False),
-                nn.BatchNorm1d(ch),
-                nn.ReLU(inplace=True),
-            ))
+            self.stages.append(
+                nn.Sequential(
+                    nn.Conv1d(
+                        in_ch,
+                        ch,
+                        kernel_size,
+                        stride=1 if i == 0 else 2,
+                        padding=kernel_size // 2,
+                        bias=False,
+                    ),
+                    nn.BatchNorm1d(ch),
+                    nn.ReLU(inplace=True),
+                    nn.Conv1d(ch, ch, 3, padding=1, bias=False),
+                    nn.BatchNorm1d(ch),
+                    nn.ReLU(inplace=True),
+                )
+            )
             in_ch = ch
         self.embedding_dim = in_ch
         self.pool = nn.AdaptiveAvgPool1d(1)

@@ -11,4 +11,12 @@ from kdx.models.cifar.shufflenetv2 import ShuffleNetV2
 from kdx.models.cifar.vgg import VGG
 from kdx.models.cifar.wrn import WideResNet
 
-__all__ = ["VGG", "CifarResNet", "CifarStemResNet", "MobileNetV2", "ShuffleNetV1", "ShuffleNetV2", "WideResNet"]
+__all__ = [
+    "VGG",
+    "CifarResNet",
+    "CifarStemResNet",
+    "MobileNetV2",
+    "ShuffleNetV1",
+    "ShuffleNetV2",
+    "WideResNet",
+]

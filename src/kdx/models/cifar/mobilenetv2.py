@@ -19,8 +19,11 @@ from kdx.models.registry import register_model
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class InvertedResidual(nn.Module):
@@ -41,8 +44,15 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(KDModel):
     # (expansion, width, repeats, stride); expansion None = the model's ``expand_ratio``
-    SETTINGS = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
-                (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (None, 24, 2, 1),
+        (None, 32, 3, 2),
+        (None, 64, 4, 2),
+        (None, 96, 3, 1),
+        (None, 160, 3, 2),
+        (None, 320, 1, 1),
+    )
     STAGE_ENDS = (1, 2, 4, 6)  # block groups whose outputs are stages (after the stem)
 
     def __init__(self, expand_ratio: int = 6, width_mult: float = 1.0, num_classes: int = 100):

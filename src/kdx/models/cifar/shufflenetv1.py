@@ -31,7 +31,9 @@ class ShuffleUnit(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, c_out, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
+        self.shortcut = (
+            nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.shuffle1(F.relu(self.bn1(self.conv1(x))))
@@ -50,8 +52,12 @@ class ShuffleNetV1(KDModel):
         c = 24
         for i, (width, n) in enumerate(zip(widths, depths), start=1):
             # the first unit's output is concatenated with its c-channel shortcut
-            units = [ShuffleUnit(c if j == 0 else width, width - c if j == 0 else width, 2 if j == 0 else 1, groups)
-                     for j in range(n)]
+            units = [
+                ShuffleUnit(
+                    c if j == 0 else width, width - c if j == 0 else width, 2 if j == 0 else 1, groups
+                )
+                for j in range(n)
+            ]
             self.add_module(f"layer{i}", nn.Sequential(*units))
             c = width
         self.embedding_dim = c

@@ -67,7 +67,9 @@ class ShuffleNetV2(KDModel):
         self.conv1, self.bn1 = _conv(3, 24), nn.BatchNorm2d(24)
         c = 24
         for i, (width, n) in enumerate(zip(widths, depths), start=1):
-            self.add_module(f"layer{i}", nn.Sequential(DownUnit(c, width), *[BasicUnit(width) for _ in range(n)]))
+            self.add_module(
+                f"layer{i}", nn.Sequential(DownUnit(c, width), *[BasicUnit(width) for _ in range(n)])
+            )
             c = width
         self.conv2, self.bn2 = _conv(c, head), nn.BatchNorm2d(head)
         self.embedding_dim = head

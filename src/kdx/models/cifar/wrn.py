@@ -44,8 +44,12 @@ class WRNStage(nn.Module):
 
     def __init__(self, n: int, c_in: int, c_out: int, stride: int, drop_rate: float):
         super().__init__()
-        self.layer = nn.Sequential(*[PreActBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1,
-                                                 drop_rate) for i in range(n)])
+        self.layer = nn.Sequential(
+            *[
+                PreActBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, drop_rate)
+                for i in range(n)
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
