@@ -140,7 +140,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: L.LightningData
         num_nodes=1,
         strategy="auto",
         sync_batchnorm=False,
-        limit_train_batches=recipe.get("limit_train_batches", 1.0),
+        limit_train_batches=recipe.trainer.get("limit_train_batches", 1.0),
         limit_val_batches=1.0,
         fast_dev_run=False,
         logger=False,
