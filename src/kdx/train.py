@@ -47,7 +47,9 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda r: "litlogger" not in r.getMessage()
 )
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# conf/ ships inside the package as kdx.conf (pyproject.toml maps it), so wheel and editable installs
+# find the same configs from any folder; users add theirs with --config-dir or hydra.searchpath.
+CONFIG_DIR = "pkg://kdx.conf"
 
 
 class Throughput(L.Callback):
