@@ -2,22 +2,34 @@
 
     kdx-table logs/train/multiruns/2024-05-01_12-00-00 --out results/mnist1d
     kdx-table logs/crd_cifar100 --out results/crd --by experiment
+    kdx-table run1/ run2/metrics.json --by method.temperature --no-plot
 
-Every ``metrics.json`` under the given folders is one run (a run folder, a multirun folder, or a
-tree of them: the search is recursive). Runs are grouped by (dataset, teacher, student, method),
-plus any ``--by`` keys, and each group becomes one row: mean ± sample std (n-1) over its seeds of
-the student's best-epoch and last-epoch test accuracy, the teacher's accuracy, the fidelity
-metrics, calibration and time. Accuracies (and top-1 agreement) are shown ×100.
+Every ``metrics.json`` under the given paths is one run (a run folder, a multirun folder, or a
+tree of them: the search is recursive). ``metrics.json`` is the only thing read — Hydra's
+``.hydra/`` folders may be deleted. What the table uses from a run's record:
 
-When a run's composed config (``.hydra/config.yaml`` next to ``metrics.json``) pins published
-numbers (the ``published`` block of the ``experiment/`` configs), the row gets the published
-figure for its method, the difference ``our mean − published`` in percentage points, and whether
-``|difference| ≤ published.tolerance``. Failed runs (``status: failed``) are counted, never
-averaged; run folders with a config but no ``metrics.json`` (a crash, or a job still running) are
-counted as missing.
+- ``status`` (``ok`` | ``failed`` | ``diverged`` | ...), with ``error`` / ``error_type`` when not ok;
+- ``seed``, ``dataset``, ``teacher``, ``student``, ``method``: display names;
+- ``label`` (optional): replaces the method as the row name, so a method run with a control switch
+  (``backward-step0``) forms a row of its own;
+- ``choices`` (the run's Hydra group choices) and ``config`` (its resolved config): ``--by`` keys
+  are looked up in them — a dotted config path (``method.temperature``) or a group (``experiment``);
+- ``published``: the experiment's published numbers (``conf/experiment/crd_cifar100/_recipe.yaml``
+  describes the block), or null;
+- the figures: ``student/acc_best``, ``student/acc``, ``teacher/acc``, ``fidelity/*``, ECE, time.
 
-Writes ``<out>.md``, ``<out>.csv`` (the same numbers, full precision, accuracies in percent) and
-``<out>.png``, and prints the markdown table.
+Runs are grouped once, by (dataset, teacher, student, row name) plus any ``--by`` keys; each group
+is one row: mean ± sample std (n − 1) over its successful runs. Accuracies, agreement and ECE are
+shown in percent. When the runs pin published numbers, the row gets the published figure for its
+label or method, ``Δ = our mean − published`` in percentage points and whether ``|Δ| ≤ tolerance``.
+Runs that did not succeed are counted (``failed``; ``missing`` for a record still ``running``),
+never averaged, and listed under the table with their error. A folder whose ``metrics.json`` cannot
+be read or is malformed is skipped with a warning naming it; a job folder of a sweep without any
+``metrics.json`` (killed before it could write one) is listed too.
+
+``--out DIR`` writes ``DIR/table.md`` (also printed), ``DIR/table.csv`` (the same numbers, full
+precision) and ``DIR/table.png`` (one panel per dataset and teacher → student pair, successful rows
+only). ``--out DIR/name.md`` picks the file name: ``DIR/name.{md,csv,png}``.
 """
 
 from __future__ import annotations
@@ -32,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 log = logging.getLogger("kdx.table")
 
-GROUP_KEYS = ("dataset", "teacher", "student", "method")
+NAME_KEYS = ("dataset", "teacher", "student")
+# A row: the names above plus the row name (the run's label, or its method when it has none).
+GROUP_KEYS = (*NAME_KEYS, "method")
 
 # (metrics.json key, column label, scale, decimals). Scale 100 = shown in percent.
 METRICS: tuple[tuple[str, str, float, int], ...] = (
@@ -46,39 +58,52 @@ METRICS: tuple[tuple[str, str, float, int], ...] = (
     ("fidelity/agreement", "agreement", 100.0, 2),
     ("fidelity/kl", "KL(t‖s)", 1.0, 4),
     ("fidelity/kernel_gap", "kernel gap", 1.0, 4),
-    ("student/ece", "ECE student", 1.0, 4),
-    ("teacher/ece", "ECE teacher", 1.0, 4),
+    ("fidelity/cka", "CKA", 1.0, 4),
+    ("student/ece", "ECE student", 100.0, 2),
+    ("teacher/ece", "ECE teacher", 100.0, 2),
     ("time/fit_s", "fit s", 1.0, 1),
     ("throughput/train_samples_per_s", "samples/s", 1.0, 0),
 )
 PERCENT_KEYS = {key for key, _, scale, _ in METRICS if scale == 100.0}
+ACCURACY_KEYS = ("student/acc_best", "student/acc", "teacher/acc")
 # Published blocks may name the student-alone baseline "scratch"; kdx calls that method "none".
 PUBLISHED_ALIASES = {"none": ("none", "scratch", "baseline")}
 # Methods in this order first (baseline, then KD), then alphabetically.
 METHOD_ORDER = ("none", "kd")
+# A record with this status is a run that has not finished (yet): counted as missing, not failed.
+UNFINISHED = "running"
+OUT_NAME = "table"
+
+
+class MalformedRecord(ValueError):
+    """A metrics.json that is not the record kdx-train writes."""
 
 
 @dataclass
 class Run:
     path: Path  # the run folder
-    status: str  # ok | failed | missing
-    keys: dict[str, str]
+    status: str  # ok | failed | diverged | ... | running
+    keys: dict[str, str]  # GROUP_KEYS and the --by keys, as shown in the table
+    method: str  # the registered method (the row name is the label when there is one)
     metrics: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     published: dict[str, Any] | None = None
     error: str | None = None
+    error_type: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Found:
+    """What a search found: the runs, the folders skipped, and sweep job folders without a record."""
+
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    without_record: list[Path] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading run folders
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
+# Reading metrics.json
 
 
 def _select(node: Any, dotted: str) -> Any:
@@ -87,20 +112,6 @@ def _select(node: Any, dotted: str) -> Any:
             return None
         node = node[part]
     return node
-
-
-def _hydra_choice(run_dir: Path, group: str) -> str | None:
-    hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
-    value = _select(hydra_cfg, f"hydra.runtime.choices.{group}")
-    return None if value is None else str(value)
-
-
-def _extra_key(run_dir: Path, config: dict | None, key: str) -> str:
-    """A --by key: a config group choice (``experiment``, ``optim`` ...) or a dotted config path."""
-    value = _select(config, key) if config else None
-    if value is None or isinstance(value, dict):
-        value = _hydra_choice(run_dir, key)
-    return "" if value is None else str(value)
 
 
 def _number(value: Any) -> float | None:
@@ -113,81 +124,113 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _expect(data: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(key)
+    if value is not None and not isinstance(value, types):
+        raise MalformedRecord(f"'{key}' should be {what}, not {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _by_value(data: dict, key: str) -> str:
+    """A --by key: a dotted path in the run's config, else a group choice, else a record field."""
+    value = _select(data.get("config"), key)
+    if value is None or isinstance(value, (dict, list)):
+        value = (data.get("choices") or {}).get(key)
+    if value is None:
+        value = data.get(key)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return "" if value is None else str(value)
+
+
 def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
-    run_dir = metrics_path.parent
+    """One run from its metrics.json; ``OSError`` / ``json.JSONDecodeError`` / ``MalformedRecord``."""
     data = json.loads(metrics_path.read_text(encoding="utf-8"))
-    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
-    config = config if isinstance(config, dict) else None
-    keys = {k: str(data.get(k) or _select(config, f"{k}.name") or "?") for k in GROUP_KEYS}
-    if not data.get("method") and config is not None:
-        keys["method"] = _hydra_choice(run_dir, "method") or "?"
-    keys.update({k: _extra_key(run_dir, config, k) for k in by})
-    status = str(data.get("status", "ok"))
+    if not isinstance(data, dict):
+        raise MalformedRecord(f"a JSON object is expected, found {type(data).__name__}")
+    status = _expect(data, "status", str, "a string")
+    if status is None:
+        raise MalformedRecord("no 'status' (kdx-train writes ok, failed, ...)")
+    choices = _expect(data, "choices", dict, "a mapping of group choices") or {}
+    _expect(data, "config", dict, "the resolved config (a mapping)")
+    published = _expect(data, "published", dict, "a mapping or null")
+    tags = _expect(data, "tags", list, "a list of strings") or []
+    label = _expect(data, "label", str, "a string")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise MalformedRecord(f"'seed' should be an integer, not {seed!r:.60}")
+    names = {k: str(data.get(k) or choices.get(k) or "?") for k in (*NAME_KEYS, "method")}
+    method = names.pop("method")
+    keys = {**names, "method": label or method}
+    keys.update({k: _by_value(data, k) for k in by})
     metrics = {}
     if status == "ok":
         metrics = {k: v for k, _, _, _ in METRICS if (v := _number(data.get(k))) is not None}
-    published = config.get("published") if config else None
-    seed = data.get("seed")
+    error = data.get("error")
+    error_type = data.get("error_type")
     return Run(
-        path=run_dir,
+        path=metrics_path.parent,
         status=status,
         keys=keys,
+        method=method,
         metrics=metrics,
-        seed=None if seed is None else int(seed),
-        published=published if isinstance(published, dict) else None,
-        error=data.get("error"),
+        seed=seed,
+        published=published,
+        error=None if error is None else str(error),
+        error_type=None if error_type is None else str(error_type),
+        tags=tuple(str(t) for t in tags),
     )
 
 
-def _missing_run(run_dir: Path, by: Sequence[str]) -> Run:
-    """A run folder Hydra created but that has no metrics.json: crashed, killed, or still running."""
-    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
-    config = config if isinstance(config, dict) else {}
-    keys = {k: str(_select(config, f"{k}.name") or "?") for k in GROUP_KEYS}
-    keys["method"] = _hydra_choice(run_dir, "method") or "?"
-    keys.update({k: _extra_key(run_dir, config, k) for k in by})
-    seed = config.get("seed")
-    return Run(
-        path=run_dir,
-        status="missing",
-        keys=keys,
-        seed=None if seed is None else int(seed),
-        published=config.get("published") if isinstance(config.get("published"), dict) else None,
-        error="no metrics.json (the job crashed or is still running)",
-    )
+def _is_visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def find_runs(paths: Iterable[str | Path], by: Sequence[str] = ()) -> list[Run]:
-    """Every run under ``paths``: each metrics.json, and each Hydra run folder without one."""
-    runs: list[Run] = []
+def search(paths: Iterable[str | Path], by: Sequence[str] = ()) -> Found:
+    """Every run under ``paths`` (each metrics.json once), what was skipped, and what has none."""
+    found = Found()
     seen: set[Path] = set()
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"kdx-table: no such file or folder: {root}")
         if root.is_file():
             candidates = [root] if root.name == "metrics.json" else []
-            run_dirs: list[Path] = []
         else:
-            candidates = sorted(root.rglob("metrics.json"))
-            run_dirs = sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
-            if (root / ".hydra" / "config.yaml").is_file():
-                run_dirs.append(root)
+            candidates = sorted(p for p in root.rglob("metrics.json") if _is_visible(p, root))
         for metrics_path in candidates:
             run_dir = metrics_path.parent.resolve()
             if run_dir in seen:
                 continue
             seen.add(run_dir)
             try:
-                runs.append(read_run(metrics_path, by))
-            except (OSError, json.JSONDecodeError) as err:
-                log.warning("skipping %s: %s", metrics_path, err)
-        for run_dir in run_dirs:
-            resolved = run_dir.resolve()
-            if resolved in seen or (run_dir / "metrics.json").exists():
-                continue
-            seen.add(resolved)
-            runs.append(_missing_run(run_dir, by))
-    return runs
+                found.runs.append(read_run(metrics_path, by))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, MalformedRecord) as err:
+                reason = f"{type(err).__name__}: {err}" if not isinstance(err, MalformedRecord) else str(err)
+                log.warning("skipping %s: unreadable metrics.json (%s)", metrics_path.parent, reason)
+                found.skipped.append((metrics_path.parent, reason))
+        if root.is_dir():
+            found.without_record += _job_folders_without_record(root, candidates)
+    found.without_record = sorted(set(found.without_record) - seen)
+    return found
+
+
+def _job_folders_without_record(root: Path, records: Sequence[Path]) -> list[Path]:
+    """Numbered sweep job folders (Hydra's 0, 1, 2 ...) under ``root``, beside ones that hold a
+    metrics.json but holding none themselves: jobs killed before they could write their record."""
+    out = []
+    sweeps = {p.parent.parent for p in records if p.parent.name.isdigit()}
+    for sweep in sweeps:
+        if sweep != root and root not in sweep.parents:
+            continue  # asked for one job of a sweep: its siblings were not asked for
+        for job in sweep.iterdir():
+            if job.is_dir() and job.name.isdigit() and not any(job.rglob("metrics.json")):
+                out.append(job.resolve())
+    return out
+
+
+def find_runs(paths: Iterable[str | Path], by: Sequence[str] = ()) -> list[Run]:
+    """Every readable run under ``paths``; unreadable ones are skipped with a warning."""
+    return search(paths, by).runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,12 +248,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, math.sqrt(var), n
 
 
-def _published_for(published: dict[str, Any], method: str) -> float | None:
+def _published_for(published: dict[str, Any], names: Sequence[str]) -> float | None:
+    """The published figure of the first of ``names`` (row label, then method) the block has."""
     student = published.get("student")
-    for name in PUBLISHED_ALIASES.get(method, (method,)):
-        for table in (student, published):
-            if isinstance(table, dict) and _number(table.get(name)) is not None and name != "teacher":
-                return float(table[name])
+    for name in names:
+        for alias in PUBLISHED_ALIASES.get(name, (name,)):
+            for table in (student, published):
+                if alias != "teacher" and isinstance(table, dict) and _number(table.get(alias)) is not None:
+                    return float(table[alias])
     return None
 
 
@@ -218,74 +263,87 @@ def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _group_name(key: Sequence[str]) -> str:
+    return "/".join(k for k in key if k)
+
+
 def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One dict per group: keys, counts, ``<metric>_mean/_std`` (accuracies in percent), published."""
+    """One dict per group: keys, counts, ``<metric>_mean/_std/_n`` (percent where shown so),
+    the published comparison."""
     group_keys = (*GROUP_KEYS, *by)
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
-        groups.setdefault(tuple(run.keys.get(k, "") for k in group_keys), []).append(run)
+        groups.setdefault(tuple(run.keys[k] for k in group_keys), []).append(run)
+
+    def order(key: tuple[str, ...]) -> tuple:
+        methods = sorted({r.method for r in groups[key]}, key=_method_rank)
+        return (*key[:3], _method_rank(methods[0]), key[3], *key[4:])
 
     rows = []
-    for key in sorted(groups, key=lambda k: (*k[:3], _method_rank(k[3]), *k[4:])):
+    for key in sorted(groups, key=order):
         members = groups[key]
         ok = [r for r in members if r.status == "ok"]
+        methods = sorted({r.method for r in members}, key=_method_rank)
         row: dict[str, Any] = dict(zip(group_keys, key))
+        row["base_method"] = " ".join(methods)
         row["n"] = len(ok)
-        row["failed"] = sum(r.status not in ("ok", "missing") for r in members)
-        row["missing"] = sum(r.status == "missing" for r in members)
+        row["failed"] = sum(r.status not in ("ok", UNFINISHED) for r in members)
+        row["missing"] = sum(r.status == UNFINISHED for r in members)
         row["seeds"] = " ".join(str(s) for s in sorted({r.seed for r in ok if r.seed is not None}))
         seeds = [r.seed for r in ok]
         if len(seeds) != len(set(seeds)):
             log.warning(
                 "group %s holds several runs with the same seed: are different configs mixed? "
                 "split them with --by (e.g. --by experiment)",
-                "/".join(key),
+                _group_name(key),
             )
         for metric, _, scale, _ in METRICS:
             mean, std, n = _mean_std([r.metrics[metric] * scale for r in ok if metric in r.metrics])
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
-            row[f"{metric}_n"] = n
-
-        pubs = [r.published for r in members if r.published]
-        row.update(
-            {
-                "published": math.nan,
-                "published_metric": "",
-                "delta": math.nan,
-                "tolerance": math.nan,
-                "within_tolerance": None,
-                "published_teacher": math.nan,
-                "teacher_delta": math.nan,
-                "published_source": "",
-            }
-        )
-        if pubs:
-            pub = pubs[0]
-            if any(p != pub for p in pubs[1:]):
-                log.warning("group %s: runs pin different published numbers; using the first", "/".join(key))
-            metric = str(pub.get("metric", "student/acc_best"))
-            # our accuracies are in percent; a block written as fractions is scaled to match
-            unit = 100.0 if metric in PERCENT_KEYS and str(pub.get("units", "percent")) == "fraction" else 1.0
-            row["published_metric"] = metric
-            row["published_source"] = str(pub.get("source", ""))
-            tolerance = _number(pub.get("tolerance"))
-            tolerance = None if tolerance is None else tolerance * unit
-            row["tolerance"] = math.nan if tolerance is None else tolerance
-            value = _published_for(pub, key[3])
-            if value is not None:
-                row["published"] = value * unit
-                ours = row.get(f"{metric}_mean", math.nan)
-                if not math.isnan(ours):
-                    row["delta"] = ours - row["published"]
-                    if tolerance is not None:
-                        row["within_tolerance"] = abs(row["delta"]) <= tolerance + 1e-9
-            teacher = _number(pub.get("teacher"))
-            if teacher is not None:
-                row["published_teacher"] = teacher * unit
-                if not math.isnan(row["teacher/acc_mean"]):
-                    row["teacher_delta"] = row["teacher/acc_mean"] - row["published_teacher"]
+            row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = mean, std, n
+        row.update(_published_columns(row, members, names=(key[3], *methods), group=_group_name(key)))
         rows.append(row)
     return rows
+
+
+def _published_columns(row: dict[str, Any], members: Sequence[Run], names: Sequence[str], group: str) -> dict:
+    out: dict[str, Any] = {
+        "published": math.nan,
+        "published_metric": "",
+        "delta": math.nan,
+        "tolerance": math.nan,
+        "within_tolerance": None,
+        "published_teacher": math.nan,
+        "teacher_delta": math.nan,
+        "published_source": "",
+    }
+    pubs = [r.published for r in members if r.published]
+    if not pubs:
+        return out
+    pub = pubs[0]
+    if any(p != pub for p in pubs[1:]):
+        log.warning("group %s: runs pin different published numbers; using the first", group)
+    metric = str(pub.get("metric", "student/acc_best"))
+    # our accuracies are in percent; a block written as fractions is scaled to match
+    unit = 100.0 if metric in PERCENT_KEYS and str(pub.get("units", "percent")) == "fraction" else 1.0
+    out["published_metric"] = metric
+    out["published_source"] = str(pub.get("source") or "")
+    tolerance = _number(pub.get("tolerance"))
+    tolerance = None if tolerance is None else tolerance * unit
+    out["tolerance"] = math.nan if tolerance is None else tolerance
+    value = _published_for(pub, names)
+    if value is not None:
+        out["published"] = value * unit
+        ours = row.get(f"{metric}_mean", math.nan)
+        if not math.isnan(ours):
+            out["delta"] = ours - out["published"]
+            if tolerance is not None:
+                out["within_tolerance"] = abs(out["delta"]) <= tolerance + 1e-9
+    teacher = _number(pub.get("teacher"))
+    if teacher is not None:
+        out["published_teacher"] = teacher * unit
+        if not math.isnan(row["teacher/acc_mean"]):
+            out["teacher_delta"] = row["teacher/acc_mean"] - out["published_teacher"]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,9 +360,6 @@ def _fmt(mean: float, std: float, decimals: int) -> str:
 
 def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
-
-
-ACCURACY_KEYS = ("student/acc_best", "student/acc", "teacher/acc")
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -341,9 +396,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         cells += [_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in accuracy]
         if has_pub:
             tol = r["within_tolerance"]
-            flag = (
-                "–" if tol is None else (f"yes (±{r['tolerance']:g})" if tol else f"no (±{r['tolerance']:g})")
-            )
+            flag = "–" if tol is None else f"{'yes' if tol else 'no'} (±{r['tolerance']:g})"
             cells += [_fmt(r["published"], math.nan, 2), _signed(r["delta"]), flag]
         if has_pub_teacher:
             cells += [_fmt(r["published_teacher"], math.nan, 2), _signed(r["teacher_delta"])]
@@ -351,28 +404,49 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         body.append(cells)
     lines = _md_table(header, body)
     if others:
-        lines += [
-            "",
-            *_md_table(
-                [*key_header, *(label for _, label, _, _ in others)],
-                [
-                    [*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in others)]
-                    for r in rows
-                ],
-            ),
+        other_body = [
+            [*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in others)]
+            for r in rows
         ]
+        lines += ["", *_md_table([*key_header, *(label for _, label, _, _ in others)], other_body)]
     notes = []
     if rows:
         notes.append(
-            "Accuracies and agreement in % (×100); mean ± sample std over seeds (n = successful "
+            "Accuracies, agreement and ECE in % (×100); mean ± sample std over seeds (n = successful "
             "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch."
         )
-    metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
     if has_pub:
+        metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
         notes.append(f"Δ = our mean − published, in points, on {', '.join(metrics)}.")
         for source in sorted({r["published_source"] for r in rows if r["published_source"]}):
             notes.append(f"Published: {source}.")
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
+
+
+def _problems_markdown(found: Found) -> str:
+    """Runs that did not succeed, folders skipped, job folders without a record: one line each."""
+    parts = []
+    failures = [r for r in found.runs if r.status != "ok"]
+    if failures:
+        lines = []
+        for r in failures:
+            error = (
+                f"{r.error_type}: {r.error}" if r.error_type and r.error else (r.error or "no error given")
+            )
+            names = "/".join(r.keys[k] for k in GROUP_KEYS)
+            lines.append(f"- `{r.path}` ({names}, seed {r.seed}): {r.status}: {error}")
+        parts.append("Failed or unfinished runs:\n\n" + "\n".join(lines))
+    if found.skipped:
+        parts.append(
+            "Skipped (unreadable or malformed metrics.json):\n\n"
+            + "\n".join(f"- `{path}`: {reason}" for path, reason in found.skipped)
+        )
+    if found.without_record:
+        parts.append(
+            "Job folders without metrics.json (killed before writing it, or still starting):\n\n"
+            + "\n".join(f"- `{path}`" for path in found.without_record)
+        )
+    return "".join(f"\n{part}\n" for part in parts)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -382,10 +456,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     frame.to_csv(path, index=False, float_format="%.6g")
 
 
-def plot(
-    rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_best", by: Sequence[str] = ()
-) -> None:
-    """Accuracy per method (mean ± std over seeds), one panel per (dataset, teacher → student)."""
+def draw(rows: Sequence[dict[str, Any]], metric: str = "student/acc_best", by: Sequence[str] = ()) -> Any:
+    """The figure: ``metric`` per row (mean ± std over seeds), one panel per (dataset, teacher →
+    student). Rows without a successful run are not drawn, nor are panels left with no row; the
+    legend sits below the panels, clear of every point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,62 +467,76 @@ def plot(
 
     panels: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        panels.setdefault((r["dataset"], r["teacher"], r["student"]), []).append(r)
-    n = max(1, len(panels))
-    cols = min(3, n)
-    nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
-    for ax, ((dataset, teacher, student), members) in zip(axes.flat, panels.items()):
-        labels = [m["method"] + (f" [{', '.join(str(m[k]) for k in by)}]" if by else "") for m in members]
-        means = [m[f"{metric}_mean"] for m in members]
-        stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
-        xs = list(range(len(members)))
-        ax.errorbar(
-            [x - 0.08 for x in xs],
-            means,
-            yerr=stds,
-            fmt="o",
-            capsize=4,
-            color="tab:blue",
-            label="ours (mean ± std)",
-        )
-        pub = [(x + 0.08, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
-        if pub:
-            ax.scatter(
-                [p[0] for p in pub],
-                [p[1] for p in pub],
-                marker="D",
-                color="black",
-                zorder=3,
-                label="published",
-            )
-        teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
-        if teacher_acc:
-            ax.axhline(
-                sum(teacher_acc) / len(teacher_acc),
-                color="tab:red",
-                linestyle="--",
-                linewidth=1,
-                label="teacher (ours)",
-            )
-        finite = [v + sign * e for v, e in zip(means, stds) if not math.isnan(v) for sign in (-1, 1)]
-        finite += [p[1] for p in pub] + teacher_acc
-        if finite:
-            low, high = min(finite), max(finite)
-            pad = max(0.5, 0.1 * (high - low))
-            ax.set_ylim(low - pad, high + pad)
-        ax.set_xlim(-0.6, len(members) - 0.4)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{dataset}: {teacher} → {student}", fontsize=9)
-        ax.set_ylabel(f"{metric} (%)", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(panels) :]:
+        if not math.isnan(r[f"{metric}_mean"]):
+            panels.setdefault((r["dataset"], r["teacher"], r["student"]), []).append(r)
+    if not panels:
+        fig, ax = plt.subplots(figsize=(5.2, 1.6))
         ax.axis("off")
-    fig.tight_layout()
+        ax.text(0.5, 0.5, f"no successful run has {metric}", ha="center", va="center")
+        return fig
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows + 0.6), squeeze=False)
+    legend: dict[str, Any] = {}  # label → handle, over every panel
+    for ax, ((dataset, teacher, student), members) in zip(axes.flat, panels.items()):
+        _plot_panel(ax, members, metric, by, legend)
+        ax.set_title(f"{dataset}: {teacher} → {student}", fontsize=9)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.remove()
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8)
+    # the bottom strip (about 0.5 inch) is the legend's, outside every panel
+    fig.tight_layout(rect=(0.0, 0.5 / fig.get_figheight(), 1.0, 1.0))
+    return fig
+
+
+def plot(
+    rows: Sequence[dict[str, Any]], path: Path, metric: str = "student/acc_best", by: Sequence[str] = ()
+) -> None:
+    """``draw`` saved as a PNG."""
+    fig = draw(rows, metric, by)
+    import matplotlib.pyplot as plt  # after draw() chose the Agg backend
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_panel(
+    ax: Any, members: Sequence[dict[str, Any]], metric: str, by: Sequence[str], legend: dict
+) -> None:
+    labels = [m["method"] + (f" [{', '.join(str(m[k]) for k in by)}]" if by else "") for m in members]
+    means = [m[f"{metric}_mean"] for m in members]
+    stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
+    xs = list(range(len(members)))
+    legend["ours (mean ± std)"] = ax.errorbar(
+        [x - 0.08 for x in xs], means, yerr=stds, fmt="o", capsize=4, color="tab:blue"
+    )
+    pub = [(x + 0.08, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
+    if pub:
+        legend["published"] = ax.scatter(
+            [p[0] for p in pub], [p[1] for p in pub], marker="D", color="black", zorder=3
+        )
+    teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
+    if teacher_acc:
+        legend["teacher (ours)"] = ax.axhline(
+            sum(teacher_acc) / len(teacher_acc), color="tab:red", linestyle="--", linewidth=1
+        )
+    finite = [v + sign * e for v, e in zip(means, stds) for sign in (-1, 1)]
+    finite += [p[1] for p in pub] + teacher_acc
+    low, high = min(finite), max(finite)
+    pad = max(0.5, 0.1 * (high - low))
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(-0.6, len(members) - 0.4)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} (%)", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def output_files(out: str | Path) -> dict[str, Path]:
+    """``--out DIR`` → ``DIR/table.{md,csv,png}``; ``--out DIR/name.md`` → ``DIR/name.{md,csv,png}``."""
+    out = Path(out)
+    prefix = out.with_suffix("") if out.suffix in (".md", ".csv", ".png") else out / OUT_NAME
+    return {ext: prefix.with_name(f"{prefix.name}.{ext}") for ext in ("md", "csv", "png")}
 
 
 def make_table(
@@ -458,27 +546,17 @@ def make_table(
     metric: str = "student/acc_best",
     figure: bool = True,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Read, aggregate and (when ``out`` is given) write ``<out>.md``, ``.csv`` and ``.png``."""
-    runs = find_runs(paths, by)
-    rows = aggregate(runs, by)
-    markdown = to_markdown(rows, by)
-    failures = [r for r in runs if r.status != "ok"]
-    if failures:
-        markdown += (
-            "\nFailed or missing runs:\n\n"
-            + "\n".join(
-                f"- `{r.path}` ({'/'.join(r.keys[k] for k in GROUP_KEYS)}, seed {r.seed}): {r.status}: {r.error}"
-                for r in failures
-            )
-            + "\n"
-        )
+    """Read, aggregate and (when ``out`` is given) write the files of ``output_files(out)``."""
+    found = search(paths, by)
+    rows = aggregate(found.runs, by)
+    markdown = to_markdown(rows, by) + _problems_markdown(found)
     if out is not None:
-        prefix = Path(out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{prefix}.md").write_text(markdown, encoding="utf-8")
-        write_csv(rows, Path(f"{prefix}.csv"))
+        files = output_files(out)
+        files["md"].parent.mkdir(parents=True, exist_ok=True)
+        files["md"].write_text(markdown, encoding="utf-8")
+        write_csv(rows, files["csv"])
         if figure:
-            plot(rows, Path(f"{prefix}.png"), metric, by)
+            plot(rows, files["png"], metric, by)
     return rows, markdown
 
 
@@ -486,12 +564,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kdx-table",
         description="Run folders / multirun folders (searched recursively for metrics.json) → "
-        "<out>.md, <out>.csv, <out>.png: mean ± std over seeds per (dataset, teacher, "
-        "student, method), with the difference to published numbers when the "
-        "experiment config pins them.",
+        "table.md, table.csv, table.png: mean ± std over seeds per (dataset, teacher, student, "
+        "method or run label), with the difference to published numbers when the experiment "
+        "pins them.",
     )
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders, or metrics.json files")
-    parser.add_argument("--out", default=None, help="output prefix (writes <out>.md, <out>.csv, <out>.png)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (writes OUT/table.md, .csv, .png); OUT/name.md picks the file name",
+    )
     parser.add_argument(
         "--by",
         action="append",
@@ -502,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metric",
         default="student/acc_best",
-        choices=[k for k in PERCENT_KEYS if k.startswith("student/")],
+        choices=sorted(k for k in PERCENT_KEYS if k.startswith("student/acc")),
         help="accuracy drawn in the figure (default: student/acc_best)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -514,11 +596,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     if not rows:
-        print(f"kdx-table: no metrics.json under {' '.join(args.paths)}", file=sys.stderr)
+        print(f"kdx-table: no readable metrics.json under {' '.join(args.paths)}", file=sys.stderr)
+        if markdown.strip():
+            print(markdown, file=sys.stderr)
         return 1
     print(markdown)
     if args.out:
-        print(f"wrote {args.out}.md, {args.out}.csv" + ("" if args.no_plot else f", {args.out}.png"))
+        files = output_files(args.out)
+        written = [files["md"], files["csv"]] + ([] if args.no_plot else [files["png"]])
+        print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
