@@ -20,6 +20,6 @@ run_gpu_table() {
   "$train" -m "experiment=$experiments" "method=$METHODS" "seed=$SEEDS" "${extra[@]}" "${launcher[@]}" \
     "hydra.sweep.dir=$SWEEP_DIR" "$@" || status=$?
   mkdir -p "$OUT"
-  "$table" "$SWEEP_DIR" --out "$OUT/table"
+  "$table" "$SWEEP_DIR" --out "$OUT"
   return "$status"
 }

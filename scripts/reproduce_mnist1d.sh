@@ -39,6 +39,6 @@ status=0
 echo "training: $(( $(date +%s) - start )) s (exit status $status)"
 
 mkdir -p "$OUT"
-"$table" "$SWEEP_DIR" --out "$OUT/table"
+"$table" "$SWEEP_DIR" --out "$OUT"
 echo "total: $(( $(date +%s) - start )) s"
 exit "$status"
