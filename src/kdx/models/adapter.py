@@ -247,6 +247,13 @@ def as_feature_model(
     if isinstance(model, FeatureModel):
         return model
     stage_names = list(stage_names or [])
+    if callable(getattr(model, "feature_model", None)) and not stage_names:
+        return model.feature_model()  # a model that brings its own adapter (kdx.models.hf)
+    if type(model).__module__.startswith("transformers.") and not stage_names:
+        from kdx.models.hf import is_transformers_classifier, wrap_transformers_model
+
+        if is_transformers_classifier(model):
+            return wrap_transformers_model(model)
     if isinstance(model, KDModel) and not stage_names:
         return NativeFeatureModel(model)
     if is_timm_model(model) and not stage_names:
