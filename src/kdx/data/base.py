@@ -59,6 +59,7 @@ class KDDataModule(L.LightningDataModule):
     num_classes: int
     input_shape: tuple[int, ...]
     name: str = "dataset"
+    collate_fn = None  # None: PyTorch's default collate
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class KDDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,  # text data trims each batch's padding (kdx.data.text)
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,140 @@
+"""What the text data modules share: tokenised splits, the text batch, padding, caches, tokenizers.
+
+A text batch is ``(x, y, index)`` with ``x`` a dict of ``(B, L)`` tensors: ``input_ids``,
+``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) in the student's
+tokenisation, plus the same keys prefixed ``teacher.`` in the teacher's tokenisation when the
+teacher has a different tokenizer (see :mod:`kdx.models.hf` for how each model picks its keys).
+Splits are stored padded to ``max_length``; ``trim_padding`` (the loaders' collate function) cuts
+each batch to its longest row, so short sentences cost short sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from kdx.data.base import KDDataModule
+from kdx.errors import KDXError
+from kdx.utils import atomic_torch_save, stable_hash
+
+TEACHER_PREFIX = "teacher."  # the same constant as kdx.models.hf.TEACHER_PREFIX (kept import-free)
+_KEEP = ("input_ids", "attention_mask", "token_type_ids")
+_FORMAT = 1  # bump when the cached encodings' layout changes
+
+
+class TextDataset(Dataset):
+    """Tokenised examples: ``encodings[key]`` is ``(N, max_length)``; items are ``(x, y, index)``."""
+
+    def __init__(self, encodings: dict[str, Tensor], labels: Tensor):
+        lengths = {k: v.shape[0] for k, v in encodings.items()}
+        if any(n != labels.shape[0] for n in lengths.values()):
+            raise ValueError(f"encodings {lengths} and {labels.shape[0]} labels differ in length")
+        self.encodings = encodings
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int):
+        return {k: v[index] for k, v in self.encodings.items()}, self.labels[index], index
+
+
+def trim_padding(samples: list) -> Any:
+    """Default collate, then cut every tokenisation to the longest row of the batch (right padding)."""
+    x, y, index = default_collate(samples)
+    for prefix in {k[: -len("attention_mask")] for k in x if k.endswith("attention_mask")}:
+        length = max(1, int(x[prefix + "attention_mask"].sum(1).max()))
+        for key in _KEEP:
+            if prefix + key in x:
+                x[prefix + key] = x[prefix + key][:, :length]
+    return x, y, index
+
+
+def encode(tokenizer: Any, first: Sequence[str], second: Sequence[str] | None, max_length: int) -> dict:
+    """Token ids, padded to ``max_length`` and truncated, of single sentences or sentence pairs."""
+    encoded = tokenizer(
+        list(first),
+        None if second is None else list(second),
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {k: encoded[k].to(torch.int32 if k == "input_ids" else torch.int8) for k in _KEEP if k in encoded}
+
+
+def widen(encodings: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The stored (compact) integer types back to what the models take (``long``)."""
+    return {k: v.long() for k, v in encodings.items()}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides the token ids (vocabulary, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached(path: Path, build: Callable[[], dict]) -> dict:
+    """``build()``'s tensors, saved at ``path`` the first time and loaded (weights_only) afterwards."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    value = build()
+    atomic_torch_save(value, path)
+    return value
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str | Path) -> Any:
+    """Train a BERT-style (lower-cased WordPiece, [CLS] … [SEP]) tokenizer on ``texts`` and save it.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` that ``AutoTokenizer.from_pretrained(out_dir)``
+    loads again. Used for the synthetic-text language and for tests' stand-in checkpoints.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+class TextDataModule(KDDataModule):
+    """A data module of :class:`TextDataset` splits; ``input_shape`` is ``(max_length,)``."""
+
+    def __init__(self, max_length: int = 128, **loader_kwargs: Any):
+        super().__init__(**loader_kwargs)
+        if max_length < 2:
+            raise KDXError(f"dataset.max_length={max_length} must be >= 2 ([CLS] and [SEP])")
+        self.max_length = max_length
+        self.input_shape = (max_length,)
+        self.collate_fn = trim_padding
+
+    @staticmethod
+    def cache_key(*parts: Any) -> str:
+        return stable_hash([_FORMAT, *parts], length=16)
