@@ -15,9 +15,9 @@ average-pooled to the smaller), summed over the paired layers::
 Defaults (RepDistiller ``train_student.py``: ``feat[1:-1]``; ``scripts/run_cifar_distill.sh``:
 ``-a 0 -b 50``): layers ``feat[1:-1]``, weight β = 50, γ = 1, α = 0.
 
-Deviations from the paper: the paper uses the polynomial kernel with d = 2, c = 0 (as here) on the
-last layer only, together with KD; we follow RepDistiller's sum over ``feat[1:-1]`` without KD.
-Vectors (an MLP's layers) have no positions and are refused.
+Deviations from the paper: the kernel is the paper's polynomial one with d = 2, c = 0; where the
+paper applies NST (which layers, and combined with KD) we did not verify and follow RepDistiller's
+sum over ``feat[1:-1]`` without KD. Vectors (an MLP's layers) have no positions and are refused.
 """
 
 from __future__ import annotations

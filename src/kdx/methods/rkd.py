@@ -14,8 +14,9 @@ Defaults (RepDistiller ``RKDLoss(w_d=25, w_a=50)``, ``train_student.py``: ``feat
 ``scripts/run_cifar_distill.sh``: ``-a 0 -b 1``): the embeddings, distance_weight = 25,
 angle_weight = 50, weight β = 1, γ = 1, α = 0.
 
-Deviations from the paper: none (the paper's λ_D = 25, λ_A = 50 and Huber loss; the paper's
-angle is ∠(e_i, e_j, e_k) at e_j, the same set of cosines as RepDistiller's layout).
+Deviations from the paper: none known in the two terms (Huber loss on normalised distances and on
+angle cosines); the weights 25 / 50 are RepDistiller's CIFAR-100 setting (the paper sets them per
+task). The angle is taken at e_j between e_i and e_k, every ordered triple counted.
 """
 
 from __future__ import annotations
