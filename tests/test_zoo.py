@@ -1,7 +1,7 @@
 """The CIFAR zoo is the CRD benchmark's: parameter counts, embedding widths and stage shapes.
 
-The golden figures are copied from /work/shared/reference/zoo.md (measured on RepDistiller's own
-model definitions), not from our output; "resnet8x4" must mean the same network as in the papers.
+The golden figures are the CRD benchmark's, measured on RepDistiller's own model definitions (written
+out in docs/zoo.md), not our output; "resnet8x4" must mean the same network as in the papers.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ ZOO = {
     "mobile_half": (812_836, 1280, "16x16x16, 12x16x16, 16x8x8, 48x4x4, 160x2x2"),
     "shufflenetv1": (949_258, 960, "24x32x32, 240x16x16, 480x8x8, 960x4x4"),
     "shufflenetv2": (1_355_528, 1024, "24x32x32, 116x16x16, 232x8x8, 464x4x4"),
-    # Not in zoo.md (KDA's networks): torchvision's published counts (11,689,512 and 21,797,672 with
-    # 1000 classes) minus the 7×7 stem (9,408) plus a 3×3 one (1,728), with a 100-way head (51,300
-    # instead of 513,000). test_cifar_stem_resnets_are_torchvisions checks the same independently.
+    # Not in the CRD benchmark (KDA's networks, docs/zoo.md): torchvision's published counts
+    # (11,689,512 and 21,797,672 with 1000 classes) minus the 7×7 stem (9,408) plus a 3×3 one
+    # (1,728), with a 100-way head (51,300 instead of 513,000). test_cifar_stem_resnets_are_torchvisions checks the same independently.
     "resnet18_cifar": (11_220_132, 512, _R18),
     "resnet34_cifar": (21_328_292, 512, _R18),
 }
