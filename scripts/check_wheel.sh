@@ -18,7 +18,9 @@ export OMP_NUM_THREADS=1 KDX_CACHE_DIR=$WORK/cache
 step() { echo "== package-check: $*"; }
 
 step "build the wheel"
-"$PYTHON" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -q -w "$WORK/dist" .
+# with build isolation: pip fetches the setuptools that pyproject.toml asks for (a fresh .venv has
+# only the setuptools of python -m venv, which cannot build a wheel by itself)
+"$PYTHON" -m pip wheel --disable-pip-version-check --no-deps -q -w "$WORK/dist" .
 WHEEL=$(ls "$WORK"/dist/kdx-*.whl)
 "$PYTHON" - "$WHEEL" <<'EOF'
 import sys
