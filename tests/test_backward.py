@@ -1,4 +1,4 @@
-"""method=backward (Jafari et al. 2023): golden values, methods.md §2.5 properties, end-to-end runs."""
+"""method=backward (Jafari et al. 2023): golden values, docs/methods.md §2 properties, end-to-end runs."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_golden_step_directions(step, direction):
     host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
     x = torch.tensor([[LN3 / 3, 0.0]], dtype=torch.float64)
     eta = 0.01
-    x_aux = BackwardPassKD(temperature=1.0, step=step, step_size=eta).generate(host, x)
+    x_aux = BackwardPassKD(temperature=1.0, step=step, step_size=eta, step_scale="absolute").generate(host, x)
     expected = x + eta * torch.tensor([direction], dtype=torch.float64)
     torch.testing.assert_close(x_aux, expected)
 
@@ -61,16 +61,18 @@ def test_golden_projections():
     host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
     x = torch.tensor([[LN3 / 3, 0.0]], dtype=torch.float64)
     # 3 steps of 0.1 along (0.6, 0.8) would travel 0.3; the L2 ε-ball of 0.05 stops it at 0.05·(0.6, 0.8)
-    m = BackwardPassKD(temperature=1.0, steps=3, step_size=0.1, epsilon=0.05)
+    m = BackwardPassKD(temperature=1.0, steps=3, step_size=0.1, epsilon=0.05, step_scale="absolute")
     torch.testing.assert_close(
         m.generate(host, x), x + 0.05 * torch.tensor([[0.6, 0.8]], dtype=torch.float64)
     )
     # sign steps: the L∞ ball clamps each coordinate of δ = 0.3·(1, 1) to 0.05
-    m = BackwardPassKD(temperature=1.0, steps=3, step_size=0.1, step="sign", epsilon=0.05)
+    m = BackwardPassKD(
+        temperature=1.0, steps=3, step_size=0.1, step="sign", epsilon=0.05, step_scale="absolute"
+    )
     torch.testing.assert_close(m.generate(host, x), x + 0.05)
     # the data range: x₁ + 0.6·0.1 would exceed clamp_max = x₁ + 0.01; x₂ moves freely
     hi = LN3 / 3 + 0.01
-    m = BackwardPassKD(temperature=1.0, step_size=0.1, clamp_max=hi)
+    m = BackwardPassKD(temperature=1.0, step_size=0.1, clamp_max=hi, step_scale="absolute")
     torch.testing.assert_close(m.generate(host, x), torch.tensor([[hi, 0.08]], dtype=torch.float64))
 
 
@@ -89,19 +91,94 @@ def test_golden_loss(temperature, alpha, aux_weight, steps):
     x = torch.tensor([[T * LN3, 7.0]], dtype=torch.float64)
     y = torch.tensor([1])
     eta = T * math.log(5 / 3) / steps
-    m = BackwardPassKD(alpha=alpha, temperature=T, aux_weight=aux_weight, steps=steps, step_size=eta)
+    m = BackwardPassKD(
+        alpha=alpha, temperature=T, aux_weight=aux_weight, steps=steps, step_size=eta, step_scale="absolute"
+    )
     terms = m.training_step((x, y, torch.tensor([0])), host)
     kd = 3 / 4 * LN3 - LN2
     aux = 5 / 6 * LN5 - LN3
     assert terms["ce"].item() == pytest.approx(LN2, rel=1e-9)
     assert terms["kd"].item() == pytest.approx(T**2 * kd, rel=1e-9)
     assert terms["aux_kd"].item() == pytest.approx(T**2 * aux, rel=1e-9)
-    assert terms["aux_dist"].item() == pytest.approx(T * math.log(5 / 3), rel=1e-9)
+    # the move, relative to ‖x‖ = √((T·ln3)² + 49)
+    move = T * math.log(5 / 3) / math.hypot(T * LN3, 7.0)
+    assert terms["aux/move"].item() == pytest.approx(move, rel=1e-6)
+    assert terms["aux/kl_gain"].item() == pytest.approx(aux / kd, rel=1e-9)
     expected = (1 - alpha) * LN2 + alpha * T**2 * kd + aux_weight * T**2 * aux
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-9)
 
 
-# -- methods.md §2.5 ---------------------------------------------------------------------------
+# -- scale-aware steps, the control, the divergence choice ------------------------------------
+#
+# With the teacher of the golden tests above (∇_x D ∝ (0.6, 0.8) at every x with p_t = (3/4, 1/4))
+# and x = (ln3/3, 0): ‖x‖ = ln3/3, n = 2.
+#   step_scale=norm, normalized: δ = η·‖x‖·(0.6, 0.8)              (‖δ‖/‖x‖ = η)
+#   step_scale=norm, sign:       δ = η·(‖x‖/√2)·(1, 1)              (‖δ‖/‖x‖ = η again)
+#   step_scale=rms over the batch {x, 3x}: RMS² = mean of the 4 entries squared
+#     = ((ln3/3)² + (ln3)²)/4 = 10·(ln3/3)²/4, and both samples move s = RMS·√2 (one length).
+
+
+@pytest.mark.parametrize("step", ["normalized", "sign"])
+def test_relative_step_moves_eta_of_the_norm(step):
+    host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
+    x = torch.tensor([[LN3 / 3, 0.0]], dtype=torch.float64)
+    eta, norm = 0.3, LN3 / 3
+    x_aux = BackwardPassKD(temperature=1.0, step=step, step_size=eta).generate(host, x)  # norm: default
+    direction = (0.6, 0.8) if step == "normalized" else (1 / math.sqrt(2), 1 / math.sqrt(2))
+    torch.testing.assert_close(x_aux, x + eta * norm * torch.tensor([direction], dtype=torch.float64))
+    # the same relative move for an input 10 times larger: the step scales with the input
+    x_aux10 = BackwardPassKD(temperature=1.0, step=step, step_size=eta).generate(host, 10 * x)
+    assert (x_aux10 - 10 * x).norm().item() == pytest.approx(eta * 10 * norm, rel=1e-9)
+
+
+def test_rms_scale_is_one_length_for_the_batch():
+    host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
+    x = torch.tensor([[LN3 / 3, 0.0], [LN3, 0.0]], dtype=torch.float64)
+    s = math.sqrt(10 * (LN3 / 3) ** 2 / 4) * math.sqrt(2)
+    x_aux = BackwardPassKD(temperature=1.0, step_size=0.1, step_scale="rms").generate(host, x)
+    moves = (x_aux - x).norm(dim=1)
+    torch.testing.assert_close(moves, torch.full((2,), 0.1 * s, dtype=torch.float64))
+
+
+def test_step_size_zero_is_reweighted_kd():
+    # the control: x_aux = x, so aux_kd = kd and L = (1-α)·CE + (α+λ)·T²·KL, kl_gain = 1
+    student, teacher = _toy_pair()
+    host = host_of(student, teacher)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 5, (16,))
+    m = BackwardPassKD(alpha=0.9, aux_weight=1.0, step_size=0.0)
+    assert torch.equal(m.generate(host, x), x)
+    terms = m.training_step((x, y, torch.arange(16)), host)
+    torch.testing.assert_close(terms["aux_kd"], terms["kd"])
+    torch.testing.assert_close(terms["loss"], 0.1 * terms["ce"] + 1.9 * terms["kd"])
+    assert terms["aux/kl_gain"].item() == pytest.approx(1.0) and terms["aux/move"].item() == 0.0
+
+
+def test_default_step_raises_the_divergence_on_a_fixed_tiny_case():
+    # A fixed pair of small random MLPs on standard-normal inputs (the scale of MNIST-1D, whose
+    # values are standardised): one default step (η = 0.2 of ‖x‖) must raise the mean KL by
+    # more than 1.3× — issue 12's "measurably moves the divergence" (the old default, 0.05 in
+    # input units, gives about ×1.06 here, the MNIST-1D figure).
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    teacher = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+    host = host_of(student, teacher)
+    x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
+    gain = BackwardPassKD().training_step((x, y, torch.arange(64)), host)["aux/kl_gain"].item()
+    old = BackwardPassKD(step_size=0.05, step_scale="absolute").training_step((x, y, torch.arange(64)), host)
+    assert gain > 1.3
+    assert old["aux/kl_gain"].item() < 1.1
+
+
+def test_l2_divergence_ascends_the_logit_distance():
+    # D = mean_k (z_s − z_t)²; student z_s = 0, teacher z_t = W x with W = [[3, 4], [0, 0]]:
+    # D = (3x₁ + 4x₂)²/2, ∇_x D = (3x₁ + 4x₂)·(3, 4) ∝ (0.6, 0.8) for 3x₁ + 4x₂ > 0
+    host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    x_aux = BackwardPassKD(divergence="l2", step_size=0.5, step_scale="absolute").generate(host, x)
+    torch.testing.assert_close(x_aux, x + 0.5 * torch.tensor([[0.6, 0.8]], dtype=torch.float64))
+
+
+# -- docs/methods.md §2 ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model_cls", [MLP, CNN1D])
@@ -206,7 +283,34 @@ def test_offline_aux_set_is_built_cached_and_cycled():
     seen = torch.cat(seen)
     assert torch.equal(seen[seen[:, 0, 0].argsort()], method._aux_x[method._aux_x[:, 0, 0].argsort()])
     terms = method.training_step((x, y, idx), host)
-    assert set(terms) == {"loss", "ce", "kd", "aux_kd"} and torch.isfinite(terms["loss"])
+    assert set(terms) == {"loss", "ce", "kd", "aux_kd", "aux/kl_gain"} and torch.isfinite(terms["loss"])
+
+
+def test_offline_rounds_every_n_epochs_and_cumulative_growth():
+    dm = SyntheticDataModule(
+        input_shape=(1, 40), num_classes=10, num_train=96, num_val=16, num_test=16, batch_size=16, seed=0
+    )
+    dm.setup("fit")
+    method = BackwardPassKD(mode="offline", offline_size=24, regenerate_every=2, cumulative=True)
+    module = _module(method).train()
+    host = SimpleNamespace(
+        student=module.student, teacher=module.teacher, trainer=SimpleNamespace(datamodule=dm, global_rank=0)
+    )
+    sizes = []
+    for epoch in range(5):  # rounds at epochs 0, 2, 4: 24, 48, 72 samples
+        host.current_epoch = epoch
+        method.on_train_epoch_start(host)
+        sizes.append(len(method._aux_x))
+    assert sizes == [24, 24, 48, 48, 72]
+    replacing = BackwardPassKD(mode="offline", offline_size=24)
+    module = _module(replacing).train()
+    host.student, host.teacher = module.student, module.teacher
+    for epoch in range(3):
+        host.current_epoch = epoch
+        replacing.on_train_epoch_start(host)
+    assert len(replacing._aux_x) == 24
+    with pytest.raises(ValueError, match="cumulative"):
+        BackwardPassKD(cumulative=True)
 
 
 def test_bad_values_fail_clearly():
@@ -214,6 +318,10 @@ def test_bad_values_fail_clearly():
         BackwardPassKD(step="l1")
     with pytest.raises(ValueError, match="method.mode="):
         BackwardPassKD(mode="sometimes")
+    with pytest.raises(ValueError, match="method.step_scale="):
+        BackwardPassKD(step_scale="relative")
+    with pytest.raises(ValueError, match="method.divergence="):
+        BackwardPassKD(divergence="js")
     with pytest.raises(TypeError, match="embedding-space"):
         BackwardPassKD().perturb(torch.zeros(2, 3, dtype=torch.long), lambda z: z.sum(-1))
 

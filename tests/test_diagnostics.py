@@ -10,6 +10,7 @@ import functools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -48,7 +49,7 @@ def test_gradient_ratio_golden_and_autograd():
     zs = torch.tensor([[2 * LN2, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     zt = torch.tensor([[2 * LN6, 2 * LN3, 0.0], [2 * LN2, 0.0, 0.0]], dtype=torch.float64)
     y = torch.tensor([0, 2])
-    ratio = true_class_gradient_ratio(zs, zt, y, t)
+    ratio = true_class_gradient_ratio(zs, F.softmax(zt / t, -1), y, t)
     assert ratio.tolist() == pytest.approx([0.6, -0.25], abs=1e-9)
 
     # the same from autograd: per-example T²·KL(p^T_t ‖ p^T_s) and CE, gradient on z_y
@@ -61,7 +62,7 @@ def test_gradient_ratio_golden_and_autograd():
     assert torch.allclose(ratio, g_kd[rows, y] / g_ce[rows, y], atol=1e-12)
     # a student sure to 1 - 1e-20 still gives a finite ratio (1 - p_s,y from expm1)
     sure = torch.tensor([[50.0, 0.0, 0.0]], dtype=torch.float64)
-    assert torch.isfinite(true_class_gradient_ratio(sure, zt[:1], y[:1], t)).all()
+    assert torch.isfinite(true_class_gradient_ratio(sure, F.softmax(zt[:1] / t, -1), y[:1], t)).all()
 
 
 def test_similarity_correlation_hand_values():
@@ -88,11 +89,69 @@ def test_enabled_resolution():
         resolve_enabled("auto", ls) and not resolve_enabled("auto", kd) and not resolve_enabled("auto", none)
     )
     for name in ("kd_pt", "kd_sim", "kd_pt_sim"):
-        assert METHODS[name].diagnostics_by_default
+        assert METHODS[name]().soft_target().diagnostics_by_default
+    assert METHODS["kd"]().soft_target() is not None and METHODS["none"]().soft_target() is None
     assert resolve_enabled(True, kd) and not resolve_enabled(False, ls)
     assert resolve_enabled("true", kd) and not resolve_enabled("False", ls)
     with pytest.raises(ValueError, match="auto, true or false"):
         TangDiagnostics(enabled="sometimes")
+
+
+def _measure(method_name: str, tmp_path: Path, **method_kwargs):
+    """The callback's instance-level figures for a 4-class student whose logits are all 0."""
+    dm = HierSyntheticDataModule(
+        num_super=2, sub_per_super=2, dim=8, num_train=64, num_val=32, num_test=32, batch_size=32
+    )
+    dm.setup("fit")
+    student = MLP(4, (8,), hidden=(16,))
+    with torch.no_grad():
+        student.classifier.weight.zero_()
+        student.classifier.bias.zero_()
+    module = DistillationModule(
+        student=student,
+        method=METHODS[method_name](**method_kwargs),
+        num_classes=4,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        teacher=MLP(4, (8,), hidden=(32,)),
+    )
+    trainer = SimpleNamespace(datamodule=dm, default_root_dir=str(tmp_path))
+    diag = TangDiagnostics(enabled="auto", max_samples=64)
+    diag.setup(trainer, module, "fit")
+    return diag, diag._instance_level(trainer, module)
+
+
+def test_gradient_ratio_uses_the_methods_own_target(tmp_path):
+    # ls (ε = 0.1, T = 4, K = 4) with z_s = 0: p^T_s,y = p_s,y = 1/4 and q_y = 1 − ε = 0.9, so
+    #   r = T·(q_y − p^T_s,y)/(1 − p_s,y) = 4·(0.9 − 0.25)/0.75 = 3.4666…   for every example,
+    # whatever the teacher says (its p_t,y is still reported, on its own).
+    diag, figures = _measure("ls", tmp_path)
+    assert diag.active and diag._temperature == 4.0
+    np.testing.assert_allclose(figures["q_true"], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(figures["grad_ratio"], 4 * 0.65 / 0.75, rtol=1e-6)
+    assert figures["p_t_true"].shape == (64,) and not np.allclose(figures["p_t_true"], 0.9)
+    # kd_pt at T' = 1: q_y is the teacher's plain confidence p_t,y, r = 4·(p_t,y − 1/4)/(3/4)
+    diag, figures = _measure("kd_pt", tmp_path, target_temperature=1.0)
+    np.testing.assert_allclose(figures["q_true"], figures["p_t_true"], rtol=1e-5)
+    np.testing.assert_allclose(figures["grad_ratio"], 4 * (figures["p_t_true"] - 0.25) / 0.75, rtol=1e-5)
+
+
+def test_a_method_without_temperature_fails_loudly(tmp_path):
+    # the diagnostics read T from the method's declared soft target; a rename must not switch the
+    # diagnostics off (or fall back to a default T) without a word
+    method = METHODS["kd_pt"]()
+    del method.temperature
+    module = DistillationModule(
+        student=MLP(4, (8,), hidden=(16,)),
+        method=method,
+        num_classes=4,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        teacher=MLP(4, (8,), hidden=(32,)),
+    )
+    trainer = SimpleNamespace(datamodule=None, default_root_dir=str(tmp_path))
+    with pytest.raises(AttributeError, match="temperature"):
+        TangDiagnostics(enabled="auto").setup(trainer, module, "fit")
+    with pytest.raises(AttributeError, match="temperature"):
+        TangDiagnostics(enabled=True).setup(trainer, module, "fit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +203,7 @@ def test_callback_writes_json_png_and_logs_correlation(tmp_path):
     assert p["n"] == 64 and sum(p["hist"]["counts"]) == 64 and len(p["hist"]["edges"]) == 6
     assert 0.0 <= p["quantiles"][0] <= p["quantiles"][2] <= p["quantiles"][4] <= 1.0
     assert last["grad_ratio"]["n"] == 64 and -1.0 <= last["sim_corr"] <= 1.0
-    summary = diag.summary()
+    summary = diag.report()
     assert (
         summary["diag/sim_corr"] == last["sim_corr"]
         and summary["diag/grad_ratio_q50"] == last["grad_ratio"]["quantiles"][2]

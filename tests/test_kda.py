@@ -1,4 +1,4 @@
-"""KDA: the official loss and centre bookkeeping (methods.md §1.3/§1.4), gradient flow, resume, e2e."""
+"""KDA: the official loss and centre bookkeeping (docs/methods.md §1), gradient flow, DDP, resume, e2e."""
 
 from __future__ import annotations
 
@@ -182,6 +182,7 @@ def test_state_dict_round_trip_carries_centres_and_partial_sums():
     state = method.state_dict()
     restored = KDA(warm=0)  # never set up: LazyBuffers sizes the buffers from the state_dict
     restored.load_state_dict(state)
+    assert set(state) >= {f"centres.embedding.{n}" for n in ("student_centres", "teacher_centres")}
     for name in ("student_centres", "teacher_centres", "centre_counts", "centres_epoch"):
         assert torch.equal(getattr(restored, name), getattr(method, name)), name
     for m in (method, restored):  # both finish epoch 1 the same way
@@ -193,6 +194,107 @@ def test_state_dict_round_trip_carries_centres_and_partial_sums():
         e_t = teacher(x, ("embedding",)).embedding
     for k in y.unique().tolist():
         torch.testing.assert_close(restored.teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_combo_sums_the_term_over_layers_each_with_its_centres():
+    student, teacher = _models()
+    method = KDA(warm=0, layer=["embedding", "logits"])
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    emb, log = method.centres["embedding"], method.centres["logits"]
+    assert emb.student_centres.shape == (4, 5) and emb.teacher_centres.shape == (4, 9)
+    assert log.student_centres.shape == log.teacher_centres.shape == (4, 4)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    _epoch(method, _host(student, teacher, 0), x, y, size=8)
+    terms = method.training_step((x, y, torch.arange(8)), _host(student, teacher, 1))
+    out_s, out_t = student(x, method.reads), teacher(x, method.reads)
+    expected = kda_loss(
+        out_s.embedding, out_t.embedding, emb.student_centres, emb.teacher_centres
+    ) + kda_loss(out_s.logits, out_t.logits, log.student_centres, log.teacher_centres)
+    torch.testing.assert_close(terms["kda"], expected)
+    with pytest.raises(ValueError, match="method.layer"):
+        KDA(layer=["embedding", "embedding"])
+
+
+def test_warmup_follows_warm_then_cosine():
+    # 10 steps over 5 epochs, warm-up 1 epoch = 2 iterations: factors max(1, it)/2 for it < 2
+    # (0.5, 0.5), then 0.5·(1 + cos(π·(it − 2)/8)) for it = 2..9
+    from kdx.methods.kda import warmup_cosine
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=10, warmup_epochs=1, epochs=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.5, 0.5, *(0.5 * (1 + math.cos(math.pi * (it - 2) / 8)) for it in range(2, 10))]
+    assert lrs == pytest.approx(expected)
+
+
+def test_sgd_kda_warmup_reads_method_warm(tmp_path, cache_dir):
+    from conftest import compose_train
+
+    cfg = compose_train(
+        ["method=kda", "method.warm=3", "optim=sgd_kda", "trainer.max_epochs=30"], tmp_path, cache_dir
+    )
+    assert cfg.optim.scheduler.warmup_epochs == 3 and cfg.optim.scheduler.epochs == 30
+    cfg = compose_train(["method=none", "optim=sgd_kda"], tmp_path, cache_dir)
+    assert cfg.optim.scheduler.warmup_epochs == 5  # a method without `warm`: KDA's 5 epochs
+
+
+def _global_batch_worker(rank: int, init_file: str, results):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = (*_kda_step(rank, world=2), _kda_step(rank, world=2, global_batch=False)[0])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _kda_step(rank: int, world: int, global_batch: bool = True):
+    """One KDA step on rank ``rank``'s share of a fixed batch of 12; returns the loss and the
+    student's gradient after DDP's averaging over ``world`` processes (done here by hand)."""
+    torch.manual_seed(0)
+    student, teacher = _models()
+    method = KDA(warm=0, global_batch=global_batch)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(6,)))
+    method._first.size(4, 5, 9)
+    gen = torch.Generator().manual_seed(1)
+    method.student_centres.copy_(torch.randn(4, 5, generator=gen))
+    method.teacher_centres.copy_(torch.randn(4, 9, generator=gen))
+    method._first.centres_epoch.fill_(0)
+    method._first._has_centres = True
+    x, y = torch.randn(12, 6, generator=gen), torch.randint(0, 4, (12,), generator=gen)
+    share = slice(rank * 12 // world, (rank + 1) * 12 // world)
+    method._epoch = 1
+    kda = method.loss(student(x[share], method.reads), teacher(x[share], method.reads), y[share], None)["kda"]
+    kda.backward()
+    grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    if world > 1:  # DDP averages the parameter gradients over the processes
+        torch.distributed.all_reduce(grads)
+        grads /= world
+    return kda.item(), grads.tolist()
+
+
+def test_global_batch_loss_under_ddp_equals_the_single_process_loss(tmp_path):
+    # two gloo processes (the CPU stand-in for trainer=ddp_sim), each with half of the batch:
+    # every process's KDA term is the single-process term over all 12 examples, and the averaged
+    # gradient is the single-process gradient; per device it is not (the sum and norm are halves)
+    ctx = torch.multiprocessing.get_context("fork")
+    results = ctx.Manager().dict()
+    procs = [
+        ctx.Process(target=_global_batch_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    loss, grads = _kda_step(0, world=1)
+    for rank in range(2):
+        assert results[rank][0] == pytest.approx(loss, rel=1e-6)
+        assert results[rank][1] == pytest.approx(grads, rel=1e-5, abs=1e-7)
+        assert results[rank][2] != pytest.approx(loss, rel=1e-3)  # global_batch=false: a half-batch term
 
 
 def _all_reduce_worker(rank: int, init_file: str, results):
@@ -268,7 +370,8 @@ def test_resume_restores_centres(tmp_path, cache_dir):
     run_train([*common, "trainer.max_epochs=1"], first, cache_dir)
     ckpt = first / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    assert int(saved["method.centres_epoch"]) == 0 and saved["method.teacher_centres"].abs().sum() > 0
+    prefix = "method.centres.embedding."
+    assert int(saved[prefix + "centres_epoch"]) == 0 and saved[prefix + "teacher_centres"].abs().sum() > 0
     record = second / "record.pt"
     run_train(
         [
@@ -284,8 +387,8 @@ def test_resume_restores_centres(tmp_path, cache_dir):
     records = torch.load(record, weights_only=True)
     assert list(records) == [1]  # resumed straight into epoch 1 ...
     assert records[1]["centres_epoch"] == 0  # ... with epoch 0's centres, restored, not recomputed
-    assert torch.equal(records[1]["student_centres"], saved["method.student_centres"])
-    assert torch.equal(records[1]["teacher_centres"], saved["method.teacher_centres"])
+    assert torch.equal(records[1]["student_centres"], saved[prefix + "student_centres"])
+    assert torch.equal(records[1]["teacher_centres"], saved[prefix + "teacher_centres"])
 
 
 ZOO = ROOT / "conf"

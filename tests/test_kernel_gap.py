@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kdx.metrics import FidelityMetrics, KernelGap
+from kdx.metrics import FidelityMetrics, KernelGap, KernelGeometry, linear_cka
 
 
 def dense_gap(xs: torch.Tensor, xt: torch.Tensor) -> float:
@@ -89,3 +89,57 @@ def test_fidelity_metrics_report_it_only_with_teacher_and_embeddings():
     alone = FidelityMetrics(3, with_teacher=False)
     alone.update(logits_s, None, y, emb_s, None)
     assert "fidelity/kernel_gap" not in alone.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear CKA, the scale-invariant companion (streamed the same way).
+
+
+def dense_cka(xs: torch.Tensor, xt: torch.Tensor) -> float:
+    """The textbook n×n form: ⟨HK_SH, HK_TH⟩_F / (‖HK_SH‖_F ‖HK_TH‖_F), K = X Xᵀ, H = I − 11ᵀ/n."""
+    xs, xt = xs.double(), xt.double()
+    n = xs.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    ks, kt = h @ xs @ xs.t() @ h, h @ xt @ xt.t() @ h
+    return float((ks * kt).sum() / (ks.norm() * kt.norm()))
+
+
+def streamed_cka(xs: torch.Tensor, xt: torch.Tensor, batch: int) -> float:
+    metric = KernelGeometry()
+    for start in range(0, len(xs), batch):
+        metric.update(xs[start : start + batch], xt[start : start + batch])
+    return float(metric.compute()["cka"])
+
+
+def test_cka_streamed_equals_dense_with_different_widths():
+    torch.manual_seed(3)
+    xs = torch.randn(100, 7)
+    xt = torch.cat([xs @ torch.randn(7, 5), torch.randn(100, 6)], dim=1) + 2.0  # related, not a copy
+    dense = dense_cka(xs, xt)
+    assert 0.05 < dense < 0.95  # a case where the value says something
+    assert streamed_cka(xs, xt, batch=16) == pytest.approx(dense, rel=1e-6)  # float32 result
+    assert float(linear_cka(xs, xt)) == pytest.approx(dense, rel=1e-6)
+
+
+def test_cka_is_one_for_a_rotated_rescaled_or_shifted_copy():
+    torch.manual_seed(4)
+    xt = torch.randn(64, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    for copy in (xt @ rotation, 2.0 * xt, xt + 5.0, 0.3 * xt @ rotation - 1.0):
+        assert streamed_cka(copy, xt, batch=10) == pytest.approx(1.0, abs=1e-6)
+    # ... where the kernel gap is not scale-invariant: 2× the teacher scores ‖4K − K‖/‖K‖ = 3
+    metric = KernelGeometry()
+    metric.update(2.0 * xt, xt)
+    assert float(metric.compute()["kernel_gap"]) == pytest.approx(3.0, rel=1e-6)
+    # unrelated features score far below 1
+    assert streamed_cka(torch.randn(64, 8), xt, batch=10) < 0.5
+
+
+def test_fidelity_metrics_log_cka_next_to_the_kernel_gap():
+    torch.manual_seed(5)
+    logits, y = torch.randn(30, 3), torch.randint(0, 3, (30,))
+    emb_s, emb_t = torch.randn(30, 4), torch.randn(30, 6)
+    metrics = FidelityMetrics(3, with_teacher=True)
+    metrics.update(logits, logits, y, emb_s, emb_t)
+    out = metrics.compute()
+    assert out["fidelity/cka"].item() == pytest.approx(dense_cka(emb_s, emb_t), rel=1e-5)

@@ -1,9 +1,10 @@
-"""method=prokt (Shi et al. 2021): golden values, methods.md §5.5 properties, checkpointing, end-to-end runs."""
+"""method=prokt (Shi et al. 2021): golden values, docs/methods.md §5 properties, checkpointing, end-to-end runs."""
 
 from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -204,29 +205,58 @@ def test_zero_init_heads_predict_uniform_at_step_zero():
             torch.testing.assert_close(F.softmax(model.eval()(x).logits, -1), torch.full((8, 10), 0.1))
 
 
-def test_teacher_init_and_optimizers():
+def test_teacher_init_and_optimizers_from_an_optim_recipe():
     assert not ProKT().uses_teacher_weights()
     assert ProKT(teacher_init="checkpoint").uses_teacher_weights()
     teacher = nn.Linear(3, 2)
-    for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
-        (config,) = ProKT(
-            teacher_optimizer=name, teacher_lr=0.2, teacher_scheduler="none"
-        ).teacher_optimizers(teacher)
-        assert type(config["optimizer"]) is cls and config["optimizer"].param_groups[0]["lr"] == 0.2
-        assert "lr_scheduler" not in config
-    method = ProKT(teacher_lr=0.2, teacher_scheduler="cosine")
-    (config,) = method.teacher_optimizers(teacher)
-    assert config["lr_scheduler"]["interval"] == "step"
-    method._total_steps = 4
-    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(4):
-        opt.step()
-        sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    assert lrs == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)])
+    calls = []
+
+    def build_scheduler(factory, optimizer, interval):  # the module's horizon-filling builder
+        calls.append(interval)
+        return factory(optimizer, T_max=7)
+
+    recipe = {
+        "optimizer": partial(torch.optim.SGD, lr=0.2, momentum=0.9),
+        "scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR),
+        "interval": "epoch",
+    }
+    (config,) = ProKT(teacher_optim=recipe).teacher_optimizers(teacher, build_scheduler)
+    assert type(config["optimizer"]) is torch.optim.SGD and config["optimizer"].param_groups[0]["lr"] == 0.2
+    assert config["lr_scheduler"]["interval"] == "epoch" and config["lr_scheduler"]["scheduler"].T_max == 7
+    assert calls == ["epoch"]
+    (config,) = ProKT(teacher_optim={**recipe, "scheduler": None}).teacher_optimizers(
+        teacher, build_scheduler
+    )
+    assert "lr_scheduler" not in config and calls == ["epoch"]
+    (config,) = ProKT().teacher_optimizers(teacher, build_scheduler)  # built by hand: Adam at 0.01
+    assert type(config["optimizer"]) is torch.optim.Adam and config["optimizer"].param_groups[0]["lr"] == 0.01
     with pytest.raises(ValueError, match="teacher_init"):
         ProKT(teacher_init="converged")
+    with pytest.raises(ValueError, match="teacher_snapshot"):
+        ProKT(teacher_snapshot="ema")
+    with pytest.raises(ValueError, match="optim recipe"):
+        ProKT(teacher_optim={"optimizer": "adam"})
+
+
+@pytest.mark.parametrize("snapshot", ["eval", "train"])
+def test_teacher_snapshot_mode_and_untouched_statistics(snapshot):
+    # a BatchNorm teacher: the train-mode snapshot normalises with the batch's statistics (so its
+    # logits differ from the eval-mode ones), and neither snapshot moves the running statistics
+    torch.manual_seed(0)
+    teacher = as_feature_model(CNN1D(10, (1, 40), channels=(8, 8, 8)))
+    host = type("H", (), {"teacher": teacher})()
+    x = torch.randn(16, 1, 40) * 2 + 1
+    buffers = {k: v.clone() for k, v in teacher.named_buffers()}
+    teacher.train()
+    logits = ProKT(teacher_snapshot=snapshot).teacher_snapshot(host, x)
+    assert teacher.training  # the mode is restored
+    assert all(torch.equal(v, buffers[k]) for k, v in teacher.named_buffers())
+    with torch.no_grad():
+        expected = teacher.train(snapshot == "train")(x).logits
+    torch.testing.assert_close(logits, expected)
+    with torch.no_grad():
+        other = teacher.train(snapshot != "train")(x).logits
+    assert not torch.allclose(logits, other)
 
 
 # -- end to end through Hydra ------------------------------------------------------------------
@@ -251,8 +281,9 @@ def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path,
             "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1",
             "dataset.datamodule.batch_size=32",
-            "method.teacher_optimizer=sgd",
-            "method.teacher_lr=0.05",
+            "optim@method.teacher_optim=sgd",
+            "method.teacher_optim.optimizer.lr=0.05",
+            "optim=sgd",
         ],
         tmp_path,
         cache_dir,
@@ -274,9 +305,12 @@ def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path,
         "train/kd_epoch",
     ):
         assert key in trainer.callback_metrics, key
-    # schedulers: the student's epoch-interval cosine stepped twice, the teacher's per-step one 4 times
+    # schedulers: the student's and the teacher's (conf/optim/sgd.yaml) epoch-interval cosines stepped
+    # twice each, the teacher's with its horizon (T_max) filled from the run's length like the student's
     student_sched, teacher_sched = (c.scheduler for c in trainer.lr_scheduler_configs)
-    assert student_sched.last_epoch == 2 and teacher_sched.last_epoch == 4
+    assert student_sched.last_epoch == 2 and teacher_sched.last_epoch == 2
+    assert teacher_sched.T_max == 2 and isinstance(teacher_sched.optimizer, torch.optim.SGD)
+    assert teacher_sched.optimizer.param_groups[0]["initial_lr"] == 0.05
     assert trainer.global_step == 8  # Lightning counts both optimizers' steps
 
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -307,8 +341,8 @@ def test_fast_dev_run_cifar_zoo_pair(tmp_path, cache_dir):
             "teacher=resnet20",
             "student=resnet8",
             "method.zero_init_heads=true",
-            "method.teacher_optimizer=sgd",
-            "method.teacher_lr=0.05",
+            "optim@method.teacher_optim=sgd",
+            "method.teacher_snapshot=train",
             "dataset.datamodule.batch_size=16",
             "dataset.datamodule.num_train=64",
             "dataset.datamodule.num_val=32",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -222,7 +223,7 @@ def test_loss_uses_the_fitted_projection_and_weights():
     s_tok = to_tokens(method.connector(student(x, method.reads).stages[-1]))
     t_tok = to_tokens(teacher(x, method.reads).stages[-1])
     expected = ((s_tok - t_tok) @ method.projection_matrix).pow(2).mean()
-    torch.testing.assert_close(terms["rdim"], expected)
+    torch.testing.assert_close(terms["rdim"], 2.5 * expected)  # the weighted term the loss adds
     torch.testing.assert_close(terms["loss"], terms["ce"] + 2.5 * expected + 0.5 * terms["kd"])
 
 
@@ -235,6 +236,65 @@ def test_state_dict_round_trip_restores_projection_and_adapter():
     assert bool(fresh.fitted)
     for key, value in method.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("feature", ["stage", "embedding"])
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize(
+    "projection,kwargs",
+    [("random", {}), ("pca", {}), ("ae", {"ae_epochs": 1}), ("ae", {"ae_epochs": 1, "ae_hidden": 8})],
+)
+def test_a_student_equal_to_the_teacher_has_zero_loss_under_every_option(
+    feature, standardize, projection, kwargs
+):
+    # Equal widths: the adapter is the identity, so A(X_s) = X_t token for token; the same
+    # standardisation z (teacher statistics) and the same projection act on both sides, so
+    # z(A(X_s))K − z(X_t)K = 0 exactly (and enc(·) − enc(·) = 0 for the non-linear AE).
+    torch.manual_seed(0)
+    teacher = as_feature_model(CNN1D(4, (1, 24), channels=(8, 16, 32))).eval().requires_grad_(False)
+    student = as_feature_model(copy.deepcopy(teacher.model)).eval()
+    x, y = torch.randn(64, 1, 24) * 3 + 1, torch.randint(0, 4, (64,))
+    loader = DataLoader(tensor_dataset(x, y), batch_size=32)
+    method = RdimKD(projection=projection, feature=feature, standardize=standardize, dim=4, **kwargs)
+    method.setup(student, teacher, SimpleNamespace(input_shape=(1, 24)))
+    method.fit(teacher, loader)
+    assert method.connector.is_identity
+    if standardize:  # the statistics are fitted and used: the zero is not an accident of μ = 0, σ = 1
+        assert method.teacher_mean.abs().max() > 1e-3
+    terms = method.training_step(
+        (x[:32], y[:32], torch.arange(32)), SimpleNamespace(student=student, teacher=teacher)
+    )
+    assert terms["rdim"].item() == 0.0
+
+
+def test_several_stages_each_with_its_dim_and_weight():
+    method, student, teacher, loader = _setup(
+        "random",
+        stages=[{"index": -2, "dim": 3, "weight": 0.5}, {"index": -1, "weight": 2.0}],
+        dim_ratio=0.25,
+    )
+    method.fit(teacher, loader)
+    # stage -2: teacher (16, 12) vs student (8, 12) -> d = 3; stage -1: teacher 32 channels -> d = 8
+    assert [tuple(p.projection_matrix.shape) for p in method.parts] == [(16, 3), (32, 8)]
+    assert not torch.equal(
+        method.parts[0].projection_matrix[:3, :3], method.parts[1].projection_matrix[:3, :3]
+    )
+    x, y, index = next(iter(loader))
+    terms = method.training_step((x, y, index), SimpleNamespace(student=student, teacher=teacher))
+    s_out, t_out = student(x, method.reads), teacher(x, method.reads)
+    expected = [
+        (
+            (to_tokens(p.connector(s_out.stages[p.index])) - to_tokens(t_out.stages[p.index]))
+            @ p.projection_matrix
+        )
+        .pow(2)
+        .mean()
+        for p in method.parts
+    ]
+    torch.testing.assert_close(terms["rdim/-2"], expected[0].detach())
+    torch.testing.assert_close(terms["rdim"], 0.5 * expected[0] + 2.0 * expected[1])
+    with pytest.raises(ValueError, match="unknown keys"):
+        RdimKD(stages=[{"index": -1, "weigth": 1.0}])
 
 
 def test_unfitted_projection_is_an_error():

@@ -300,7 +300,7 @@ def test_configs_compose_with_defaults(tmp_path, cache_dir):
         cfg = compose_train([f"method={name}"], tmp_path, cache_dir)
         method = instantiate(cfg.method)
         assert method.name == name and method.alpha == 0.9 and method.temperature == 4.0
-        assert method.diagnostics_by_default
+        assert method.soft_target().diagnostics_by_default
         assert method.needs_teacher == (name != "ls")
 
 

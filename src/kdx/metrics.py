@@ -9,7 +9,12 @@
 * ``student/ece``, ``teacher/ece``: expected calibration error (15 bins, L1; torchmetrics);
 * ``fidelity/kernel_gap``: ‖K_S − K_T‖_F / ‖K_T‖_F, the relative distance between the student's and
   the teacher's linear kernel (Gram) matrices ``K = X Xᵀ`` over the penultimate embeddings of the
-  whole split (Qian et al.'s KDA diagnostic); only when both embeddings are given.
+  whole split (Qian et al.'s KDA diagnostic); only when both embeddings are given. It depends on
+  scale: a student whose embedding is the teacher's times 2 scores 3, a rotated copy scores 0;
+* ``fidelity/cka``: linear CKA (Kornblith et al. 2019) between the same two embeddings,
+  ``‖Y_cᵀX_c‖²_F / (‖X_cᵀX_c‖_F·‖Y_cᵀY_c‖_F)`` with column-centred features: 1 for a copy that is
+  rotated, rescaled or shifted, 0 for unrelated features. Scale-invariant, so it is the companion
+  that says whether a kernel gap is geometry or just scale.
 
 Teacher figures are left out when there is no teacher.
 """
@@ -17,10 +22,11 @@ Teacher figures are left out when there is no teacher.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from kdx.methods.base import per_sample_kl
 
 
 class TeacherStudentKL(Metric):
@@ -36,9 +42,7 @@ class TeacherStudentKL(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        log_ps = F.log_softmax(student_logits.float() / self.temperature, dim=-1)
-        log_pt = F.log_softmax(teacher_logits.float() / self.temperature, dim=-1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        kl = per_sample_kl(student_logits.float(), teacher_logits.float(), self.temperature)
         self.total += kl.sum().double()
         self.count += kl.numel()
 
@@ -95,6 +99,57 @@ class KernelGap(Metric):
         return (gap / ktt.sqrt().clamp_min(torch.finfo(torch.float64).tiny)).float()
 
 
+class KernelGeometry(KernelGap):
+    """The kernel gap and linear CKA from one pass: the Gram states of :class:`KernelGap` plus the
+    feature sums and the count, so both are streamed (memory O(d² + batch·d), no n×n matrix).
+
+    Centring, with ``μ = Σx / n``: ``X_cᵀY_c = XᵀY − n·μ_x μ_yᵀ`` (and likewise for ``XᵀX``, ``YᵀY``),
+    an exact identity, so::
+
+        CKA = ‖X_cᵀY_c‖²_F / (‖X_cᵀX_c‖_F · ‖Y_cᵀY_c‖_F)
+
+    equals the dense formula ``⟨HK_SH, HK_TH⟩_F / (‖HK_SH‖_F ‖HK_TH‖_F)`` over the n×n linear
+    kernels with ``H = I − 11ᵀ/n``. ``compute()`` returns ``{"kernel_gap": ..., "cka": ...}``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("sum_s", "sum_t"):
+            self.add_state(name, default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, student_features: Tensor, teacher_features: Tensor) -> None:
+        super().update(student_features, teacher_features)
+        xs = student_features.detach().flatten(1).double()
+        xt = teacher_features.detach().flatten(1).double()
+        if self.sum_s.numel() == 0:
+            self.sum_s, self.sum_t = xs.new_zeros(xs.shape[1]), xs.new_zeros(xt.shape[1])
+        self.sum_s += xs.sum(0)
+        self.sum_t += xt.sum(0)
+        self.count += xs.shape[0]
+
+    def cka(self) -> Tensor:
+        n = self.count.clamp_min(1)
+        mu_s, mu_t = self.sum_s / n, self.sum_t / n
+        cross = self.gram_st - n * torch.outer(mu_s, mu_t)
+        own_s = self.gram_ss - n * torch.outer(mu_s, mu_s)
+        own_t = self.gram_tt - n * torch.outer(mu_t, mu_t)
+        denom = own_s.square().sum().sqrt() * own_t.square().sum().sqrt()
+        if denom <= 0:  # a constant embedding has no centred geometry to compare
+            return torch.tensor(float("nan"))
+        return (cross.square().sum() / denom).float()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"kernel_gap": super().compute(), "cka": self.cka()}
+
+
+def linear_cka(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Linear CKA of two feature matrices (n × d_s, n × d_t) by the streamed formula, in one go."""
+    metric = KernelGeometry()
+    metric.update(student_features, teacher_features)
+    return metric.compute()["cka"]
+
+
 class FidelityMetrics(nn.Module):
     def __init__(self, num_classes: int, with_teacher: bool, ece_bins: int = 15):
         super().__init__()
@@ -110,7 +165,7 @@ class FidelityMetrics(nn.Module):
         if with_teacher:
             self.teacher_acc, self.teacher_ece, self.agreement = acc(), ece(), acc()
             self.kl = TeacherStudentKL()
-            self.kernel_gap = KernelGap()
+            self.kernel = KernelGeometry()
 
     def update(
         self,
@@ -130,7 +185,7 @@ class FidelityMetrics(nn.Module):
             self.agreement.update(student_logits, teacher_logits.argmax(-1))
             self.kl.update(student_logits, teacher_logits)
             if student_embedding is not None and teacher_embedding is not None:
-                self.kernel_gap.update(student_embedding, teacher_embedding)
+                self.kernel.update(student_embedding, teacher_embedding)
 
     def compute(self) -> dict[str, Tensor]:
         out = {"student/acc": self.student_acc.compute(), "student/ece": self.student_ece.compute()}
@@ -141,8 +196,10 @@ class FidelityMetrics(nn.Module):
                 "fidelity/agreement": self.agreement.compute(),
                 "fidelity/kl": self.kl.compute(),
             }
-            if self.kernel_gap.update_count > 0:
-                out["fidelity/kernel_gap"] = self.kernel_gap.compute()
+            if self.kernel.update_count > 0:
+                geometry = self.kernel.compute()
+                out["fidelity/kernel_gap"] = geometry["kernel_gap"]
+                out["fidelity/cka"] = geometry["cka"]
         return out
 
     def reset(self) -> None:

@@ -1,65 +1,83 @@
 """``backward``: Jafari, Rezagholizadeh & Ghodsi, *Improved knowledge distillation by utilizing
-backward pass knowledge in neural networks* (arXiv 2301.12006, 2023).
+backward pass knowledge in neural networks* (arXiv 2301.12006, 2023). See docs/methods.md §2.
 
 KD matches the student to the teacher only on the training points. This method also matches them
 where they disagree most: it moves each input along the input-gradient of the teacher–student
 divergence ("backward-pass knowledge") and distils on those auxiliary samples as well.
 
-Formula, with ``D(x) = KL(softmax(f_t(x)/T) ‖ softmax(f_s(x)/T))`` per sample:
+Formula, with ``D(x)`` the per-sample divergence (``divergence=kl``: ``KL(softmax(f_t(x)/T) ‖
+softmax(f_s(x)/T))``; ``divergence=l2``: ``mean_k (f_s(x) − f_t(x))_k²`` on the logits):
 
 * generation (k steps, from ``x_0 = x``; both models in ``eval()``, no parameter gradient)::
 
       g     = ∇_x D(x_i)
-      x_i+1 = Π( x_i + η · g / ‖g‖₂ )      step=normalized (per-sample L2; g = 0 gives no step)
-      x_i+1 = Π( x_i + η · sign(g) )       step=sign (FGSM-style)
+      x_i+1 = Π( x_i + η·s(x) · g / ‖g‖₂ )      step=normalized (per-sample L2 length η·s)
+      x_i+1 = Π( x_i + η·c(x) · sign(g) )        step=sign (FGSM-style; each coordinate moves η·c)
 
-  ``Π`` clamps to the data range ``[clamp_min, clamp_max]`` and/or projects onto the ε-ball around
-  ``x`` (L2 ball for the normalized step, L∞ ball for the sign step), when those are set.
+  ``s`` and ``c = s/√n`` (n values per sample) make η scale-aware (``step_scale``): ``norm``
+  (default) takes ``s`` = the sample's own L2 norm ‖x‖₂, so η is the relative length of the move
+  (‖x_aux − x‖ / ‖x‖ = η after one step, for both step rules; ``c`` is the sample's RMS);
+  ``rms`` takes ``s`` = the batch's RMS·√n, the same for every sample of the batch; ``absolute``
+  takes ``s = c = 1`` (η in input units, the behaviour before issue 12). ``Π`` clamps to the data
+  range ``[clamp_min, clamp_max]`` and/or projects onto the ε-ball around ``x`` (ε scaled like η:
+  L2 radius ε·s for the normalized step, L∞ radius ε·c for the sign step), when those are set. A
+  zero gradient (teacher and student compute the same function) gives no step.
 * loss (student in train mode)::
 
       L = (1-α)·CE(z_s(x), y) + α·T²·KL(p_t(x) ‖ p_s(x)) + λ_aux·T²·KL(p_t(x_aux) ‖ p_s(x_aux))
 
-  No CE on ``x_aux``: its label is unknown, the teacher is the target.
+  No CE on ``x_aux``: its label is unknown, the teacher is the target. The auxiliary term is KL
+  whatever ``divergence`` picks for generation.
+
+The control: ``method.step_size=0`` gives ``x_aux = x``, so the run is
+``(1-α)·CE + (α+λ_aux)·T²·KL``: KD re-weighted, with no backward-pass knowledge. The MNIST-1D table
+runs it as its own row (``backward (step_size=0)``); a gain of ``backward`` over KD that the
+control also shows is re-weighting, not auxiliary samples.
+
+Logged every step and epoch (as ``train/aux/...``): ``aux/kl_gain`` = mean ``KL`` on the auxiliary
+samples / mean ``KL`` on the clean batch, both at T, from the training forward (1 for the control);
+``aux/move`` = mean ‖x_aux − x‖ / ‖x‖.
 
 Modes:
 
 * ``online`` (default): fresh auxiliary samples for every batch, from that batch, by the current
   student. Clean and auxiliary samples go through the student in one forward (BatchNorm sees the
   union, as if the auxiliary samples were in the training set).
-* ``offline``: once per epoch, in ``on_train_epoch_start``, an auxiliary set is generated from the
-  un-augmented training split (``datamodule.train_eval_dataloader()``; a fresh random subset of
-  ``offline_size`` samples when > 0) with the student as it is at the start of the epoch; the
-  teacher's logits on it are cached (the teacher is fixed). Training on "the union" is done by
-  adding, at each step, the λ_aux KL term on the next batch (same size as the clean batch) of a
-  per-epoch permutation of that set, so one epoch visits the auxiliary set about once when it is as
-  large as the training split. The set is kept on CPU and not checkpointed (it is rebuilt at the
-  start of every epoch, including after a resume).
+* ``offline``: every ``regenerate_every`` epochs, in ``on_train_epoch_start``, an auxiliary set is
+  generated from the un-augmented training split (``datamodule.train_eval_dataloader()``; a fresh
+  random subset of ``offline_size`` samples when > 0) with the student as it is then; the teacher's
+  logits on it are cached (the teacher is fixed). ``cumulative=true`` appends each round's samples
+  to the set instead of replacing it, so the set grows over rounds ("augmenting the training set").
+  Training on "the union" is done by adding, at each step, the λ_aux KL term on the next batch (same
+  size as the clean batch) of a permutation of that set. The set is kept on CPU and not
+  checkpointed (after a resume it is rebuilt from the current student, one round).
 
-Defaults: α = 0.9, T = 4 (the RepDistiller KD convention), λ_aux = 1, k = 1, η = 0.05 with the
-normalized step, no clamp, online.
+Defaults: α = 0.9, T = 4 (the RepDistiller KD convention), λ_aux = 1, k = 1, normalized step,
+``step_scale=norm`` with η = 0.2 (chosen from measurements on MNIST-1D: at η = 0.2 the auxiliary
+divergence is several times the clean one, ``aux/kl_gain`` > 1.3 through training; at the old
+η = 0.05 in input units it was ×1.06 — docs/methods.md §2 has the figures), ``divergence=kl``, no
+clamp, online.
 
-Extending to text: generation is a strategy object behind one boundary,
+Extending to other inputs: generation is a strategy object behind one boundary,
 ``Perturbation.__call__(inputs, divergence) -> aux_inputs``, where ``divergence(inputs)`` runs both
 models and returns the per-sample ``D`` (differentiable w.r.t. the inputs). ``InputGradientAscent``
-perturbs the model input tensor (images, signals, vectors). A text variant adds a ``Perturbation``
-that, in ``setup(student, teacher)``, takes the embedding tables, maps token ids to embeddings and
-ascends on a shared, attention-masked δ in embedding space, returning inputs the text adapter takes
-as ``inputs_embeds``; it is registered in ``PERTURBATIONS`` and picked with ``method.space``. The
-loss code and the vision strategy stay untouched.
+perturbs the model input tensor (images, signals, vectors). Another space (e.g. text embeddings)
+is a ``Perturbation`` subclass whose ``__init__`` takes the keyword arguments of
+:data:`GENERATION_KEYS`, registered with one line, ``PERTURBATIONS["embedding"] = MyPerturbation``,
+in its own module under ``kdx/methods/`` (every module there is imported before a config is
+composed), and picked with ``method.space``. The loss code and the vision strategy stay untouched.
 
 Deviations from the paper: only the abstract could be read (no official code), so everything
 beyond "perturb inputs along the gradient of the teacher–student divergence and augment the
-training set" is our choice: the divergence is KL at the distillation temperature T, the step
-rules, the projections, the online per-batch generation as default, the offline schedule (once
-per epoch, aux batch per step), λ_aux not multiplied by α, and the text (embedding-space) variant
-is an extension point only.
+training set" is our choice: the divergence (KL at the distillation temperature T by default),
+the step rules and their scale, the projections, the online per-batch generation as default, the
+offline schedule (aux batch per step), λ_aux not multiplied by α.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,39 +85,46 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, kd_loss, register_method
+from kdx.methods.base import (
+    DistillationMethod,
+    SoftTarget,
+    Terms,
+    check_kd_weights,
+    hinton_target,
+    kd_loss,
+    per_sample_kl,
+    register_method,
+    train_mode,
+)
 
 log = logging.getLogger(__name__)
 
 Divergence = Callable[[Tensor], Tensor]
 STEP_TYPES = ("normalized", "sign")
+STEP_SCALES = ("norm", "rms", "absolute")
+DIVERGENCES = ("kl", "l2")
 MODES = ("online", "offline")
+# the keyword arguments every Perturbation's __init__ takes (method.* keys of the same names)
+GENERATION_KEYS = ("steps", "step_size", "step", "step_scale", "clamp_min", "clamp_max", "epsilon")
 
 
 def divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Per-sample ``KL(softmax(z_t/T) ‖ softmax(z_s/T))``, shape ``(B,)``, without the T² factor.
 
-    Written as ``Σ p_t (log p_t − log p_s)`` with both logs from ``log_softmax``: when the two
-    models compute the same function, the gradients through the teacher and through the student
-    cancel exactly, so ``∇_x D`` is exactly 0 and the normalized step makes no move.
+    When the two models compute the same function, the gradients through the teacher and through
+    the student cancel exactly, so ``∇_x D`` is exactly 0 and the normalized step makes no move.
     """
-    log_pt = F.log_softmax(teacher_logits / temperature, dim=-1)
-    log_ps = F.log_softmax(student_logits / temperature, dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return per_sample_kl(student_logits, teacher_logits, temperature)
 
 
-@contextlib.contextmanager
-def frozen_statistics(*models: nn.Module | None) -> Iterator[None]:
-    """Every module in ``eval()`` (BatchNorm uses and keeps its running statistics, no dropout);
-    each submodule's own mode is restored on exit."""
-    modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    for m, _ in modes:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+def l2_divergence(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Per-sample ``mean_k (z_s − z_t)_k²``, shape ``(B,)``."""
+    return (student_logits - teacher_logits).pow(2).mean(-1)
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` → ``(B, 1, ..., 1)`` broadcastable against ``like``."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 class Perturbation:
@@ -108,8 +133,20 @@ class Perturbation:
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Read what the strategy needs from the models (a text variant: the embedding tables)."""
 
+    supports_offline = True  # can build a stored auxiliary set (method.mode=offline)
+
     def __call__(self, inputs: Any, divergence: Divergence) -> Any:
         raise NotImplementedError
+
+    def join(self, inputs: Any, aux_inputs: Any) -> Any:
+        """Clean and auxiliary inputs as one batch (clean first), for one forward per model."""
+        return torch.cat([inputs, aux_inputs])
+
+    @staticmethod
+    def relative_move(inputs: Any, aux_inputs: Any) -> Tensor:
+        """Mean ‖x_aux − x‖ / ‖x‖ over the batch (logged as ``aux/move``)."""
+        x, x_aux = inputs.detach().flatten(1).float(), aux_inputs.detach().flatten(1).float()
+        return ((x_aux - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).mean()
 
 
 class InputGradientAscent(Perturbation):
@@ -118,8 +155,9 @@ class InputGradientAscent(Perturbation):
     def __init__(
         self,
         steps: int = 1,
-        step_size: float = 0.05,
+        step_size: float = 0.2,
         step: str = "normalized",
+        step_scale: str = "norm",
         clamp_min: float | None = None,
         clamp_max: float | None = None,
         epsilon: float | None = None,
@@ -127,27 +165,43 @@ class InputGradientAscent(Perturbation):
         self.steps = steps
         self.step_size = step_size
         self.step = step
+        self.step_scale = step_scale
         self.clamp_min = clamp_min
         self.clamp_max = clamp_max
         self.epsilon = epsilon
 
+    def scale(self, x: Tensor) -> Tensor:
+        """Per sample, ``(B, 1, ...)``: what η = 1 stands for — the L2 length ``s`` of a normalized
+        step, or the per-coordinate move ``c = s/√n`` of a sign step."""
+        flat = x.flatten(1)
+        n = flat.shape[1]
+        if self.step_scale == "absolute":
+            return _per_sample(flat.new_ones(flat.shape[0]), x)
+        if self.step_scale == "norm":
+            s = flat.norm(dim=1)
+        else:
+            s = flat.pow(2).mean().sqrt().expand(flat.shape[0]) * n**0.5
+        return _per_sample(s / n**0.5 if self.step == "sign" else s, x)
+
     def direction(self, grad: Tensor) -> Tensor:
+        """Unit-length (L2) direction, or sign(g) for the sign step; zero for a zero gradient."""
         if self.step == "sign":
             return grad.sign()
-        norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-        # a zero gradient (teacher == student) gives no step, not 0/0
+        norm = _per_sample(grad.flatten(1).norm(dim=1), grad)
         return torch.where(
             norm > 0, grad / norm.clamp_min(torch.finfo(grad.dtype).tiny), torch.zeros_like(grad)
         )
 
-    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, scale: Tensor) -> Tensor:
         if self.epsilon is not None:
             delta = x_adv - x
             if self.step == "sign":
-                delta = delta.clamp(-self.epsilon, self.epsilon)
+                bound = self.epsilon * scale
+                delta = torch.maximum(torch.minimum(delta, bound), -bound)
             else:
-                norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-                delta = delta * (self.epsilon / norm.clamp_min(self.epsilon))
+                radius = self.epsilon * scale
+                norm = _per_sample(delta.flatten(1).norm(dim=1), delta)
+                delta = delta * (radius / torch.maximum(norm, radius).clamp_min(torch.finfo(x.dtype).tiny))
             x_adv = x + delta
         if self.clamp_min is not None or self.clamp_max is not None:
             x_adv = x_adv.clamp(self.clamp_min, self.clamp_max)
@@ -157,9 +211,12 @@ class InputGradientAscent(Perturbation):
         if not torch.is_floating_point(inputs):
             raise TypeError(
                 f"method=backward perturbs the input tensor, but the inputs are {inputs.dtype}; "
-                "discrete inputs (token ids) need an embedding-space Perturbation"
+                "discrete inputs (token ids) need an embedding-space Perturbation (method.space)"
             )
         x = inputs.detach()
+        if self.step_size == 0:
+            return x.clone()  # the control: no move, and no backward pass spent on it
+        scale = self.scale(x)
         x_adv = x.clone()
         with torch.enable_grad():
             for _ in range(self.steps):
@@ -167,10 +224,11 @@ class InputGradientAscent(Perturbation):
                 # autograd.grad w.r.t. the input only: no parameter's .grad is touched
                 (grad,) = torch.autograd.grad(divergence(x_adv).sum(), x_adv, allow_unused=True)
                 step = torch.zeros_like(x_adv) if grad is None else self.direction(grad)
-                x_adv = self.project(x_adv.detach() + self.step_size * step, x)
+                x_adv = self.project(x_adv.detach() + self.step_size * scale * step, x, scale)
         return x_adv.detach()
 
 
+# method.space -> Perturbation class; other modules add entries (see the module docstring)
 PERTURBATIONS: dict[str, type[Perturbation]] = {"input": InputGradientAscent}
 
 
@@ -190,13 +248,17 @@ class BackwardPassKD(DistillationMethod):
         temperature: float = 4.0,
         aux_weight: float = 1.0,
         steps: int = 1,
-        step_size: float = 0.05,
+        step_size: float = 0.2,
         step: str = "normalized",
+        step_scale: str = "norm",
+        divergence: str = "kl",
         clamp_min: float | None = None,
         clamp_max: float | None = None,
         epsilon: float | None = None,
         mode: str = "online",
         offline_size: int = 0,
+        regenerate_every: int = 1,
+        cumulative: bool = False,
         space: str = "input",
     ):
         super().__init__()
@@ -206,9 +268,13 @@ class BackwardPassKD(DistillationMethod):
         if steps < 1:
             raise ValueError(f"method.steps={steps} must be >= 1")
         if step_size < 0:
-            raise ValueError(f"method.step_size={step_size} must be >= 0")
+            raise ValueError(f"method.step_size={step_size} must be >= 0 (0 is the control: no move)")
         if step not in STEP_TYPES:
             raise ValueError(f"method.step={step!r} must be one of {', '.join(STEP_TYPES)}")
+        if step_scale not in STEP_SCALES:
+            raise ValueError(f"method.step_scale={step_scale!r} must be one of {', '.join(STEP_SCALES)}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"method.divergence={divergence!r} must be one of {', '.join(DIVERGENCES)}")
         if epsilon is not None and epsilon <= 0:
             raise ValueError(f"method.epsilon={epsilon} must be > 0 (or null for no ε-ball)")
         if clamp_min is not None and clamp_max is not None and clamp_min > clamp_max:
@@ -217,17 +283,29 @@ class BackwardPassKD(DistillationMethod):
             raise ValueError(f"method.mode={mode!r} must be one of {', '.join(MODES)}")
         if offline_size < 0:
             raise ValueError(f"method.offline_size={offline_size} must be >= 0 (0: the whole training split)")
+        if regenerate_every < 1:
+            raise ValueError(f"method.regenerate_every={regenerate_every} must be >= 1 (epochs)")
+        if cumulative and mode != "offline":
+            raise ValueError(
+                "method.cumulative=true grows the offline auxiliary set: set method.mode=offline"
+            )
         if space not in PERTURBATIONS:
             raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
+        if mode == "offline" and not PERTURBATIONS[space].supports_offline:
+            raise ValueError(f"method.space={space} generates online only; use method.mode=online")
         self.alpha = alpha
         self.temperature = temperature
         self.aux_weight = aux_weight
+        self.divergence = divergence
         self.mode = mode
         self.offline_size = offline_size
+        self.regenerate_every = regenerate_every
+        self.cumulative = cumulative
         self.perturb: Perturbation = PERTURBATIONS[space](
             steps=steps,
             step_size=step_size,
             step=step,
+            step_scale=step_scale,
             clamp_min=clamp_min,
             clamp_max=clamp_max,
             epsilon=epsilon,
@@ -242,7 +320,16 @@ class BackwardPassKD(DistillationMethod):
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
         self.perturb.setup(student, teacher)
 
+    def soft_target(self) -> SoftTarget:
+        return SoftTarget(self.temperature, hinton_target(self.temperature))
+
     # -- generation ---------------------------------------------------------------------------
+    def sample_divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The per-sample ``D`` that generation ascends (``method.divergence``)."""
+        if self.divergence == "l2":
+            return l2_divergence(student_logits, teacher_logits)
+        return divergence(student_logits, teacher_logits, self.temperature)
+
     def generate(self, host: Any, x: Tensor) -> Tensor:
         """Auxiliary inputs for ``x``: the teacher's parameters stay frozen, the student's get no
         gradient, and both models' BatchNorm statistics and modes are left as they were."""
@@ -250,9 +337,9 @@ class BackwardPassKD(DistillationMethod):
         def d(inputs: Tensor) -> Tensor:
             z_s = host.student(inputs, self.reads).logits
             z_t = host.teacher(inputs, self.reads).logits
-            return divergence(z_s, z_t, self.temperature)
+            return self.sample_divergence(z_s, z_t)
 
-        with frozen_statistics(host.student, host.teacher):
+        with train_mode(host.student, False), train_mode(host.teacher, False):
             return self.perturb(x, d)
 
     # -- the step -----------------------------------------------------------------------------
@@ -268,12 +355,12 @@ class BackwardPassKD(DistillationMethod):
         else:
             x_aux = self.generate(host, x)
             with torch.no_grad():
-                teacher_logits = host.teacher(torch.cat([x, x_aux]), self.reads).logits
-        student_logits = host.student(torch.cat([x, x_aux]), self.reads).logits
-        n = x.shape[0]
+                teacher_logits = host.teacher(self.perturb.join(x, x_aux), self.reads).logits
+        student_logits = host.student(self.perturb.join(x, x_aux), self.reads).logits
+        n = y.shape[0]  # x may be a mapping of tensors (text)
         terms = self.terms(student_logits[:n], teacher_logits[:n], y, student_logits[n:], teacher_logits[n:])
         if self.mode == "online":
-            terms["aux_dist"] = (x_aux - x).flatten(1).norm(dim=1).mean().detach()
+            terms["aux/move"] = self.perturb.relative_move(x, x_aux)
         return terms
 
     def terms(
@@ -288,15 +375,21 @@ class BackwardPassKD(DistillationMethod):
         kd = kd_loss(student_logits, teacher_logits, self.temperature)
         aux_kd = kd_loss(student_aux_logits, teacher_aux_logits, self.temperature)
         loss = (1 - self.alpha) * ce + self.alpha * kd + self.aux_weight * aux_kd
-        return {"loss": loss, "ce": ce, "kd": kd, "aux_kd": aux_kd}
+        # KL is T²·KL / T², so the ratio of the two batchmean terms is the ratio of mean KLs
+        gain = aux_kd.detach() / kd.detach().clamp_min(torch.finfo(kd.dtype).tiny)
+        return {"loss": loss, "ce": ce, "kd": kd, "aux_kd": aux_kd, "aux/kl_gain": gain}
 
     # -- offline mode -------------------------------------------------------------------------
     def on_train_epoch_start(self, host: Any) -> None:
-        if self.mode == "offline":
+        if self.mode != "offline":
+            return
+        epoch = int(getattr(host, "current_epoch", 0) or 0)
+        if self._aux_x is None or epoch % self.regenerate_every == 0:
             self.build_aux_set(host)
 
     def build_aux_set(self, host: Any) -> None:
-        """Generate the epoch's auxiliary set from the un-augmented training split."""
+        """Generate a round of auxiliary samples from the un-augmented training split; it replaces
+        the set, or is appended to it with ``cumulative``."""
         datamodule = getattr(_trainer(host), "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_eval_dataloader"):
             raise RuntimeError(
@@ -320,14 +413,17 @@ class BackwardPassKD(DistillationMethod):
         for batch in loader:
             x = batch[0].to(device)
             x_aux = self.generate(host, x)
-            with torch.no_grad(), frozen_statistics(host.teacher):
+            with torch.no_grad(), train_mode(host.teacher, False):
                 zs.append(host.teacher(x_aux, self.reads).logits.float().cpu())
             xs.append(x_aux.cpu())
-        self._aux_x, self._aux_teacher = torch.cat(xs), torch.cat(zs)
+        new_x, new_z = torch.cat(xs), torch.cat(zs)
+        if self.cumulative and self._aux_x is not None:
+            new_x, new_z = torch.cat([self._aux_x, new_x]), torch.cat([self._aux_teacher, new_z])
+        self._aux_x, self._aux_teacher = new_x, new_z
         self._aux_order = torch.randperm(len(self._aux_x), generator=self._aux_rng)
         self._aux_cursor = 0
         log.info(
-            "method=backward: generated %d auxiliary samples for epoch %d",
+            "method=backward: %d auxiliary samples at epoch %d",
             len(self._aux_x),
             getattr(host, "current_epoch", 0),
         )

@@ -16,6 +16,8 @@ What a method declares (class attributes):
 * ``trains_teacher``: the teacher gets gradients and an optimizer (ProKT). Otherwise the module
   keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
 * ``manual_optimization``: the method runs its own optimizer steps inside ``training_step``.
+* ``soft_target()``: the temperature and the target builder ``q`` of its distillation term
+  (:class:`SoftTarget`), or ``None``. Tang et al.'s diagnostics read nothing else from a method.
 
 What a method is: an ``nn.Module``. Its parameters (connectors, adapters) are optimised with the
 student's; its state (class centres, projections) lives in buffers, so checkpoints and resume
@@ -40,7 +42,7 @@ How the five seed methods plug in:
   on them. The offline variant regenerates an auxiliary set in ``on_train_epoch_start``.
 * **Tang et al.** (ls, kd_pt, kd_sim, kd_pt_sim): ``setup`` reads the teacher's classifier weights
   (``teacher.classifier.weight``) to build the class-similarity matrix, kept as a buffer; ``loss``
-  builds the per-example target distribution.
+  builds the per-example target distribution, which ``soft_target()`` hands to the diagnostics.
 * **RdimKD**: ``reads={"logits","stages"}`` (or ``embedding``); ``setup(student, teacher,
   datamodule)`` probes shapes to size the student adapter and fits the projection (random
   orthogonal, PCA or an autoencoder over ``datamodule.train_eval_dataloader()``), stored as a buffer.
@@ -52,10 +54,11 @@ How the five seed methods plug in:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -74,8 +77,6 @@ class DistillationMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     trains_teacher: ClassVar[bool] = False
     manual_optimization: ClassVar[bool] = False
-    # the Tang et al. diagnostics callback (callbacks.diagnostics.enabled=auto) follows this
-    diagnostics_by_default: ClassVar[bool] = False
     name: ClassVar[str] = "method"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
@@ -101,15 +102,87 @@ class DistillationMethod(nn.Module):
         the teacher is then built but no checkpoint is loaded or trained for it."""
         return True
 
-    def teacher_optimizers(self, teacher: nn.Module) -> list[dict]:
-        """Lightning optimizer configs for the teacher; only methods that train it return any."""
+    def teacher_optimizers(self, teacher: nn.Module, build_scheduler: Callable[..., Any]) -> list[dict]:
+        """Lightning optimizer configs for the teacher; only methods that train it return any.
+        ``build_scheduler(factory, optimizer, interval)`` is the module's: it fills a scheduler's
+        horizon (``T_max``, ``total_steps``) from the run's length, as for the student."""
         return []
+
+    def soft_target(self) -> SoftTarget | None:
+        """The soft target the method pulls ``softmax(z_s/T)`` towards, for Tang et al.'s diagnostics
+        (:mod:`kdx.diagnostics`); ``None`` when the method has no such target (``none``, ``kda``,
+        ``rdim``). A method that returns one must read its own attributes here (no defaults), so that
+        renaming ``temperature`` fails at fit start instead of silently switching diagnostics off."""
+        return None
 
     # Hooks the module forwards; the defaults do nothing.
     def on_fit_start(self, host: Any) -> None: ...
     def on_train_epoch_start(self, host: Any) -> None: ...
     def on_train_epoch_end(self, host: Any) -> None: ...
     def on_validation_epoch_end(self, host: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftTarget:
+    """What a method's distillation term is, as the diagnostics need it.
+
+    ``target(y, teacher_logits, num_classes)`` returns the per-example distribution ``q`` (B, K) that
+    the term ``T²·KL(q ‖ softmax(z_s/T))`` pulls the student towards (``teacher_logits`` is None for
+    a method that reads no teacher). ``diagnostics_by_default``: ``callbacks.diagnostics.enabled=auto``
+    switches the callback on for this method (the Tang et al. family).
+    """
+
+    temperature: float
+    target: Callable[[Tensor, Tensor | None, int], Tensor]
+    diagnostics_by_default: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"SoftTarget.temperature={self.temperature} must be > 0")
+
+
+def hinton_target(temperature: float) -> Callable[[Tensor, Tensor | None, int], Tensor]:
+    """Hinton KD's target ``softmax(z_t/T)``."""
+
+    def target(y: Tensor, teacher_logits: Tensor | None, num_classes: int) -> Tensor:
+        if teacher_logits is None:
+            raise ValueError("Hinton KD's target needs the teacher's logits")
+        return F.softmax(teacher_logits.float() / temperature, dim=-1)
+
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by methods, callbacks and metrics.
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module | None, training: bool) -> Iterator[nn.Module | None]:
+    """``model`` (every submodule) in train (``True``) or eval (``False``) mode inside the block; each
+    submodule's own mode is restored on exit. ``None`` is accepted and left alone. In eval mode
+    BatchNorm uses and keeps its running statistics and dropout is off."""
+    if model is None:
+        yield None
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    for m, _ in saved:
+        m.training = training
+    try:
+        yield model
+    finally:
+        for m, was in saved:
+            m.training = was
+
+
+def per_sample_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(softmax(z_t/T) ‖ softmax(z_s/T))`` per example, shape ``(B,)``, without a T² factor.
+
+    Written as ``Σ p_t (log p_t − log p_s)`` with both logs from ``log_softmax``: when the two
+    logit vectors are equal the value is exactly 0, and so is its gradient through both sides.
+    """
+    log_pt = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_ps = F.log_softmax(student_logits / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, kd_loss, register_method
+from kdx.methods.base import (
+    DistillationMethod,
+    SoftTarget,
+    Terms,
+    check_kd_weights,
+    hinton_target,
+    kd_loss,
+    register_method,
+)
 from kdx.models.base import ModelOutput
 
 
@@ -23,6 +31,9 @@ class KD(DistillationMethod):
         check_kd_weights(alpha, temperature)
         self.alpha = alpha
         self.temperature = temperature
+
+    def soft_target(self) -> SoftTarget:
+        return SoftTarget(self.temperature, hinton_target(self.temperature))
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         ce = F.cross_entropy(student.logits, y)

@@ -1,5 +1,5 @@
 """``kda``: Qian, Li & Hu, *Improved Knowledge Distillation via Full Kernel Matrix Transfer*
-(arXiv 2009.14416, SDM 2022; official code idstcv/KDA).
+(arXiv 2009.14416, SDM 2022; official code idstcv/KDA). See docs/methods.md §1.
 
 The full n×n kernel ``K = X Xᵀ`` over the data set is approximated with Nyström landmarks; with the
 class centres as landmarks, matching the partial matrices ``C = X Dᵀ`` (examples × centres) bounds
@@ -7,21 +7,31 @@ class centres as landmarks, matching the partial matrices ``C = X Dᵀ`` (exampl
 
     S_s = F_s C_sᵀ,   S_t = F_t C_tᵀ                       (B, C): linear kernel to each class centre
     L_KDA = smooth_l1(S_s, S_t, reduction='sum') / ‖S_t‖_F  (Frobenius norm, not squared)
-    L = ce_weight·CE + α·L_KDA [+ kd_weight·T²·KL(p_t ‖ p_s)]   with α applied from epoch ``warm`` on
+    L = ce_weight·CE + α·Σ_layers L_KDA [+ kd_weight·T²·KL(p_t ‖ p_s)]   with α applied from epoch ``warm`` on
 
 ``F`` are the penultimate features (``layer=embedding``, "before FC") or the logits
-(``layer=logits``, "after FC"), unnormalised. ``C_s`` (C × d_s) and ``C_t`` (C × d_t) are the
-per-class means of the student's and the teacher's features over the *previous* training epoch
-(train-mode forward, detached); each model keeps its own centres, so d_s ≠ d_t needs no connector.
-Centres and the teacher side carry no gradient.
+(``layer=logits``, "after FC"), unnormalised; ``layer=[embedding, logits]`` sums the term over both
+layers, each with its own centres (our reading of the paper's "Combo"). ``C_s`` (C × d_s) and
+``C_t`` (C × d_t) are the per-class means of the student's and the teacher's features over the
+*previous* training epoch (train-mode forward, detached); each model keeps its own centres, so
+d_s ≠ d_t needs no connector. Centres and the teacher side carry no gradient.
+
+The batch is the global one. Under DDP (``global_batch=true``, default) the features of all
+processes are gathered (the student's with their gradient) and every process computes the loss over
+the whole batch, as the official single-GPU (DataParallel) code does over its batch of 256: the sum
+and the norm are over the same examples whatever the number of devices. ``global_batch=false``
+computes it per device, which scales the effective α by about 1/√k on k devices. Gradients: every
+process holds the same loss L; the gather's backward sums the k identical contributions to each
+local feature and DDP averages the parameter gradients over the k processes, so the update is ∇L.
 
 Defaults (official ``main_kda.py``): α = 0.04, warm = 5, smooth-L1 β = 1, CE weight 1, no KD term.
-``kd_weight > 0`` adds Hinton KD at ``temperature`` (a "Combo" variant).
+``kd_weight > 0`` adds Hinton KD at ``temperature``. The official LR warm-up lasts ``warm`` epochs;
+``conf/optim/sgd_kda.yaml`` reads ``method.warm`` (:func:`warmup_cosine`).
 
-State: the centres, the per-class counts they came from and the epoch they belong to are buffers.
-The running sums of the current epoch are in the ``state_dict`` too (as the module's extra state,
-not buffers: DDP broadcasts buffers from rank 0 at every forward, which would overwrite each rank's
-partial sums). At the end of each training epoch the sums and counts are all-reduced
+State: the centres, the per-class counts they came from and the epoch they belong to are buffers
+(one set per layer). The running sums of the current epoch are in the ``state_dict`` too (as extra
+state, not buffers: DDP broadcasts buffers from rank 0 at every forward, which would overwrite each
+rank's partial sums). At the end of each training epoch the sums and counts are all-reduced
 (``torch.distributed`` when initialised) and become the next epoch's centres. A checkpoint taken at
 the end of an epoch (Lightning's default) therefore carries the exact centres; one taken mid-epoch
 carries that epoch's partial sums, which resume continues (under DDP, only rank 0's share survives).
@@ -31,19 +41,21 @@ read in full): class counts are recounted every epoch and all-reduced (the offic
 them in epoch 0 only, which breaks under DDP, ``drop_last`` or a resumed start epoch); a class seen
 in no example of an epoch keeps its previous centre (the official code divides by zero); before the
 first centres exist the KDA term is 0 even when ``warm = 0`` (official: 0/0 = NaN); the paper's
-"Combo" is unclear (KDA on several layers, or KDA + KD) — ours is KDA + KD on one layer; α = 0.04 is
-tuned for batch 256 and 512-d ReLU features (the loss is a sum over the batch), re-tune it elsewhere.
+"Combo" is unclear (KDA on several layers, or KDA + KD) — both are expressible (a list of layers,
+``kd_weight``); α = 0.04 is tuned for batch 256 and 512-d ReLU features (the loss is a sum over the
+batch), re-tune it elsewhere.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, kd_loss, register_method
 from kdx.methods.connectors import LazyBuffers, distributed
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 
@@ -70,42 +82,79 @@ def kda_loss(
     return F.smooth_l1_loss(s_sim, t_sim, reduction="sum", beta=beta) / norm
 
 
-@register_method("kda")
-class KDA(LazyBuffers, DistillationMethod):
-    reads = frozenset({LOGITS, EMBEDDING})
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather along the batch axis (uneven sizes allowed); the backward all-reduces (sums) the
+    gradient of the gathered tensor and returns this process's rows. Works on gloo and NCCL."""
 
-    def __init__(
-        self,
-        alpha: float = 0.04,
-        warm: int = 5,
-        layer: str = "embedding",
-        ce_weight: float = 1.0,
-        kd_weight: float = 0.0,
-        temperature: float = 4.0,
-        beta: float = 1.0,
-    ):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world = torch.distributed.get_world_size()
+        size = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        torch.distributed.all_gather(sizes, size)
+        counts = [int(n) for n in sizes]
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.zeros_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded.contiguous())
+        rank = torch.distributed.get_rank()
+        ctx.rows = (sum(counts[:rank]), counts[rank])
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        start, n = ctx.rows
+        return grad[start : start + n]
+
+
+def gather_batch(x: Tensor, with_gradient: bool) -> Tensor:
+    """The global batch of ``x`` over all DDP processes (``x`` itself when not distributed)."""
+    if not distributed() or torch.distributed.get_world_size() == 1:
+        return x
+    if with_gradient:
+        return _GatherWithGradient.apply(x)
+    with torch.no_grad():
+        return _GatherWithGradient.apply(x.detach())
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_epochs: float, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """KDA's schedule (official ``main_kda.py``), per iteration: ``lr·max(1, it)/W`` for the first
+    ``W = total_steps·warmup_epochs/epochs`` iterations, then a cosine from lr to 0 over the rest.
+    ``total_steps`` is filled from the run's length by the module; ``conf/optim/sgd_kda.yaml`` sets
+    ``warmup_epochs: ${method.warm}``, so the warm-up lasts as long as the KDA term is held back."""
+    if epochs < 1 or total_steps < 1 or warmup_epochs < 0:
+        raise ValueError(
+            f"warmup_cosine: epochs={epochs}, total_steps={total_steps} must be >= 1 and "
+            f"warmup_epochs={warmup_epochs} >= 0"
+        )
+    warm = int(round(total_steps * min(warmup_epochs, epochs) / epochs))
+
+    def factor(it: int) -> float:
+        if it < warm:
+            return max(1, it) / warm
+        span = max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (it - warm) / span)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ClassCentres(LazyBuffers, nn.Module):
+    """One layer's class centres (student and teacher), their counts and this epoch's running sums."""
+
+    def __init__(self) -> None:
         super().__init__()
-        if layer not in LAYERS:
-            raise ValueError(f"method.layer={layer!r} must be one of {', '.join(LAYERS)}")
-        if alpha < 0 or ce_weight < 0 or kd_weight < 0:
-            raise ValueError("method.alpha, method.ce_weight and method.kd_weight must be >= 0")
-        if warm < 0:
-            raise ValueError(f"method.warm={warm} must be >= 0")
-        if temperature <= 0 or beta <= 0:
-            raise ValueError("method.temperature and method.beta must be > 0")
-        self.alpha, self.warm, self.layer = alpha, warm, layer
-        self.ce_weight, self.kd_weight, self.temperature, self.beta = ce_weight, kd_weight, temperature, beta
-        self.reads = frozenset({LOGITS, EMBEDDING}) if layer == "embedding" else frozenset({LOGITS})
         # Sized in setup (or at the first batch); LazyBuffers resizes them when a checkpoint loads.
         self.register_buffer("student_centres", torch.zeros(0, 0))
         self.register_buffer("teacher_centres", torch.zeros(0, 0))
         self.register_buffer("centre_counts", torch.zeros(0, dtype=torch.long))
         self.register_buffer("centres_epoch", torch.tensor(-1, dtype=torch.long))  # -1: no centres yet
         self._reset_sums()
-        self._epoch = 0
         self._has_centres = False
 
-    # -- state ---------------------------------------------------------------------------------
     def _reset_sums(self) -> None:
         self._student_sum: Tensor | None = None
         self._teacher_sum: Tensor | None = None
@@ -134,11 +183,15 @@ class KDA(LazyBuffers, DistillationMethod):
     def has_centres(self) -> bool:
         return self._has_centres  # a Python mirror of centres_epoch >= 0: no device sync per step
 
+    @property
+    def sized(self) -> bool:
+        return self.student_centres.numel() > 0
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._has_centres = int(self.centres_epoch) >= 0
 
-    def _size(self, num_classes: int, d_s: int, d_t: int) -> None:
+    def size(self, num_classes: int, d_s: int, d_t: int) -> None:
         shapes = ((num_classes, d_s), (num_classes, d_t))
         if (tuple(self.student_centres.shape), tuple(self.teacher_centres.shape)) == shapes:
             return
@@ -150,45 +203,23 @@ class KDA(LazyBuffers, DistillationMethod):
         self._has_centres = False
         self._reset_sums()
 
-    def _features(self, out: ModelOutput) -> Tensor:
-        feats = out.embedding if self.layer == "embedding" else out.logits
-        if feats is None:
-            raise RuntimeError("KDA (layer=embedding) needs the model's embedding, but it returned none")
-        return feats.flatten(1)
-
-    # -- lifecycle -----------------------------------------------------------------------------
-    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        input_shape = getattr(datamodule, "input_shape", None)
-        if teacher is None or input_shape is None:
-            return  # sized lazily at the first batch
-        s, t = student.probe(tuple(input_shape), self.reads), teacher.probe(tuple(input_shape), self.reads)
-        self._size(s.logits.shape[1], self._features(s).shape[1], self._features(t).shape[1])
-
-    def on_train_epoch_start(self, host: Any) -> None:
-        self._roll(int(host.current_epoch))
-
-    def on_train_epoch_end(self, host: Any) -> None:
-        self.finalise_centres()
-
-    def _roll(self, epoch: int) -> None:
+    def roll(self, epoch: int) -> None:
         """Turn sums left over from an earlier epoch into centres (e.g. after a resume that skipped
         the end-of-epoch hook); sums of this same epoch (a mid-epoch resume) keep accumulating."""
-        self._epoch = epoch
         if self._count is not None and self._sum_epoch != epoch:
-            self.finalise_centres()
+            self.finalise()
 
     @torch.no_grad()
-    def accumulate(self, student_features: Tensor, teacher_features: Tensor, y: Tensor) -> None:
-        """Add a batch's detached features to the per-class running sums of this epoch."""
+    def accumulate(self, student_features: Tensor, teacher_features: Tensor, y: Tensor, epoch: int) -> None:
         s, t = student_features.detach().double(), teacher_features.detach().double()
-        if self.student_centres.numel() == 0:
+        if not self.sized:
             raise RuntimeError("KDA centres are not sized yet: call setup() or loss() first")
         if self._count is None:
             num_classes = self.student_centres.shape[0]
             self._student_sum = s.new_zeros(num_classes, s.shape[1])
             self._teacher_sum = t.new_zeros(num_classes, t.shape[1])
             self._count = torch.zeros(num_classes, dtype=torch.long, device=s.device)
-            self._sum_epoch = self._epoch
+            self._sum_epoch = epoch
         elif self._count.device != s.device:  # restored from a checkpoint on another device
             self._student_sum, self._teacher_sum, self._count = (
                 self._student_sum.to(s.device),
@@ -200,7 +231,7 @@ class KDA(LazyBuffers, DistillationMethod):
         self._count += torch.bincount(y, minlength=self._count.shape[0])
 
     @torch.no_grad()
-    def finalise_centres(self) -> None:
+    def finalise(self) -> None:
         """All-reduce the epoch's sums and counts and turn them into class centres."""
         if self._count is None:
             return
@@ -218,28 +249,143 @@ class KDA(LazyBuffers, DistillationMethod):
         self._has_centres = True
         self._reset_sums()
 
+
+@register_method("kda")
+class KDA(DistillationMethod):
+    reads = frozenset({LOGITS, EMBEDDING})
+
+    def __init__(
+        self,
+        alpha: float = 0.04,
+        warm: int = 5,
+        layer: str | list[str] = "embedding",
+        ce_weight: float = 1.0,
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
+        beta: float = 1.0,
+        global_batch: bool = True,
+    ):
+        super().__init__()
+        layers = (layer,) if isinstance(layer, str) else tuple(layer)
+        if not layers or any(name not in LAYERS for name in layers) or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"method.layer={layer!r} must be one of {', '.join(LAYERS)} or a list of distinct ones"
+            )
+        if alpha < 0 or ce_weight < 0 or kd_weight < 0:
+            raise ValueError("method.alpha, method.ce_weight and method.kd_weight must be >= 0")
+        if warm < 0:
+            raise ValueError(f"method.warm={warm} must be >= 0")
+        if temperature <= 0 or beta <= 0:
+            raise ValueError("method.temperature and method.beta must be > 0")
+        self.alpha, self.warm, self.layers = alpha, warm, layers
+        self.ce_weight, self.kd_weight, self.temperature, self.beta = ce_weight, kd_weight, temperature, beta
+        self.global_batch = global_batch
+        self.reads = frozenset({LOGITS, EMBEDDING}) if EMBEDDING in layers else frozenset({LOGITS})
+        self.centres = nn.ModuleDict({name: ClassCentres() for name in layers})
+        self._epoch = 0
+
+    # -- the first layer's state, by its old names (one layer is the common case) ---------------
+    @property
+    def _first(self) -> ClassCentres:
+        return self.centres[self.layers[0]]  # type: ignore[return-value]
+
+    @property
+    def student_centres(self) -> Tensor:
+        return self._first.student_centres
+
+    @property
+    def teacher_centres(self) -> Tensor:
+        return self._first.teacher_centres
+
+    @property
+    def centre_counts(self) -> Tensor:
+        return self._first.centre_counts
+
+    @property
+    def centres_epoch(self) -> Tensor:
+        return self._first.centres_epoch
+
+    @property
+    def has_centres(self) -> bool:
+        return self._first.has_centres
+
+    def soft_target(self) -> SoftTarget | None:
+        return SoftTarget(self.temperature, hinton_target(self.temperature)) if self.kd_weight > 0 else None
+
+    def _size(self, num_classes: int, d_s: int, d_t: int) -> None:
+        """Size the first layer's centres (kept for callers that drive one layer by hand)."""
+        self._first.size(num_classes, d_s, d_t)
+
+    def _features(self, out: ModelOutput, layer: str | None = None) -> Tensor:
+        layer = layer or self.layers[0]
+        feats = out.embedding if layer == "embedding" else out.logits
+        if feats is None:
+            raise RuntimeError("KDA (layer=embedding) needs the model's embedding, but it returned none")
+        return feats.flatten(1)
+
+    def _size_from(self, student: ModelOutput, teacher: ModelOutput) -> None:
+        for name, centres in self.centres.items():
+            if not centres.sized:
+                s, t = self._features(student, name), self._features(teacher, name)
+                centres.size(student.logits.shape[1], s.shape[1], t.shape[1])
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
+        input_shape = getattr(datamodule, "input_shape", None)
+        if teacher is None or input_shape is None:
+            return  # sized lazily at the first batch
+        s, t = student.probe(tuple(input_shape), self.reads), teacher.probe(tuple(input_shape), self.reads)
+        self._size_from(s, t)
+
+    def on_train_epoch_start(self, host: Any) -> None:
+        self._roll(int(host.current_epoch))
+
+    def on_train_epoch_end(self, host: Any) -> None:
+        self.finalise_centres()
+
+    def _roll(self, epoch: int) -> None:
+        self._epoch = epoch
+        for centres in self.centres.values():
+            centres.roll(epoch)
+
+    def accumulate(self, student_features: Tensor, teacher_features: Tensor, y: Tensor) -> None:
+        """Add a batch's detached first-layer features to this epoch's per-class sums."""
+        self._first.accumulate(student_features, teacher_features, y, self._epoch)
+
+    def finalise_centres(self) -> None:
+        """All-reduce the epoch's sums and counts (every layer) and turn them into class centres."""
+        for centres in self.centres.values():
+            centres.finalise()
+
     # -- step ----------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
         x, y, index = batch
         epoch = int(host.current_epoch)
-        if epoch != self._epoch or (self._count is not None and self._sum_epoch != epoch):
+        if epoch != self._epoch or any(
+            c._count is not None and c._sum_epoch != epoch for c in self.centres.values()
+        ):
             self._roll(epoch)
         student_out = host.student(x, self.reads)
         teacher_out = self.teacher_forward(host, x)
         terms = self.loss(student_out, teacher_out, y, index)
-        self.accumulate(self._features(student_out), self._features(teacher_out), y)
+        for name, centres in self.centres.items():
+            centres.accumulate(
+                self._features(student_out, name), self._features(teacher_out, name), y, self._epoch
+            )
         return terms
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
-        s_feat, t_feat = self._features(student), self._features(teacher)
-        if self.student_centres.numel() == 0:
-            self._size(student.logits.shape[1], s_feat.shape[1], t_feat.shape[1])
+        self._size_from(student, teacher)
         ce = F.cross_entropy(student.logits, y)
         loss = self.ce_weight * ce
-        if self.has_centres:
-            kda = kda_loss(s_feat, t_feat, self.student_centres, self.teacher_centres, self.beta)
-        else:
-            kda = s_feat.new_zeros(())
+        kda = student.logits.new_zeros(())
+        for name, centres in self.centres.items():
+            if not centres.has_centres:
+                continue
+            s_feat, t_feat = self._features(student, name), self._features(teacher, name)
+            if self.global_batch:  # the loss over every process's examples (see the module docstring)
+                s_feat, t_feat = gather_batch(s_feat, with_gradient=True), gather_batch(t_feat, False)
+            kda = kda + kda_loss(s_feat, t_feat, centres.student_centres, centres.teacher_centres, self.beta)
         if self._epoch >= self.warm:
             loss = loss + self.alpha * kda
         else:

@@ -1,5 +1,6 @@
 """``prokt``: Shi, Song, Zhou, Li & Li, *Follow Your Path: a Progressive Method for Knowledge
 Distillation* (ProKT, arXiv 2107.09305, ECML-PKDD 2021). Official (text) code: wxsh1213/prokt_text.
+See docs/methods.md §5.
 
 A converged teacher is a hard target for a small student. ProKT trains the teacher *with* the
 student and makes each teacher update a local target the student can follow (an approximate
@@ -13,16 +14,25 @@ Each training step, in the official code's order (manual optimization, two optim
 
        L_T = (1-λ)·CE(z_t, y) + λ·KL(softmax(z_s) ‖ softmax(z_t))        (z_s detached)
 
-3. teacher snapshot: ``z_t' = teacher(x)`` in ``eval()``, under ``no_grad``;
+3. teacher snapshot: ``z_t' = teacher(x)`` under ``no_grad``, in ``eval()`` (``teacher_snapshot=eval``,
+   the official order) or in ``train()`` (``teacher_snapshot=train``: BatchNorm normalises with the
+   batch's statistics; its running statistics are restored afterwards, so the snapshot changes
+   nothing in the teacher);
 4. student step, student in ``train()``, with its own clipping::
 
        L_S = (1-α)·CE(z_s, y) + α·T²·KL(softmax(z_t'/T) ‖ softmax(z_s/T))
 
+The teacher's optimizer and scheduler come from ``conf/optim/`` like the student's:
+``conf/method/prokt.yaml`` puts an ``optim`` recipe at ``method.teacher_optim`` (``defaults:
+[/optim@teacher_optim: adam]``; ``method/teacher_optim=sgd`` on the command line picks another), so
+``teacher_optim`` arrives as ``{optimizer: partial, scheduler: partial | None, interval}``. Its
+horizon (``T_max``, ``total_steps``) is filled by the module from the run's length, as for the
+student. Built directly (tests), ``teacher_optim=None`` means Adam at lr 0.01 without a scheduler.
+
 Schedulers: Lightning does not step them under manual optimization, so this method does:
 ``interval: step`` ones after every training step, ``interval: epoch`` ones in
-``on_train_epoch_end`` (the student's ``optim`` recipe is epoch-interval by default; the teacher's
-scheduler, ``teacher_scheduler``, decays per step over the run). Both optimizers use Lightning's
-optimizer wrappers, so ``trainer.global_step`` counts 2 steps per batch.
+``on_train_epoch_end``. Both optimizers use Lightning's optimizer wrappers, so
+``trainer.global_step`` counts 2 steps per batch.
 
 Teacher start: ``teacher_init=random`` (default) builds the teacher from random initialisation and
 loads nothing; ``teacher_init=checkpoint`` loads ``teacher.ckpt`` (lower ``teacher.min_acc`` for an
@@ -33,20 +43,20 @@ start (the official ``--init_classifier_to_zero``), so both predict the uniform 
 step 0.
 
 Defaults: λ (``move_back_weight``) = 0.4 (official BERT-base → BERT-6 setting); student loss
-α = 0.9, T = 4 (the RepDistiller KD convention, methods.md §5.4); teacher: Adam, lr 0.01 (kdx's
-default ``optim=adam`` recipe, so teacher and student train alike on MNIST-1D), cosine decay per
-step, no weight decay; gradient-norm clipping at 1.0 for both (HF ``max_grad_norm`` in the
-official code). For CIFAR-100 use the student's SGD recipe for the teacher too:
-``method.teacher_optimizer=sgd method.teacher_lr=0.05 method.teacher_weight_decay=5e-4``.
-The official text setting is ``method.alpha=1.0 method.temperature=1.0 method.zero_init_heads=true``
-with AdamW (``method.teacher_optimizer=adamw``) and a linear decay (``method.teacher_scheduler=linear``).
+α = 0.9, T = 4 (the RepDistiller KD convention, docs/methods.md §5); teacher: ``optim=adam``
+(kdx's MNIST-1D recipe, so teacher and student train alike there); gradient-norm clipping at 1.0
+for both (HF ``max_grad_norm`` in the official code); eval-mode teacher snapshot. For CIFAR-100
+give the teacher the student's SGD recipe: ``method/teacher_optim=sgd``. The official text setting
+is ``method.alpha=1.0 method.temperature=1.0 method.zero_init_heads=true`` with AdamW and a linear
+decay.
 
 Deviations from the paper: the image-classification recipe of the paper could not be read (only
 the text code was found), so the student's CE + T = 4 loss, the teacher's optimizer/lr/schedule,
 random teacher init and clipping the student at 1.0 are our choices; the optional dual
 (Lagrangian) variant of the official code is not implemented (its code path is broken). The
-teacher snapshot uses eval-mode BatchNorm (the official order; the text models have no BatchNorm),
-whose running statistics lag behind a teacher trained from scratch for the first few dozen steps.
+official text models have no BatchNorm, so which mode the snapshot of a BatchNorm teacher should use
+is open: eval mode (default, the official order) reads running statistics that lag behind a teacher
+trained from scratch for the first few dozen steps; ``teacher_snapshot=train`` avoids that.
 Under DDP the teacher is wrapped for gradient reduction too (the one method that does so), and the
 two backward passes per step need ``trainer.strategy=ddp_find_unused_parameters_true`` (checked at
 fit start); replicas were checked to stay in sync with ``trainer=ddp_sim``.
@@ -56,8 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -67,18 +76,20 @@ from torch import Tensor, nn
 from kdx.errors import KDXError
 from kdx.methods.base import (
     DistillationMethod,
+    SoftTarget,
     Terms,
     check_kd_weights,
+    hinton_target,
     kd_loss,
     register_method,
     soft_cross_entropy,
+    train_mode,
 )
 
 log = logging.getLogger(__name__)
 
 TEACHER_INITS = ("random", "checkpoint")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "linear")
+SNAPSHOT_MODES = ("eval", "train")
 
 
 def teacher_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -88,15 +99,16 @@ def teacher_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """``model`` in train or eval mode inside the block; every submodule's mode restored after."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(training)
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer of ``model`` (BatchNorm running statistics and counters) restored on exit, so a
+    train-mode forward inside the block leaves the model as it was."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        yield model
+        yield
     finally:
-        for m, was in saved:
-            m.training = was
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 @register_method("prokt")
@@ -110,12 +122,9 @@ class ProKT(DistillationMethod):
         alpha: float = 0.9,
         temperature: float = 4.0,
         teacher_init: str = "random",
+        teacher_snapshot: str = "eval",
         zero_init_heads: bool = False,
-        teacher_optimizer: str = "adam",
-        teacher_lr: float = 0.01,
-        teacher_momentum: float = 0.9,
-        teacher_weight_decay: float = 0.0,
-        teacher_scheduler: str = "cosine",
+        teacher_optim: Any = None,
         teacher_max_grad_norm: float = 1.0,
         student_max_grad_norm: float = 1.0,
     ):
@@ -127,29 +136,24 @@ class ProKT(DistillationMethod):
             raise ValueError(
                 f"method.teacher_init={teacher_init!r} must be one of {', '.join(TEACHER_INITS)}"
             )
-        if teacher_optimizer not in OPTIMIZERS:
+        if teacher_snapshot not in SNAPSHOT_MODES:
             raise ValueError(
-                f"method.teacher_optimizer={teacher_optimizer!r} must be one of {', '.join(OPTIMIZERS)}"
+                f"method.teacher_snapshot={teacher_snapshot!r} must be one of {', '.join(SNAPSHOT_MODES)}"
             )
-        if teacher_scheduler not in SCHEDULERS:
+        if teacher_optim is not None and not callable(teacher_optim.get("optimizer")):
             raise ValueError(
-                f"method.teacher_scheduler={teacher_scheduler!r} must be one of {', '.join(SCHEDULERS)}"
+                "method.teacher_optim must be an optim recipe ({optimizer: ..., scheduler: ..., interval}), "
+                "e.g. method/teacher_optim=adam"
             )
-        if teacher_lr <= 0:
-            raise ValueError(f"method.teacher_lr={teacher_lr} must be > 0")
         self.move_back_weight = move_back_weight
         self.alpha = alpha
         self.temperature = temperature
         self.teacher_init = teacher_init
         self.zero_init_heads = zero_init_heads
-        self.teacher_optimizer = teacher_optimizer
-        self.teacher_lr = teacher_lr
-        self.teacher_momentum = teacher_momentum
-        self.teacher_weight_decay = teacher_weight_decay
-        self.teacher_scheduler = teacher_scheduler
+        self.teacher_snapshot_mode = teacher_snapshot
+        self.teacher_optim = teacher_optim
         self.teacher_max_grad_norm = teacher_max_grad_norm
         self.student_max_grad_norm = student_max_grad_norm
-        self._total_steps = math.inf  # the teacher scheduler's horizon, set in on_fit_start
 
     # -- setup --------------------------------------------------------------------------------
     def uses_teacher_weights(self) -> bool:
@@ -164,37 +168,28 @@ class ProKT(DistillationMethod):
                     if head.bias is not None:
                         head.bias.zero_()
 
-    def teacher_optimizers(self, teacher: nn.Module) -> list[dict]:
-        params = [p for p in teacher.parameters() if p.requires_grad]
-        if self.teacher_optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params,
-                lr=self.teacher_lr,
-                momentum=self.teacher_momentum,
-                weight_decay=self.teacher_weight_decay,
-            )
-        elif self.teacher_optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=self.teacher_lr, weight_decay=self.teacher_weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=self.teacher_lr, weight_decay=self.teacher_weight_decay)
-        config: dict[str, Any] = {"optimizer": opt}
-        if self.teacher_scheduler != "none":
-            # a closure (not a bound method) so the scheduler's state_dict stays plain data
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._lr_factor(step))
-            config["lr_scheduler"] = {"scheduler": sched, "interval": "step", "name": "lr-teacher"}
-        return [config]
+    def soft_target(self) -> SoftTarget:
+        """The student's KD target, ``softmax(z_t'/T)`` (the diagnostics read the teacher in eval mode)."""
+        return SoftTarget(self.temperature, hinton_target(self.temperature))
 
-    def _lr_factor(self, step: int) -> float:
-        if not math.isfinite(self._total_steps) or self._total_steps <= 0:
-            return 1.0
-        progress = min(1.0, step / self._total_steps)
-        if self.teacher_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress  # linear
+    def teacher_optimizers(self, teacher: nn.Module, build_scheduler: Callable[..., Any]) -> list[dict]:
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        recipe = self.teacher_optim
+        if recipe is None:
+            return [{"optimizer": torch.optim.Adam(params, lr=0.01)}]
+        opt = recipe["optimizer"](params)
+        config: dict[str, Any] = {"optimizer": opt}
+        if recipe.get("scheduler") is not None:
+            interval = recipe.get("interval", "epoch")
+            config["lr_scheduler"] = {
+                "scheduler": build_scheduler(recipe["scheduler"], opt, interval),
+                "interval": interval,
+                "name": "lr-teacher",
+            }
+        return [config]
 
     def on_fit_start(self, host: Any) -> None:
         trainer = host.trainer
-        self._total_steps = float(trainer.estimated_stepping_batches)
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 raise KDXError(
@@ -230,11 +225,12 @@ class ProKT(DistillationMethod):
         return {**terms, **{f"teacher/{k}": v for k, v in teacher_terms.items()}}
 
     def student_snapshot(self, host: Any, x: Tensor) -> Tensor:
-        with torch.no_grad(), mode(host.student, False):
+        with torch.no_grad(), train_mode(host.student, False):
             return host.student(x, self.reads).logits.detach()
 
     def teacher_snapshot(self, host: Any, x: Tensor) -> Tensor:
-        with torch.no_grad(), mode(host.teacher, False):
+        training = self.teacher_snapshot_mode == "train"
+        with torch.no_grad(), train_mode(host.teacher, training), running_statistics_kept(host.teacher):
             return host.teacher(x, self.reads).logits.detach()
 
     def teacher_loss(self, teacher_logits: Tensor, y: Tensor, student_logits: Tensor | None) -> Terms:
@@ -253,14 +249,14 @@ class ProKT(DistillationMethod):
         self, host: Any, x: Tensor, y: Tensor, student_logits: Tensor | None, optimizer: Any
     ) -> Terms:
         """One update of the teacher towards the labels and back towards the student snapshot."""
-        with mode(host.teacher, True):
+        with train_mode(host.teacher, True):
             terms = self.teacher_loss(host.teacher(x, self.reads).logits, y, student_logits)
             self._update(host, optimizer, terms["loss"], self.teacher_max_grad_norm)
         return {k: v.detach() for k, v in terms.items()}
 
     def student_step(self, host: Any, x: Tensor, y: Tensor, teacher_logits: Tensor, optimizer: Any) -> Terms:
         """One KD update of the student towards the updated teacher's snapshot."""
-        with mode(host.student, True):
+        with train_mode(host.student, True):
             terms = self.student_loss(host.student(x, self.reads).logits, y, teacher_logits)
             self._update(host, optimizer, terms["loss"], self.student_max_grad_norm)
         return {k: v.detach() for k, v in terms.items()}

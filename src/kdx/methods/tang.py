@@ -30,13 +30,13 @@ place class relationships enter.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdx.methods.base import DistillationMethod, Terms, check_kd_weights, soft_cross_entropy
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, check_kd_weights, soft_cross_entropy
 from kdx.models.base import ModelOutput
 
 # ---------------------------------------------------------------------------------------------
@@ -106,9 +106,6 @@ def similarity_rest_target(true_mass: Tensor, similarity: Tensor, y: Tensor, tau
 class SyntheticTargetKD(DistillationMethod):
     """``(1-α)·CE + α·T²·KL(q ‖ softmax(z_s/T))`` with ``q`` from :meth:`targets`."""
 
-    # kdx.diagnostics.TangDiagnostics (enabled: auto) switches itself on for methods that say so
-    diagnostics_by_default: ClassVar[bool] = True
-
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
         super().__init__()
         check_kd_weights(alpha, temperature)
@@ -118,6 +115,11 @@ class SyntheticTargetKD(DistillationMethod):
     def targets(self, y: Tensor, teacher_logits: Tensor | None, num_classes: int) -> Tensor:
         """The per-example target distribution ``q``, ``(B, K)``, rows summing to 1."""
         raise NotImplementedError
+
+    def soft_target(self) -> SoftTarget:
+        """The family's own q, so the diagnostics' gradient ratio is the gradient the student gets;
+        the diagnostics are on by default for the family (``callbacks.diagnostics.enabled=auto``)."""
+        return SoftTarget(self.temperature, self.targets, diagnostics_by_default=True)
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         logits = student.logits
