@@ -54,7 +54,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, cache_dir):
     # T = 1e-45 overflows z/T to ±inf in float32, so the KD term is NaN at the first step
     proc = kdx("kdx-train", "debug=fdr", "method.temperature=1e-45", root=tmp_path, cache=cache_dir)
     assert proc.returncode == 2
-    assert "kdx: error: loss is nan" in proc.stderr
+    assert "kdx: error: the training loss became NaN or infinite" in proc.stderr
     assert "lower optim.optimizer.lr" in proc.stderr
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.data.base import tensor_dataset
-from kdx.module import DistillationModule
+from kdx.factory import build_module
 from kdx.train import CONFIG_DIR
 
 
@@ -67,7 +67,7 @@ class _StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
-            self.samples += batch[0].shape[0]
+            self.samples += batch[1].shape[0]
             _sync(self.device)
             self.end = time.perf_counter()
 
@@ -81,13 +81,7 @@ def _loader(cfg: DictConfig, n: int) -> DataLoader:
 
 def kdx_segment(cfg, student, teacher, device) -> tuple[float, float]:
     method = instantiate(cfg.method)
-    module = DistillationModule(
-        student=student,
-        teacher=teacher,
-        method=method,
-        num_classes=cfg.num_classes,
-        optimizer=instantiate(cfg.optim.optimizer),
-    )
+    module = build_module(cfg, student, method, teacher)
     loader = _loader(cfg, cfg.batch_size * (cfg.warmup_steps + cfg.steps))
     loss_timer = _LossTimer(method, device)
     timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
@@ -104,7 +98,11 @@ def kdx_segment(cfg, student, teacher, device) -> tuple[float, float]:
         num_sanity_val_steps=0,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    # a datamodule with input_shape: methods that size connectors by probing (rdim, fitnet, ...) read it
+    datamodule = L.LightningDataModule()
+    datamodule.input_shape = tuple(cfg.input_shape)
+    datamodule.train_dataloader = lambda: loader
+    trainer.fit(module, datamodule=datamodule)
     seconds = timer.end - timer.start
     return timer.samples / seconds, loss_timer.seconds / seconds
 

@@ -5,27 +5,29 @@ Tang, Shivanna, Zhao, Lin, Singh, Chi, Jain, *Understanding and Improving Knowle
 
 **Instance level** (per epoch, on a fixed sample of training examples, student in ``eval()``):
 
-* the teacher's probability on the true class, ``p_t,y = softmax(z_t)_y`` (and at the temperature);
-* the ratio ``r`` of the KD and CE gradients on the true-class logit ``z_y``. With
-  ``p^T = softmax(z/T)`` and ``log p^T_k = z_k/T − log Σ_j exp(z_j/T)``, so that
-  ``∂ log p^T_k/∂z_y = (1[k=y] − p^T_y)/T``::
+* the teacher's probability on the true class, ``p_t,y = softmax(z_t)_y`` (T = 1), when there is a
+  teacher, and the true-class mass ``q_y`` of the target the method distils towards;
+* the ratio ``r`` of the distillation and CE gradients on the true-class logit ``z_y``, for the
+  method's own target ``q`` (``DistillationMethod.soft_target()``: Hinton KD's ``softmax(z_t/T)``,
+  ``ls``'s smoothed label, ``kd_pt``'s partial teacher, ...). With ``p^T = softmax(z/T)`` and
+  ``log p^T_k = z_k/T − log Σ_j exp(z_j/T)``, so that ``∂ log p^T_k/∂z_y = (1[k=y] − p^T_y)/T``::
 
-      L_KD = T²·KL(p_t^T ‖ p_s^T) = T²·Σ_k p^T_t,k (log p^T_t,k − log p^T_s,k)
-      ∂L_KD/∂z_y = −T²·Σ_k p^T_t,k·(1[k=y] − p^T_s,y)/T = T·(p^T_s,y − p^T_t,y)     (Σ_k p^T_t,k = 1)
+      L_KD = T²·KL(q ‖ p_s^T) = T²·Σ_k q_k (log q_k − log p^T_s,k)
+      ∂L_KD/∂z_y = −T²·Σ_k q_k·(1[k=y] − p^T_s,y)/T = T·(p^T_s,y − q_y)     (Σ_k q_k = 1)
       ∂CE/∂z_y   = p_s,y − 1
-      r = T·(p^T_s,y − p^T_t,y) / (p_s,y − 1) = T·(p^T_t,y − p^T_s,y) / (1 − p_s,y)
+      r = T·(p^T_s,y − q_y) / (p_s,y − 1) = T·(q_y − p^T_s,y) / (1 − p_s,y)
 
-  ``r > 0``: both terms raise ``z_y``; ``r < 0``: the teacher is less sure than the student and the
-  KD term lowers ``z_y``. ``r`` is the unweighted ratio; in the loss ``(1-α)·CE + α·KD`` the terms
+  ``r > 0``: both terms raise ``z_y``; ``r < 0``: the target is less sure than the student and the
+  distillation term lowers ``z_y``. ``r`` is the unweighted ratio; in the loss ``(1-α)·CE + α·KD`` the terms
   weigh ``α·r : (1-α)``. Its spread over examples is the teacher's per-instance gradient rescaling.
 
   When the student is sure of y, ``1 − p_s,y → 0`` and ``|r|`` grows without bound (CE has stopped
   pushing, KD has not), so read ``r`` by its quantiles; its mean is kept in the JSON only.
 
-  Logged per epoch: quantiles (``diag/p_t_true_q50``, ``diag/p_t_true_T_q50``,
+  Logged per epoch: quantiles (``diag/p_t_true_q50``, ``diag/q_true_q50``,
   ``diag/grad_ratio_q50``, ...), histograms on TensorBoard and W&B loggers, and everything
   (quantiles, means, histogram counts on a 1–99 % range) in ``<dirpath>/diagnostics.json``.
-  ``p_t_true`` is read at T = 1 (the teacher's confidence), ``p_t_true_T`` at the ratio's T.
+  For Hinton KD ``q_y`` is the teacher's true-class probability at the method's T.
 
 **Domain level**: the Pearson correlation ``diag/sim_corr`` between the off-diagonal entries of the
 student's and the teacher's class-similarity matrices (cosine of classifier weight vectors), per
@@ -34,10 +36,16 @@ When the data module offers ``true_class_similarity()`` (``dataset=hier_syntheti
 correlations of both models with the true similarity are logged too (``diag/sim_corr_true_*``,
 classifier rows centred like the data's class means) and the true matrix joins the heat map.
 
-Without a teacher only the student's similarity matrix is drawn; nothing that needs the teacher is
-computed. ``enabled: auto`` switches the callback on for methods whose class says
-``diagnostics_by_default = True`` (``ls``, ``kd_pt``, ``kd_sim``, ``kd_pt_sim``). Files are written
-and metrics computed on global rank zero only.
+Without a teacher only the student's similarity matrix is drawn and ``p_t_true`` is left out.
+
+What the callback needs from a method is declared by the method, not guessed: ``soft_target()``
+returns a :class:`~kdx.methods.base.SoftTarget` (temperature, target builder, whether the
+diagnostics are on by default). ``enabled: auto`` switches the callback on when that declaration
+says ``diagnostics_by_default`` (``ls``, ``kd_pt``, ``kd_sim``, ``kd_pt_sim``). With ``enabled:
+true`` a method that declares no target (``none``, ``kda``, ``rdim``) is measured against Hinton
+KD's target at the callback's ``temperature`` (4 when null), and ``diagnostics.json`` says so
+(``"target": "hinton (the method declares none)"``). Files are written and metrics computed on
+global rank zero only.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdx.callbacks import ReportsMetrics
+from kdx.errors import KDXError
+from kdx.methods.base import SoftTarget, hinton_target, train_mode
 from kdx.methods.tang import class_similarity
 from kdx.utils import atomic_write_json
 
@@ -68,16 +79,17 @@ PNG_NAME = "class_similarity.png"
 
 
 def true_class_gradient_ratio(
-    student_logits: Tensor, teacher_logits: Tensor, y: Tensor, temperature: float
+    student_logits: Tensor, target: Tensor, y: Tensor, temperature: float
 ) -> Tensor:
-    """``r = T·(p^T_s,y − p^T_t,y) / (p_s,y − 1)`` per example (float64, see the module docstring)."""
-    zs, zt = student_logits.double(), teacher_logits.double()
+    """``r = T·(p^T_s,y − q_y) / (p_s,y − 1)`` per example (float64, see the module docstring);
+    ``target`` is the method's target distribution ``q`` (B, K)."""
+    zs = student_logits.double()
     idx = y[:, None]
     ps_t = F.softmax(zs / temperature, -1).gather(1, idx).squeeze(1)
-    pt_t = F.softmax(zt / temperature, -1).gather(1, idx).squeeze(1)
+    q_y = target.double().gather(1, idx).squeeze(1)
     # 1 − p_s,y computed as −expm1(log p_s,y): exact even when the student is very sure
     one_minus_ps = -torch.expm1(F.log_softmax(zs, -1).gather(1, idx).squeeze(1))
-    return temperature * (pt_t - ps_t) / one_minus_ps.clamp_min(1e-300)
+    return temperature * (q_y - ps_t) / one_minus_ps.clamp_min(1e-300)
 
 
 def off_diagonal(matrix: Tensor) -> Tensor:
@@ -127,11 +139,15 @@ def _qname(level: float) -> str:
 
 
 def resolve_enabled(enabled: bool | str, method: Any) -> bool:
-    """``true`` / ``false``, or ``auto``: the method's ``diagnostics_by_default`` (False if absent)."""
+    """``true`` / ``false``, or ``auto``: what the method's ``soft_target()`` declares
+    (off for a method that declares no target, and when there is no method)."""
     if isinstance(enabled, str):
         key = enabled.strip().lower()
         if key == "auto":
-            return bool(getattr(method, "diagnostics_by_default", False))
+            if method is None:
+                return False
+            spec = method.soft_target()
+            return spec is not None and spec.diagnostics_by_default
         if key in ("true", "false"):
             return key == "true"
         raise ValueError(f"callbacks.diagnostics.enabled={enabled!r}: use auto, true or false")
@@ -142,15 +158,17 @@ def resolve_enabled(enabled: bool | str, method: Any) -> bool:
 # The callback.
 
 
-class TangDiagnostics(L.Callback):
+class TangDiagnostics(L.Callback, ReportsMetrics):
     """Instance- and domain-level diagnostics of Tang et al. (see the module docstring).
 
     Args:
-        enabled: ``auto`` (on for methods with ``diagnostics_by_default``), ``true`` or ``false``.
+        enabled: ``auto`` (on when the method's ``soft_target()`` says ``diagnostics_by_default``),
+            ``true`` or ``false``.
         dirpath: folder for ``diagnostics.json`` and ``class_similarity.png``
             (default ``<trainer.default_root_dir>/diagnostics``).
         max_samples: training examples (in loader order, unshuffled) measured each epoch.
-        temperature: T of the gradient ratio; ``null`` takes the method's ``temperature`` (else 4).
+        temperature: T of the gradient ratio for a method that declares no soft target (``null``: 4);
+            a method that declares one is measured at its own T (a different value here is an error).
         bins: histogram bins.
         every_n_epochs: measure every n-th training epoch.
         center: centre the classifier weights (subtract the mean row) before the cosine.
@@ -187,18 +205,35 @@ class TangDiagnostics(L.Callback):
         self._loader = None
         self._dir: Path | None = None
         self._temperature = 4.0
+        self._target: SoftTarget | None = None
+        self._target_name = ""
+        self._target_needs_teacher = True
+        self._warned: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        method = getattr(pl_module, "method", None)
+        method = pl_module.method
         self.active = resolve_enabled(self.enabled, method)
         if not self.active:
             return
         self._dir = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "diagnostics"
-        method_t = getattr(method, "temperature", None)
-        self._temperature = float(self.temperature or method_t or 4.0)
+        declared = method.soft_target()
+        if declared is None:
+            self._temperature = float(self.temperature or 4.0)
+            self._target = SoftTarget(self._temperature, hinton_target(self._temperature))
+            self._target_name = "hinton (the method declares none)"
+            self._target_needs_teacher = True
+        else:
+            if self.temperature is not None and float(self.temperature) != float(declared.temperature):
+                raise KDXError(
+                    f"callbacks.diagnostics.temperature={self.temperature} but method={method.name} "
+                    f"distils at T={declared.temperature}; leave the callback's temperature at null"
+                )
+            self._target, self._temperature = declared, float(declared.temperature)
+            self._target_name = f"{method.name} (declared by the method)"
+            self._target_needs_teacher = method.needs_teacher
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -215,8 +250,9 @@ class TangDiagnostics(L.Callback):
         scalars: dict[str, float] = {}
         instance = self._instance_level(trainer, pl_module)
         for key, values in instance.items():
+            probability = key.startswith("p_t") or key.startswith("q_")
             record[key] = summary = summarize(
-                values, self.quantiles, self.bins, (0.0, 1.0) if key.startswith("p_t") else None
+                values, self.quantiles, self.bins, (0.0, 1.0) if probability else None
             )
             if summary["n"]:
                 if key != "grad_ratio":  # the ratio's mean is ruled by students sure of y (1 − p_s,y → 0)
@@ -242,12 +278,12 @@ class TangDiagnostics(L.Callback):
         except Exception as err:  # a failed figure must not fail a finished run
             log.warning("diagnostics: could not draw %s: %s", PNG_NAME, err)
 
-    def summary(self) -> dict[str, float]:
+    def report(self) -> dict[str, float]:
         """The last measured epoch's headline figures, for ``metrics.json`` (empty when inactive)."""
         if not self.active or not self.history:
             return {}
         last, out = self.history[-1], {}
-        for key in ("p_t_true", "p_t_true_T", "grad_ratio"):
+        for key in ("p_t_true", "q_true", "grad_ratio"):
             if last.get(key, {}).get("n"):
                 if key != "grad_ratio":
                     out[f"diag/{key}_mean"] = last[key]["mean"]
@@ -266,39 +302,39 @@ class TangDiagnostics(L.Callback):
 
     @torch.no_grad()
     def _instance_level(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
-        teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "student", None)
-        if teacher is None or student is None:
-            return {}
+        teacher, student = pl_module.teacher, pl_module.student
         loader = self._train_loader(trainer)
-        if loader is None:
+        if loader is None or self._target is None:
             return {}
-        zs, zt, ys, seen = [], [], [], 0
-        modes = [(m, m.training) for m in (student, teacher)]
-        for (
-            m,
-            _,
-        ) in modes:  # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
-            m.eval()
-        try:
+        if teacher is None and self._target_needs_teacher:
+            return {}
+        zs, zt, qs, ys, seen = [], [], [], [], 0
+        # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
+        with train_mode(student, False), train_mode(teacher, False):
             for batch in loader:
                 x, y = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
-                zs.append(_logits(student(x)).float().cpu())
-                zt.append(_logits(teacher(x)).float().cpu())
+                z_s = _logits(student(x))
+                z_t = None if teacher is None else _logits(teacher(x))
+                qs.append(self._target.target(y, z_t, z_s.shape[1]).float().cpu())
+                zs.append(z_s.float().cpu())
+                if z_t is not None:
+                    zt.append(z_t.float().cpu())
                 ys.append(y.cpu())
                 seen += len(y)
                 if seen >= self.max_samples:
                     break
-        finally:
-            for m, mode in modes:
-                m.train(mode)
         if not ys:
             return {}
-        zs_, zt_, y_ = (torch.cat(t)[: self.max_samples] for t in (zs, zt, ys))
-        t = self._temperature
-        p_true = F.softmax(zt_.double(), -1).gather(1, y_[:, None]).squeeze(1)
-        p_true_t = F.softmax(zt_.double() / t, -1).gather(1, y_[:, None]).squeeze(1)
-        ratio = true_class_gradient_ratio(zs_, zt_, y_, t)
-        return {"p_t_true": p_true.numpy(), "p_t_true_T": p_true_t.numpy(), "grad_ratio": ratio.numpy()}
+        n = self.max_samples
+        zs_, q_, y_ = torch.cat(zs)[:n], torch.cat(qs)[:n], torch.cat(ys)[:n]
+        out = {
+            "q_true": q_.double().gather(1, y_[:, None]).squeeze(1).numpy(),
+            "grad_ratio": true_class_gradient_ratio(zs_, q_, y_, self._temperature).numpy(),
+        }
+        if zt:
+            zt_ = torch.cat(zt)[:n]
+            out["p_t_true"] = F.softmax(zt_.double(), -1).gather(1, y_[:, None]).squeeze(1).numpy()
+        return out
 
     def _log_histograms(self, trainer: L.Trainer, instance: dict[str, np.ndarray]) -> None:
         if not instance:
@@ -323,15 +359,18 @@ class TangDiagnostics(L.Callback):
 
     # -- domain level -------------------------------------------------------------------------
     def _weights(self, pl_module: L.LightningModule) -> tuple[Tensor | None, Tensor | None]:
-        def weight(model):
+        def weight(model, who: str):
             if model is None:
                 return None
             try:
                 return model.classifier.weight.detach().float().cpu()
-            except (AttributeError, TypeError, NotImplementedError):
+            except (AttributeError, TypeError, NotImplementedError) as err:
+                if who not in self._warned:  # a model without a linear head: say so once, go on
+                    self._warned.add(who)
+                    log.warning("diagnostics: no class similarity for the %s (%s)", who, err)
                 return None
 
-        return weight(getattr(pl_module, "student", None)), weight(getattr(pl_module, "teacher", None))
+        return weight(pl_module.student, "student"), weight(pl_module.teacher, "teacher")
 
     def _true_similarity(self, trainer: L.Trainer) -> Tensor | None:
         fn = getattr(getattr(trainer, "datamodule", None), "true_class_similarity", None)
@@ -406,6 +445,7 @@ class TangDiagnostics(L.Callback):
             self._dir / JSON_NAME,
             {
                 "temperature": self._temperature,
+                "target": self._target_name,
                 "max_samples": self.max_samples,
                 "center": self.center,
                 "quantile_levels": self.quantiles,

@@ -1,7 +1,14 @@
-"""``kdx-eval``: accuracy and calibration of one checkpoint on a data split, written to eval.json.
+"""``kdx-eval``: the test figures of one checkpoint, written to ``eval.json``.
 
-A kdx run's Lightning checkpoint holds both models; ``model=student`` (default) or
-``model=teacher`` says which one to read, and that group's config gives the architecture.
+    kdx-eval ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt          # that run's own config
+    kdx-eval ckpt_path=.cache/teachers/cnn1d-<key>.pt model=teacher split=val  # a plain state_dict
+
+A checkpoint inside a kdx run folder is evaluated with that run's own composed config
+(``<run>/.hydra/config.yaml``): its data set, models, teacher and method, so the figures equal the
+run's ``metrics.json`` (``student/acc`` for ``last.ckpt``, ``student/acc_best`` for ``best.ckpt``),
+fidelity to the teacher included. Overrides on the command line that name run keys
+(``dataset.*``, ``student.*``, ``teacher.*``, ``trainer.*``) still apply on top of it. Any other file is
+a plain set of weights for ``model=student|teacher`` of the composed config.
 """
 
 from __future__ import annotations
@@ -10,50 +17,99 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.errors import KDXError
+from kdx.factory import build_module, build_trainer
 from kdx.methods.base import METHODS
-from kdx.module import DistillationModule
-from kdx.teacher import load_weights
+from kdx.teacher import load_weights, provide_teacher
 from kdx.train import CONFIG_DIR, _test_metrics
 from kdx.utils import atomic_write_json
 
+_SPLITS = {"test": "test_dataloader", "val": "val_dataloader", "train": "train_eval_dataloader"}
+_RUN_KEYS = ("dataset", "student", "teacher", "method", "optim", "trainer", "seed", "label")
+
+
+def run_config_of(ckpt_path: Path) -> DictConfig | None:
+    """The composed config of the kdx run whose folder holds ``ckpt_path`` (``None`` if none)."""
+    for folder in ckpt_path.resolve().parents:
+        config = folder / ".hydra" / "config.yaml"
+        if config.is_file():
+            return OmegaConf.load(config)
+    return None
+
+
+def _overridden_keys() -> set[str]:
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def _with_run_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the run's groups, keeping the keys this command line overrode."""
+    merged = cfg.copy()
+    overridden = _overridden_keys()
+    with open_dict(merged):
+        for key in _RUN_KEYS:
+            if key in run_cfg:
+                merged[key] = run_cfg[key]
+        merged.paths.cache_dir = run_cfg.paths.get("cache_dir", cfg.paths.cache_dir)
+        for dotted in overridden:
+            if dotted.split(".")[0] in _RUN_KEYS:
+                OmegaConf.update(merged, dotted, OmegaConf.select(cfg, dotted), force_add=True)
+    return merged
+
 
 def evaluate(cfg: DictConfig) -> dict:
-    if cfg.model not in ("student", "teacher"):
-        raise KDXError(f"model={cfg.model}: choose model=student or model=teacher")
-    model_cfg = cfg[cfg.model]
-    if model_cfg.get("model") is None:
-        raise KDXError(f"{cfg.model}={model_cfg.name} has no model to evaluate")
-    network = instantiate(model_cfg.model)
-    load_weights(network, cfg.ckpt_path, what=cfg.model)
+    ckpt = Path(str(cfg.ckpt_path)).expanduser()
+    if not ckpt.is_file():
+        raise KDXError(
+            f"checkpoint not found: {ckpt}; pass ckpt_path=<run>/checkpoints/best.ckpt or a .pt file"
+        )
+    run_cfg = run_config_of(ckpt)
+    if run_cfg is not None:
+        cfg = _with_run_config(cfg, run_cfg)
     datamodule = instantiate(cfg.dataset.datamodule)
-    module = DistillationModule(
-        student=network,
-        method=METHODS["none"](),
-        num_classes=cfg.dataset.num_classes,
-        optimizer=lambda params: None,
+    if cfg.split not in _SPLITS:
+        raise KDXError(f"split={cfg.split}: choose one of {', '.join(_SPLITS)}")
+    trainer = build_trainer(
+        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, devices=1, strategy="auto"
     )
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    loaders = {"test": "test_dataloader", "val": "val_dataloader", "train": "train_eval_dataloader"}
-    if cfg.split not in loaders:
-        raise KDXError(f"split={cfg.split}: choose one of {', '.join(loaders)}")
+    if run_cfg is not None:  # the whole run: student, its teacher, its method
+        method = instantiate(cfg.method)
+        teacher = None
+        if cfg.teacher.get("model") is not None and not (
+            method.trains_teacher and not method.uses_teacher_weights()
+        ):
+            teacher, _ = provide_teacher(cfg)
+        elif cfg.teacher.get("model") is not None:
+            teacher = instantiate(cfg.teacher.model)  # ProKT: its trained teacher is in the checkpoint
+        module = build_module(cfg, instantiate(cfg.student.model), method, teacher)
+        ckpt_arg, what = str(ckpt), "student"
+    else:  # a plain set of weights for one model
+        if cfg.model not in ("student", "teacher"):
+            raise KDXError(f"model={cfg.model}: choose model=student or model=teacher")
+        model_cfg = cfg[cfg.model]
+        if model_cfg.get("model") is None:
+            raise KDXError(f"{cfg.model}={model_cfg.name} has no model to evaluate")
+        network = instantiate(model_cfg.model)
+        load_weights(network, ckpt, what=cfg.model)
+        module = build_module(cfg, network, METHODS["none"](), optim=OmegaConf.create({}))
+        ckpt_arg, what = None, cfg.model
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
-    loader = getattr(datamodule, loaders[cfg.split])()
-    results = _test_metrics(trainer.test(module, dataloaders=loader, verbose=False))
-    out = {
-        "split": cfg.split,
-        "model": cfg.model,
-        "ckpt": str(cfg.ckpt_path),
-        "acc": results["student/acc"],
-        "ece": results["student/ece"],
-    }
+    loader = getattr(datamodule, _SPLITS[cfg.split])()
+    results = _test_metrics(
+        trainer.test(module, dataloaders=loader, ckpt_path=ckpt_arg, verbose=False, weights_only=True)
+    )
+    out = {"split": cfg.split, "model": what, "ckpt": str(ckpt), "run_config": run_cfg is not None, **results}
+    out["acc"], out["ece"] = results["student/acc"], results["student/ece"]
     atomic_write_json(Path(cfg.paths.output_dir) / "eval.json", out)
     return out
 
@@ -66,8 +122,8 @@ def main(cfg: DictConfig) -> None:
         print(f"kdx: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(
-        f"{out['model']} {out['ckpt']} on {cfg.dataset.name}/{out['split']}: "
-        f"acc {out['acc']:.4f}  ece {out['ece']:.4f}"
+        f"{out['model']} {out['ckpt']} on {cfg.dataset.name if not out['run_config'] else 'its run data'}/"
+        f"{out['split']}: acc {100 * out['acc']:.2f} %  ece {100 * out['ece']:.2f} %"
     )
 
 

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from kdx.errors import NonFiniteLossError
 from kdx.methods.base import DistillationMethod
 from kdx.metrics import FidelityMetrics
 from kdx.models.adapter import as_feature_model
@@ -25,10 +26,6 @@ from kdx.models.base import EMBEDDING, LOGITS
 # Horizon arguments of common schedulers, filled from the run's length when the config leaves them out.
 _EPOCH_HORIZON = ("T_max", "total_iters")
 _STEP_HORIZON = ("total_steps",)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class DistillationModule(L.LightningModule):
@@ -43,8 +40,11 @@ class DistillationModule(L.LightningModule):
         teacher: nn.Module | None = None,
         student_stages: list[str] | None = None,
         teacher_stages: list[str] | None = None,
+        nonfinite_check_every: int = 10,
     ):
         super().__init__()
+        self.nonfinite_check_every = max(1, int(nonfinite_check_every))
+        self._nonfinite: Tensor | None = None
         self.student = as_feature_model(student, student_stages)
         self.teacher = None if teacher is None else as_feature_model(teacher, teacher_stages)
         self.method = method
@@ -77,22 +77,41 @@ class DistillationModule(L.LightningModule):
             self.method.setup(self.student, self.teacher, getattr(self.trainer, "datamodule", None))
 
     # -- training -----------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
         terms = self.method.training_step(batch, self)
         loss = terms["loss"]
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(terms: {', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                "lower optim.optimizer.lr, set trainer.gradient_clip_val, or check the method's weights"
-            )
+        # a device-side flag, read every `nonfinite_check_every` steps: no host sync per step
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        batch_size = batch[1].shape[0]  # y is always a tensor; x may be a mapping (text)
+        self.log(
+            "train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
+        )
         self.log_dict(
-            {f"train/{k}": v.detach() for k, v in terms.items()},
+            {f"train/{k}": v.detach() for k, v in terms.items() if k != "loss"},
             on_step=True,
             on_epoch=True,
-            batch_size=batch[0].shape[0],
+            batch_size=batch_size,
         )
         return loss if self.automatic_optimization else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.nonfinite_check_every == 0:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Stop on a non-finite loss seen by any rank since the last check; every rank decides alike."""
+        if self._nonfinite is None:
+            return
+        seen = bool(self._nonfinite)  # the one host sync, every `nonfinite_check_every` steps
+        self._nonfinite = None
+        if self.trainer.strategy.reduce_boolean_decision(seen, all=False):
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite at epoch {self.current_epoch} "
+                f"(seen by global step {self.global_step}, "
+                "on at least one device); lower optim.optimizer.lr, set trainer.gradient_clip_val, "
+                "or check the method's loss weights and the inputs"
+            )
 
     def on_fit_start(self) -> None:
         self.method.on_fit_start(self)
@@ -101,7 +120,21 @@ class DistillationModule(L.LightningModule):
         self.method.on_train_epoch_start(self)
 
     def on_train_epoch_end(self) -> None:
+        self._check_finite()
         self.method.on_train_epoch_end(self)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a frozen teacher is provided again by teacher.ckpt at load time: don't copy it into every file
+        if self.teacher is not None and not self.method.trains_teacher:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if self.teacher is not None and not any(k.startswith("teacher.") for k in state):
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate(self, batch, metrics: FidelityMetrics) -> None:
@@ -124,7 +157,10 @@ class DistillationModule(L.LightningModule):
         self._evaluate(batch, self.test_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=False)
+        values = {f"val/{k}": v for k, v in self.val_metrics.compute().items()}
+        accuracy = values.pop("val/student/acc")
+        self.log("val/student/acc", accuracy, prog_bar=True, sync_dist=False)
+        self.log_dict(values, sync_dist=False)
         self.val_metrics.reset()
         self.method.on_validation_epoch_end(self)
 
@@ -143,17 +179,20 @@ class DistillationModule(L.LightningModule):
                 "interval": self._scheduler_interval,
             }
         if self.method.trains_teacher and self.teacher is not None:
-            configs += self.method.teacher_optimizers(self.teacher)
+            configs += self.method.teacher_optimizers(self.teacher, self._build_scheduler)
         return configs[0] if len(configs) == 1 else configs
 
-    def _build_scheduler(self, factory: Callable[..., Any], optimizer: torch.optim.Optimizer):
-        """Fill ``T_max`` / ``total_iters`` / ``total_steps`` from the run's length when left unset."""
+    def _build_scheduler(
+        self, factory: Callable[..., Any], optimizer: torch.optim.Optimizer, interval: str | None = None
+    ):
+        """Fill ``T_max`` / ``total_iters`` / ``total_steps`` from the run's length when left unset
+        (``interval``: the scheduler's own, when it is not the student's, e.g. ProKT's teacher)."""
         target = getattr(factory, "func", factory)
         bound = getattr(factory, "keywords", {})
         params = inspect.signature(target).parameters
         epochs = max(1, self.trainer.max_epochs or 1)
         steps = self.trainer.estimated_stepping_batches
-        horizon = epochs if self._scheduler_interval == "epoch" else steps
+        horizon = epochs if (interval or self._scheduler_interval) == "epoch" else steps
         extra = {}
         for name in _EPOCH_HORIZON:
             if name in params and name not in bound:

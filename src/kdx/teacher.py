@@ -1,12 +1,17 @@
 """Provide a teacher: load its weights safely, or train and cache it (``ckpt: auto``), then check it.
 
-* ``teacher.ckpt=<path>``: a plain ``state_dict`` or a Lightning checkpoint (kdx's own, whose
-  student or teacher weights are taken, or any whose keys match after a ``model.`` prefix).
-* ``teacher.ckpt=auto``: train the teacher with method ``none`` and the recipe in ``teacher.train``,
-  on one device (for a multi-GPU teacher, train it as a student with ``method=none`` and pass its
-  checkpoint), and cache it under ``<cache_dir>/teachers/<name>-<hash>.pt``; the hash covers the model, the data
-  and the recipe, so a changed recipe trains a new teacher and an unchanged one is reused. A file
-  lock makes parallel jobs (joblib, SLURM arrays on a shared disk) train it once.
+* ``teacher.ckpt=<path>``: a plain ``state_dict``, a Lightning checkpoint (kdx's own, whose student
+  or teacher weights are taken, or any whose keys match after a ``model.`` prefix), or
+  RepDistiller's ``{'model': ...}`` files.
+* ``teacher.ckpt=auto``: the teacher is an ordinary kdx run of its own. Its config is composed from
+  the recipe ``teacher.train`` alone (the teacher's model as the student, ``train.method`` as the
+  method — ``none`` by default, ``ls`` for a label-smoothed teacher —, ``train.optim``,
+  ``train.trainer``, ``train.epochs``, ``train.seed``) and run by :func:`kdx.train.run` into
+  ``<cache_dir>/teachers/<name>-<key>/`` (logs, checkpoints, ``metrics.json``); its best-validation
+  weights become ``<cache_dir>/teachers/<name>-<key>.pt``. The key hashes that recipe, the model
+  config, the model's source code and the data — not the student's trainer settings — so a changed
+  recipe trains a new teacher and a student-side change reuses the cached one. A file lock makes
+  parallel jobs train it once; a waiting job says so until the lock is free.
 
 Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatch is one
 :class:`~kdx.errors.KDXError` line that names the file and what did not fit.
@@ -14,20 +19,22 @@ Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import hashlib
+import inspect
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdx.errors import KDXError
-from kdx.methods.base import METHODS
 from kdx.utils import atomic_torch_save, atomic_write_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
@@ -35,21 +42,39 @@ log = logging.getLogger(__name__)
 # Lightning checkpoints of kdx runs keep models under these prefixes; the one named like the
 # model asked for wins (a kdx run trained with method=none holds only a student).
 _PREFIXES = ("teacher.model.", "student.model.", "model.", "module.")
+# data-module arguments that say where or how fast data is read, not what it is
+_DATA_KEY_EXCLUDED = ("num_workers", "pin_memory", "cache_dir", "root", "eval_batch_size")
+LOCK_NOTICE_S = 30.0
 
 
-def teacher_cache_path(cfg: DictConfig) -> Path:
-    recipe = {
+def model_code_fingerprint(model: nn.Module) -> str:
+    """Hash of the source file that defines ``model``'s class (a changed architecture is a new key)."""
+    try:
+        source = Path(inspect.getsourcefile(type(model)) or "").read_bytes()
+    except (TypeError, OSError):
+        source = type(model).__qualname__.encode()
+    return hashlib.sha256(source).hexdigest()[:12]
+
+
+def teacher_key(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
+    """Everything that decides which weights an auto-trained teacher ends up with."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    datamodule = {k: v for k, v in dataset.pop("datamodule").items() if k not in _DATA_KEY_EXCLUDED}
+    return {
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-        "train": OmegaConf.to_container(cfg.teacher.train, resolve=True),
-        "dataset": {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()},
-        "precision": str(cfg.trainer.get("precision")),
+        "model_code": model_code_fingerprint(model),
+        "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
+        "dataset": {**dataset, "datamodule": datamodule},
     }
-    recipe["dataset"]["datamodule"] = {
-        k: v
-        for k, v in recipe["dataset"]["datamodule"].items()
-        if k not in ("num_workers", "pin_memory", "cache_dir", "root")
-    }
-    return Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(recipe)}.pt"
+
+
+def teacher_cache_path(cfg: DictConfig, model: nn.Module | None = None) -> Path:
+    model = instantiate(cfg.teacher.model) if model is None else model
+    return (
+        Path(cfg.paths.cache_dir)
+        / "teachers"
+        / f"{cfg.teacher.name}-{stable_hash(teacher_key(cfg, model))}.pt"
+    )
 
 
 def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -64,7 +89,7 @@ def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]
         return obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # RepDistiller's released teachers
         return _state_dict_from(obj["model"], path, what)
-    raise KDXError(f"teacher checkpoint {path} holds neither a state_dict nor a Lightning checkpoint")
+    raise KDXError(f"{what} checkpoint {path} holds neither a state_dict nor a Lightning checkpoint")
 
 
 def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> None:
@@ -106,55 +131,187 @@ def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> N
     model.load_state_dict(state)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# ---------------------------------------------------------------------------------------------
+# The teacher run
 
 
-def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: L.LightningDataModule) -> float:
-    """Fit ``model`` with method ``none`` and ``cfg.teacher.train``; returns validation accuracy."""
-    from kdx.module import DistillationModule  # the entry point's dependency, kept out of import time
+def _compose_method(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The composed ``method/<name>`` node (schema defaults, config file, then ``args``)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    overrides = [f"method={name}", *(f"method.{k}={v}" for k, v in args.items())]
+    if GlobalHydra.instance().is_initialized():  # inside kdx-train: the user's search path applies
+        node = compose(config_name="train", overrides=overrides).method
+    else:
+        with initialize_config_module(config_module="kdx.conf", version_base="1.3"):
+            node = compose(config_name="train", overrides=overrides).method
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The teacher's own kdx-train config: built from its recipe; nothing of the student run leaks in."""
     recipe = cfg.teacher.train
-    L.seed_everything(recipe.seed, workers=True, verbose=False)
-    module = DistillationModule(
-        student=model,
-        method=METHODS["none"](),
-        num_classes=cfg.dataset.num_classes,
-        optimizer=instantiate(recipe.optim.optimizer),
-        scheduler=instantiate(recipe.optim.scheduler) if recipe.optim.get("scheduler") else None,
-        scheduler_interval=recipe.optim.get("interval", "epoch"),
+    paths = {k: v for k, v in cfg.paths.items() if k != "output_dir"}
+    return OmegaConf.create(
+        {
+            "task_name": "teacher",
+            "seed": int(recipe.seed),
+            "tags": ["teacher"],
+            "label": None,
+            "ckpt_path": None,
+            "test": True,
+            "monitor": "val/student/acc",
+            "monitor_mode": "max",
+            "torch_threads": cfg.get("torch_threads"),
+            "print_summary": False,
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "student": {
+                "name": cfg.teacher.name,
+                "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+                "stage_names": cfg.teacher.get("stage_names"),
+            },
+            "teacher": {"name": "none", "model": None, "ckpt": None, "min_acc": 0.0, "stage_names": None},
+            "method": _compose_method(
+                str(recipe.get("method", "none")), dict(recipe.get("method_args") or {})
+            ),
+            "optim": OmegaConf.to_container(recipe.optim, resolve=True),
+            "trainer": {
+                "_target_": "lightning.Trainer",
+                "default_root_dir": str(run_dir),
+                "max_epochs": int(recipe.epochs),
+                # where to compute follows the student run; one device, so that under DDP the
+                # relaunched ranks find the teacher cached instead of waiting on this lock
+                "accelerator": cfg.trainer.get("accelerator", "auto"),
+                "devices": 1,
+                "num_nodes": 1,
+                "strategy": "auto",
+                "log_every_n_steps": cfg.trainer.get("log_every_n_steps", 50),
+                "enable_progress_bar": cfg.trainer.get("enable_progress_bar", True),
+                "enable_model_summary": False,
+                **OmegaConf.to_container(recipe.trainer, resolve=True),
+            },
+            "logger": {
+                "csv": {
+                    "_target_": "lightning.pytorch.loggers.CSVLogger",
+                    "save_dir": str(run_dir),
+                    "name": "csv",
+                    "version": "",
+                }
+            },
+            "callbacks": {
+                "model_checkpoint": {
+                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "dirpath": str(run_dir / "checkpoints"),
+                    "filename": "best",
+                    "monitor": "val/student/acc",
+                    "mode": "max",
+                    "save_top_k": 1,
+                    "auto_insert_metric_name": False,
+                }
+            },
+            "paths": {
+                **OmegaConf.to_container(OmegaConf.create(paths), resolve=True),
+                "output_dir": str(run_dir),
+            },
+        }
     )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=recipe.epochs,
-        # one device: under `strategy=ddp` Lightning relaunches this script for the other ranks, and
-        # they must find the teacher cached rather than wait on the lock this process holds
-        devices=1,
-        num_nodes=1,
-        strategy="auto",
-        sync_batchnorm=False,
-        limit_train_batches=recipe.trainer.get("limit_train_batches", 1.0),
-        limit_val_batches=1.0,
-        fast_dev_run=False,
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(Path(cfg.paths.cache_dir) / "teachers"),
-        check_val_every_n_epoch=max(1, recipe.epochs),
-    )
-    trainer.fit(module, datamodule=datamodule, weights_only=True)
-    return float(trainer.callback_metrics.get("val/student/acc", torch.tensor(float("nan"))))
 
 
-def provide_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[nn.Module | None, dict]:
+def _train_teacher(cfg: DictConfig, path: Path) -> dict[str, Any]:
+    """Run the teacher's own kdx run next to ``path`` and store its best weights at ``path``."""
+    from kdx.train import run  # the entry point's own run, kept out of import time
+
+    run_dir = path.with_suffix("")
+    tcfg = teacher_run_config(cfg, run_dir)
+    log.info(
+        "Training teacher %s with method %s for %d epochs; run folder %s",
+        cfg.teacher.name,
+        tcfg.method._target_.rsplit(".", 1)[-1],
+        tcfg.trainer.max_epochs,
+        run_dir,
+    )
+    metrics = run(tcfg)
+    if metrics.get("status") != "ok":
+        raise KDXError(f"teacher run {run_dir} ended with status {metrics.get('status')}; see {run_dir}")
+    best = metrics.get("student/best_ckpt") or str(run_dir / "checkpoints" / "best.ckpt")
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {
+        k.removeprefix("student.model."): v for k, v in state.items() if k.startswith("student.model.")
+    }
+    atomic_torch_save(weights, path)
+    log.info(
+        "Teacher %s: validation accuracy %.2f %%, test accuracy %.2f %% (best epoch); cached at %s",
+        cfg.teacher.name,
+        100 * (metrics.get("student/val_acc_best") or float("nan")),
+        100 * (metrics.get("student/acc_best") or float("nan")),
+        path,
+    )
+    return metrics
+
+
+def _lock(path: Path):
+    from filelock import FileLock
+
+    return FileLock(str(path) + ".lock")
+
+
+def _wait_for_lock(lock, name: str, path: Path) -> None:
+    """Acquire ``lock``, saying every ``LOCK_NOTICE_S`` seconds who is being waited for."""
+    from filelock import Timeout
+
+    started = time.monotonic()
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_NOTICE_S)
+            return
+        except Timeout:
+            message = (
+                f"waiting for teacher {name}: another process is training it ({path}.lock held, "
+                f"{time.monotonic() - started:.0f} s so far)"
+            )
+            log.warning(message)
+            print(f"kdx: {message}", file=sys.stderr, flush=True)
+
+
+def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Path:
+    key = teacher_key(cfg, model)
+    path = Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(key)}.pt"
+    if path.is_file():  # written atomically: present means complete (a read-only cache works too)
+        log.info("Reusing cached teacher %s", path)
+        info["teacher/source"] = "cache"
+        return path
+    if rank_zero_only.rank != 0:
+        raise KDXError(
+            f"teacher {path} is not in the cache on rank {rank_zero_only.rank}; rank 0 trains it before "
+            "the other ranks start — under srun, train it first in a single-process run"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(path)
+    _wait_for_lock(lock, cfg.teacher.name, path)
+    try:
+        if path.is_file():
+            log.info("Reusing teacher %s, trained meanwhile by another process", path)
+            info["teacher/source"] = "cache"
+            return path
+        metrics = _train_teacher(cfg, path)
+        atomic_write_json(
+            path.with_suffix(".json"),
+            {
+                "key": key,
+                "val_acc": metrics.get("student/val_acc_best"),
+                "test_acc": metrics.get("student/acc_best"),
+                "run_dir": str(path.with_suffix("")),
+                "config": OmegaConf.to_container(cfg.teacher, resolve=True),
+            },
+        )
+        info["teacher/source"] = "trained"
+        return path
+    finally:
+        lock.release()
+
+
+def provide_teacher(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
     """Build the teacher of ``cfg.teacher`` and give it weights; ``(None, {})`` when there is none."""
     tcfg = cfg.teacher
     if tcfg.get("model") is None:
@@ -168,25 +325,7 @@ def provide_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple
     if ckpt is None:
         raise KDXError(f"teacher={tcfg.name} has no weights: set teacher.ckpt=<path> or teacher.ckpt=auto")
     if str(ckpt) == "auto":
-        path = teacher_cache_path(cfg)
-        with _file_lock(path):
-            if path.is_file():
-                log.info("Reusing cached teacher %s", path)
-                info["teacher/source"] = "cache"
-            else:
-                log.info(
-                    "Training teacher %s (%d epochs); it will be cached at %s",
-                    tcfg.name,
-                    tcfg.train.epochs,
-                    path,
-                )
-                val_acc = train_teacher(cfg, model, datamodule)
-                atomic_torch_save(model.state_dict(), path)
-                atomic_write_json(
-                    path.with_suffix(".json"),
-                    {"val_acc": val_acc, "config": OmegaConf.to_container(tcfg, resolve=True)},
-                )
-                info["teacher/source"] = "trained"
+        path = _auto_teacher(cfg, model, info)
     else:
         path = Path(str(ckpt)).expanduser()
         info["teacher/source"] = "file"
@@ -196,27 +335,50 @@ def provide_teacher(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple
     return model, info
 
 
-@torch.no_grad()
-def check_teacher(model: nn.Module, datamodule: L.LightningDataModule, min_acc: float, name: str) -> float:
-    """Validation accuracy of the teacher; stop the run if it is below ``min_acc``."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    was_training = model.training
-    model.eval().to(device)
-    correct = total = 0
-    for x, y, _ in datamodule.val_dataloader():
-        logits = model(x.to(device))
-        if logits.shape[-1] != datamodule.num_classes:
+def check_teacher(cfg: DictConfig, model: nn.Module) -> float | None:
+    """Validation accuracy of the teacher (``trainer.validate`` on the run's accelerator, one device);
+    stops the run below ``teacher.min_acc``. Ranks other than 0 trust rank 0's check."""
+    from kdx.factory import build_module, build_trainer
+    from kdx.methods.base import METHODS
+    from kdx.models.adapter import as_feature_model
+    from kdx.models.base import LOGITS
+
+    if rank_zero_only.rank != 0:
+        return None
+    name, num_classes = cfg.teacher.name, int(cfg.dataset.num_classes)
+    input_shape = cfg.dataset.get("input_shape")
+    if input_shape is not None:
+        logits = as_feature_model(model).probe(tuple(input_shape), (LOGITS,)).logits
+        if logits.shape[-1] != num_classes:
             raise KDXError(
-                f"teacher={name} outputs {logits.shape[-1]} classes but the data set has "
-                f"{datamodule.num_classes}; set the teacher's num_classes to the data set's"
+                f"teacher={name} outputs {logits.shape[-1]} classes but the data set has {num_classes}; "
+                "set the teacher's num_classes to the data set's"
             )
-        correct += int((logits.argmax(-1).cpu() == y).sum())
-        total += y.numel()
+    module = build_module(
+        OmegaConf.create({"dataset": {"num_classes": num_classes}, "student": {"stage_names": None}}),
+        model,
+        METHODS["none"](),
+    )
+    trainer = build_trainer(
+        OmegaConf.create({"_target_": "lightning.Trainer"}),
+        accelerator=cfg.trainer.get("accelerator", "auto"),
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    was_training = model.training
+    results = trainer.validate(module, datamodule=instantiate(cfg.dataset.datamodule), verbose=False)
     model.train(was_training).cpu()
-    acc = correct / max(total, 1)
-    if acc < min_acc:
+    acc = float(results[0]["val/student/acc"])
+    if acc < float(cfg.teacher.min_acc):
         raise KDXError(
-            f"teacher={name} has validation accuracy {acc:.4f} < teacher.min_acc={min_acc}; "
+            f"teacher={name} has validation accuracy {acc:.4f} < teacher.min_acc={cfg.teacher.min_acc}; "
             "train it longer (teacher.train.epochs), pass a better teacher.ckpt, or lower teacher.min_acc"
         )
+    log.info("Teacher %s: validation accuracy %.2f %%", name, 100 * acc)
     return acc

@@ -1,12 +1,18 @@
-"""``kdx-train``: compose → build → fit → test → metrics.json.
+"""``kdx-train``: compose → build → (cached teacher run) → fit → test → metrics.json.
 
     kdx-train                                   # MNIST-1D, CNN teacher (auto-trained, cached), MLP student, KD
     kdx-train method=none seed=1 trainer.max_epochs=10
     kdx-train -m method=none,kd seed=0,1,2      # six run folders, each with metrics.json
 
-A user error (bad path, class-count mismatch, NaN loss...) is printed as one line and the process
-exits with code 2; the run folder then holds a ``metrics.json`` with ``status: failed`` and the
-reason, so a multirun goes on and ``kdx-table`` counts the failure.
+Every run goes through one wrapper (:func:`run_job`). A user error (:class:`~kdx.errors.KDXError`:
+bad path, class-count mismatch, bad hyper-parameter, NaN loss) is printed as one line and the
+process exits 2; anything else is a bug: its full traceback goes to stderr and to the run's log and
+the process exits 1. Either way the run folder gets a ``metrics.json`` with ``status: failed``, the
+error's type and message and the log's path, the loggers are closed, and in a multirun the sweep
+goes on (the multirun then exits non-zero once every job has run).
+
+``metrics.json`` is the one contract with ``kdx-table``: besides the figures it carries the run's
+group choices, its resolved config, the experiment's published numbers, tags and label.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 import platform
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,12 +35,14 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import kdx
 import kdx.methods  # noqa: F401 - registers every method's schema before composition
+from kdx.callbacks import ReportsMetrics, TrainingThroughput
 from kdx.errors import KDXError
-from kdx.module import DistillationModule, NonFiniteLossError
+from kdx.factory import build_module, build_trainer
+from kdx.module import DistillationModule
 from kdx.teacher import check_teacher, provide_teacher
 from kdx.utils import atomic_write_json
 
@@ -47,44 +56,13 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda r: "litlogger" not in r.getMessage()
 )
-# conf/ ships inside the package as kdx.conf (pyproject.toml maps it), so wheel and editable installs
-# find the same configs from any folder; users add theirs with --config-dir or hydra.searchpath.
+# conf/ ships inside the package as kdx.conf (the top-level conf/ folder is mapped onto it), so an
+# installed wheel finds its configs wherever kdx-train is launched from.
 CONFIG_DIR = "pkg://kdx.conf"
-
-
-class Throughput(L.Callback):
-    """Training samples per second over the training batches of each epoch (the first epoch is warm-up)."""
-
-    def __init__(self):
-        self.samples = 0
-        self.seconds = 0.0
-        self._epoch_start: float | None = None
-        self._epoch_samples = 0
-        self._epochs = 0
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._epoch_start, self._epoch_samples = None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._epoch_start is None:
-            self._epoch_start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._epoch_samples += batch[0].shape[0]
-        self._last = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self._epoch_start is None:
-            return
-        self._epochs += 1
-        if self._epochs == 2:  # drop the warm-up epoch once a second one exists
-            self.samples, self.seconds = 0, 0.0
-        self.samples += self._epoch_samples * trainer.world_size
-        self.seconds += self._last - self._epoch_start
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+# Optuna's direction follows the one monitor setting (conf/hparams_search/_optuna.yaml)
+OmegaConf.register_new_resolver(
+    "kdx.optuna_direction", lambda mode: "minimize" if str(mode) == "min" else "maximize", replace=True
+)
 
 
 def _float(value: Any) -> float:
@@ -114,8 +92,94 @@ def _versions() -> dict[str, str]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Provenance: what metrics.json says about the run (also for failed runs)
+
+
+def _hydra_choices() -> dict[str, str] | None:
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:  # not inside a Hydra app (tests, the teacher run)
+        return None
+    return {
+        k: v
+        for k, v in OmegaConf.to_container(choices).items()
+        if not k.startswith("hydra/") and v is not None
+    }
+
+
+def _choices(cfg: DictConfig, method_name: str | None = None) -> dict[str, str]:
+    from_hydra = _hydra_choices()
+    if from_hydra is not None and cfg.get("task_name") != "teacher":
+        return from_hydra
+    return {
+        "dataset": str(cfg.dataset.get("name")),
+        "teacher": str(cfg.teacher.get("name")),
+        "student": str(cfg.student.get("name")),
+        "method": method_name or _target_name(cfg.method),
+    }
+
+
+def _target_name(node: Any) -> str:
+    from kdx.methods.base import METHODS
+
+    target = str(node.get("_target_", "?")) if node is not None else "?"
+    return next(
+        (name for name, cls in METHODS.items() if f"{cls.__module__}.{cls.__qualname__}" == target), target
+    )
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config with interpolations resolved, key by key: one that cannot be resolved here (a
+    ``${hydra:...}`` outside a Hydra app, a bad value being reported) stays as written."""
+    out: dict[str, Any] = {}
+    for key in cfg:
+        try:
+            value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=True)
+            out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception:  # noqa: BLE001 - an unresolvable value is itself worth recording as written
+            node = cfg._get_node(str(key))
+            out[str(key)] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else str(node)
+    return out
+
+
+def provenance(cfg: DictConfig, method_name: str | None = None) -> dict[str, Any]:
+    """The keys every metrics.json has, whatever the run's outcome."""
+    choices = _choices(cfg, method_name)
+    published = cfg.get("published")
+    return {
+        "seed": cfg.get("seed"),
+        "method": method_name or choices.get("method"),
+        "label": cfg.get("label"),
+        "dataset": cfg.dataset.get("name"),
+        "teacher": cfg.teacher.get("name"),
+        "student": cfg.student.get("name"),
+        "choices": choices,
+        "tags": list(cfg.get("tags") or []),
+        "published": OmegaConf.to_container(published, resolve=True) if published is not None else None,
+        "config": _resolved(cfg),
+        "versions": _versions(),
+    }
+
+
+def run_name(cfg: DictConfig, method_name: str) -> str:
+    """What tells a run apart in a sweep: ``kd-resnet8x4-resnet32x4-s1``."""
+    parts = [cfg.get("label") or method_name, cfg.student.get("name")]
+    if cfg.teacher.get("model") is not None:
+        parts.append(cfg.teacher.get("name"))
+    return "-".join(str(p) for p in parts) + f"-s{cfg.get('seed')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Build and run
+
+
 def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, dict]:
-    """Everything a run needs, checked for consistency, before any training."""
+    """Everything a run needs, checked for consistency, before any training.
+
+    The data is prepared by Lightning's own hooks (``prepare_data`` once per node, then ``setup``)
+    inside the teacher run, the teacher check and ``fit``; nothing here reads it.
+    """
     datamodule: L.LightningDataModule = instantiate(cfg.dataset.datamodule)
     if int(datamodule.num_classes) != int(cfg.dataset.num_classes):
         raise KDXError(
@@ -130,8 +194,6 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             f"student={cfg.student.name} has {student_classes} classes but dataset={cfg.dataset.name} "
             f"has {cfg.dataset.num_classes}; leave student.model.num_classes at ${{dataset.num_classes}}"
         )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
     info: dict[str, Any] = {}
     teacher = None
     if method.needs_teacher or cfg.teacher.get("model") is not None:
@@ -142,29 +204,61 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
         if method.trains_teacher and not method.uses_teacher_weights():
             teacher, info = instantiate(cfg.teacher.model), {"teacher/source": "random init"}
         else:
-            teacher, info = provide_teacher(cfg, datamodule)
-            info["teacher/val_acc"] = check_teacher(
-                teacher, datamodule, cfg.teacher.min_acc, cfg.teacher.name
-            )
+            teacher, info = provide_teacher(cfg)
+            info["teacher/val_acc"] = check_teacher(cfg, teacher)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same student init whatever the teacher did
     student = instantiate(cfg.student.model)
-    optim = cfg.optim
-    module = DistillationModule(
-        student=student,
-        method=method,
-        num_classes=cfg.dataset.num_classes,
-        optimizer=instantiate(optim.optimizer),
-        scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
-        scheduler_interval=optim.get("interval", "epoch"),
-        teacher=teacher,
-        student_stages=cfg.student.get("stage_names"),
-        teacher_stages=cfg.teacher.get("stage_names"),
-    )
-    return module, datamodule, info
+    return build_module(cfg, student, method, teacher), datamodule, info
 
 
-def _instantiate_dict(node: DictConfig | None) -> list:
-    return [instantiate(c) for c in (node or {}).values() if c is not None and "_target_" in c]
+def _instantiate_dict(node: DictConfig | None, **extra: Any) -> list:
+    return [
+        instantiate(c, **extra.get(k, {}))
+        for k, c in (node or {}).items()
+        if c is not None and "_target_" in c
+    ]
+
+
+def _sweep_group() -> str | None:
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return None
+    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def _loggers(cfg: DictConfig, name: str) -> list:
+    """The configured loggers; W&B runs get a name and a group that tell the jobs of a sweep apart."""
+    extra: dict[str, dict] = {}
+    for key, node in (cfg.get("logger") or {}).items():
+        if node is not None and str(node.get("_target_", "")).endswith("WandbLogger"):
+            group = _sweep_group() or f"{cfg.dataset.name}-{cfg.teacher.name}-{cfg.student.name}"
+            extra[key] = {"name": node.get("name") or name, "group": node.get("group") or group}
+    return _instantiate_dict(cfg.get("logger"), **extra)
+
+
+def _finish_loggers(loggers: list, status: str) -> None:
+    for logger in loggers:
+        try:
+            logger.finalize(status)
+        except Exception:  # noqa: BLE001 - closing a logger must not hide the run's own outcome
+            log.warning("could not finalize logger %s", type(logger).__name__, exc_info=True)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=0 if status == "success" else 1)  # the next job of a sweep gets its own run
+
+
+def _log_hparams(loggers: list, cfg: DictConfig, metrics: dict[str, float] | None = None) -> None:
+    params = _resolved(cfg)
+    for logger in loggers:
+        if metrics is not None and type(logger).__name__ == "TensorBoardLogger":
+            logger.log_hyperparams(params, metrics={f"hparams/{k}": v for k, v in metrics.items()})
+        elif metrics is None:
+            logger.log_hyperparams(params)
+
+
+def _best_checkpoint(trainer: L.Trainer, monitor: str):
+    return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor), None)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -175,18 +269,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     module, datamodule, teacher_info = build(cfg)
-    throughput = Throughput()
-    callbacks = [*_instantiate_dict(cfg.get("callbacks")), throughput]
-    loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    fit_s = time.perf_counter() - started
-
-    metrics: dict[str, Any] = {}
-    best_ckpt = next(
-        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == cfg.monitor), None
+    method_name = module.method.name
+    callbacks = [*_instantiate_dict(cfg.get("callbacks"))]
+    if not any(isinstance(c, TrainingThroughput) for c in callbacks):
+        callbacks.append(TrainingThroughput())
+    loggers = _loggers(cfg, run_name(cfg, method_name))
+    status = "failed"
+    try:
+        _log_hparams(loggers, cfg)
+        trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        fit_s = time.perf_counter() - started
+        if trainer.global_step == 0:
+            raise KDXError(
+                f"no training step ran (trainer.max_epochs={cfg.trainer.get('max_epochs')}, "
+                f"limit_train_batches={cfg.trainer.get('limit_train_batches', 1.0)}); "
+                "give the run at least one epoch with at least one batch"
+            )
+        metrics = _evaluate(cfg, trainer, module, datamodule)
+        status = "success"
+    finally:
+        _finish_loggers(loggers, status)
+    for callback in callbacks:  # callbacks with headline figures of their own (diagnostics, throughput)
+        if isinstance(callback, ReportsMetrics):
+            metrics.update(callback.report())
+    metrics.update(
+        {
+            "status": "ok",
+            "time/fit_s": fit_s,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "teacher/sha256": teacher_info.get("teacher/sha256"),
+            **provenance(cfg, method_name),
+        }
     )
+    metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
+    if trainer.is_global_zero:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+    _log_hparams(loggers, cfg, {k: v for k, v in metrics.items() if k.startswith("student/acc")})
+    return metrics
+
+
+def _evaluate(cfg: DictConfig, trainer: L.Trainer, module, datamodule) -> dict[str, Any]:
+    """Test figures of the last epoch and of the epoch the monitor picked."""
+    monitor = str(cfg.get("monitor", "val/student/acc"))
+    best_ckpt = _best_checkpoint(trainer, monitor)
+    best_score = (
+        None
+        if best_ckpt is None or best_ckpt.best_model_score is None
+        else _float(best_ckpt.best_model_score)
+    )
+    metrics: dict[str, Any] = {
+        "monitor": monitor,
+        "monitor_mode": cfg.get("monitor_mode", "max"),
+        "monitor/best": best_score,
+        "student/val_acc_best": best_score if monitor == "val/student/acc" else None,
+    }
     if cfg.get("test", True):
         metrics.update(_test_metrics(trainer.test(module, datamodule=datamodule, verbose=False)))
         best_path = best_ckpt.best_model_path if best_ckpt else ""
@@ -200,40 +339,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["student/best_ckpt"] = best_path
         else:
             metrics["student/acc_best"] = metrics["student/acc"]
-    best_val = best_ckpt.best_model_score if best_ckpt else None
-    for callback in callbacks:  # callbacks with headline figures of their own (diagnostics)
-        metrics.update(getattr(callback, "summary", dict)())
-    metrics.update(
-        {
-            "status": "ok",
-            "student/val_acc_best": None if best_val is None else _float(best_val),
-            "time/fit_s": fit_s,
-            "throughput/train_samples_per_s": throughput.samples_per_s,
-            "epochs": trainer.current_epoch,
-            "seed": int(cfg.seed),
-            "method": module.method.name,
-            "dataset": cfg.dataset.name,
-            "teacher": cfg.teacher.name,
-            "student": cfg.student.name,
-            "teacher/sha256": teacher_info.get("teacher/sha256"),
-            "versions": _versions(),
-        }
-    )
-    metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
-    if trainer.is_global_zero:
-        atomic_write_json(output_dir / "metrics.json", metrics)
     return metrics
 
 
-SUMMARY_KEYS = (
+SUMMARY_PERCENT = (
     "student/acc",
     "student/acc_best",
     "teacher/acc",
-    "fidelity/kl",
     "fidelity/agreement",
-    "fidelity/kernel_gap",
     "student/ece",
     "teacher/ece",
+)
+SUMMARY_PLAIN = (
+    "fidelity/kl",
+    "fidelity/kernel_gap",
+    "fidelity/cka",
     "time/fit_s",
     "throughput/train_samples_per_s",
 )
@@ -244,18 +364,25 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"kdx · {metrics['method']} · {metrics['teacher']} → {metrics['student']} "
+        title=f"kdx · {metrics['label'] or metrics['method']} · {metrics['teacher']} → {metrics['student']} "
         f"on {metrics['dataset']} · seed {metrics['seed']}"
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in SUMMARY_KEYS:
+    for key in SUMMARY_PERCENT:
         if metrics.get(key) is not None:
-            table.add_row(key, f"{metrics[key]:.4f}")
+            table.add_row(key, f"{100 * metrics[key]:.2f} %")
+    for key in SUMMARY_PLAIN:
+        if metrics.get(key) is not None:
+            table.add_row(key, f"{metrics[key]:.4g}")
     if metrics.get("teacher/source"):
         table.add_row("teacher", f"{metrics['teacher/source']}: {metrics.get('teacher/ckpt')}")
     Console().print(table)
     Console().print(f"metrics: {output_dir / 'metrics.json'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run wrapper
 
 
 def _is_multirun() -> bool:
@@ -265,56 +392,70 @@ def _is_multirun() -> bool:
         return False
 
 
-def _choice(group: str) -> str | None:
+def _root_cause(err: BaseException) -> BaseException:
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _log_file(cfg: DictConfig) -> str | None:
     try:
-        return HydraConfig.get().runtime.choices.get(group)
-    except ValueError:
+        return str(Path(HydraConfig.get().runtime.output_dir) / f"{cfg.task_name}.log")
+    except (ValueError, KeyError):
         return None
 
 
-def _monitored(cfg: DictConfig, metrics: dict[str, Any]) -> float:
-    key = str(cfg.get("monitor", "val/student/acc"))
-    value = (
-        metrics.get("student/val_acc_best")
-        if key == "val/student/acc"
-        else metrics.get(key.removeprefix("test/"))
-    )
-    return float("nan") if value is None else float(value)
+def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
+    cause = _root_cause(err)
+    message = str(cause).strip() or type(cause).__name__
+    try:
+        record = provenance(cfg)
+    except Exception:  # noqa: BLE001 - the record of a failure must not fail itself
+        record = {"seed": str(cfg.get("seed"))}
+    return {
+        **record,
+        "status": "failed",
+        "error": message,
+        "error_type": type(cause).__name__,
+        "log": _log_file(cfg),
+    }
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def worst_score(cfg: DictConfig) -> float:
+    # -inf (not NaN, which optuna refuses) makes an Optuna sweep record a failed job as the worst trial
+    return float("inf") if str(cfg.get("monitor_mode", "max")) == "min" else float("-inf")
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Run, and turn any failure into a failed ``metrics.json``, a log entry and an exit code."""
     output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = run(cfg)
     except Exception as err:
-        user_error = isinstance(err, (KDXError, NonFiniteLossError, InstantiationException))
-        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        failure = {
-            "status": "failed",
-            "error": message,
-            "error_type": type(cause).__name__,
-            "seed": int(cfg.seed),
-            "method": _choice("method"),
-            "dataset": cfg.dataset.name,
-            "teacher": cfg.teacher.name,
-            "student": cfg.student.name,
-        }
-        atomic_write_json(output_dir / "metrics.json", failure)
+        cause = _root_cause(err)
+        user_error = isinstance(cause, KDXError)
+        if rank_zero_only.rank == 0:
+            atomic_write_json(output_dir / "metrics.json", failure_record(cfg, err))
+        if user_error:
+            log.error("kdx: error: %s", cause)
+        else:  # a bug: the traceback goes to the run's log file and to stderr
+            log.error("run failed with an unexpected %s", type(cause).__name__, exc_info=err)
         if _is_multirun():
-            # the sweep goes on and kdx-table counts this run as failed; -inf (not NaN, which
-            # optuna refuses) makes an Optuna sweep record it as the worst trial
-            log.error("run failed: %s", message)
-            return float("-inf")
-        if not user_error:
-            raise  # a bug, not a bad input: keep the traceback
-        print(f"kdx: error: {message}", file=sys.stderr)
-        sys.exit(2)
+            return worst_score(cfg)
+        if user_error:
+            print(f"kdx: error: {cause}", file=sys.stderr)
+            sys.exit(2)
+        traceback.print_exception(err, file=sys.stderr)
+        sys.exit(1)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
         print_summary(metrics, output_dir)
-    value = _monitored(cfg, metrics)
-    return value if math.isfinite(value) else float("-inf")
+    value = metrics.get("monitor/best")
+    return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,11 +19,18 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -35,8 +43,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, write)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/Infinity float replaced by ``None``: strict JSON, readable everywhere."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
