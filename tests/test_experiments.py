@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(
     if not p.name.startswith("_")
 )
 
-# methods.md §6.1 / §6.2 (RepDistiller README): teacher, scratch, KD, CRD (%).
+# The RepDistiller README's rows (docs/reproduce.md, conf/experiment/crd_cifar100/): teacher, scratch, KD, CRD (%).
 CRD_ROWS = {
     "wrn_40_2_wrn_16_2": (75.61, 73.26, 74.92, 75.48),
     "wrn_40_2_wrn_40_1": (75.61, 71.98, 73.54, 74.14),

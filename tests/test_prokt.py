@@ -119,7 +119,7 @@ def test_teacher_gradient_clipping():
     )
 
 
-# -- methods.md §5.5 ---------------------------------------------------------------------------
+# -- docs/methods.md §5 ----------------------------------------------------------------------
 
 
 def _pair(dropout: float = 0.0) -> tuple[nn.Module, nn.Module]:

@@ -1,4 +1,4 @@
-"""RdimKD: projection identities (methods.md §4.5), connectors, fitting, gradient flow, e2e."""
+"""RdimKD: projection identities (docs/methods.md §4), connectors, fitting, gradient flow, e2e."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def test_kd_pt_sim_golden():
 
 
 # ---------------------------------------------------------------------------------------------
-# The identities of methods.md §3.5.
+# The identities of docs/methods.md §3.
 
 
 def test_kd_pt_rows_sum_to_one_and_hold_teacher_confidence():
