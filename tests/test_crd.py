@@ -16,7 +16,15 @@ from torch import nn
 
 from conftest import FAST, run_train
 from kdx.errors import KDXError
-from kdx.methods.crd import CRD, contrast_scores, init_bank, last_occurrence, momentum_update_, nce_loss
+from kdx.methods.crd import (
+    CRD,
+    contrast_scores,
+    dataset_labels,
+    init_bank,
+    last_occurrence,
+    momentum_update_,
+    nce_loss,
+)
 from kdx.models.base import ModelOutput
 
 # The CRD row on tiny synthetic CIFAR (the same overrides as the feature-method tests, so one session
@@ -284,3 +292,24 @@ def test_ddp_sim_keeps_the_banks_identical_on_both_ranks(tmp_path, cache_dir):
     init = init_bank(rank0["student"].shape[0], 128, seed=0)
     assert not torch.equal(rank0["student"][only_rank1], init[only_rank1])
     assert torch.equal(rank0["student"][never], init[never])
+
+
+def test_dataset_labels_reads_the_wrapped_targets_without_loading_inputs():
+    from kdx.data.base import IndexedDataset
+    from kdx.data.cifar import TransformedSubset
+
+    class Targets(torch.utils.data.Dataset):
+        targets = [3, 1, 4, 1, 5]
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            raise AssertionError("no item is loaded")
+
+    nested = IndexedDataset(TransformedSubset(Targets(), [4, 0, 2], transform=lambda x: x))
+    assert dataset_labels(nested).tolist() == [5, 3, 4]
+    subset = torch.utils.data.Subset(
+        torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.tensor([7, 8, 9, 6])), [3, 1]
+    )
+    assert dataset_labels(subset).tolist() == [6, 8]

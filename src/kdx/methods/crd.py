@@ -150,7 +150,7 @@ def dataset_labels(dataset: Any) -> Tensor:
 
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].long().cpu()
-    inner = getattr(dataset, "base", None) or (dataset.dataset if isinstance(dataset, Subset) else None)
+    inner = dataset.dataset if isinstance(dataset, Subset) else getattr(dataset, "base", None)
     indices = getattr(dataset, "indices", None)
     if inner is not None:
         labels = dataset_labels(inner)
