@@ -65,6 +65,7 @@ FILLERS = ("today", "again", "as usual", "this time", "tonight", "at first", "fo
 FLIP_FRAMES = ("i doubt that", "nobody would say that", "it is false that")
 KEEP_FRAMES = ("i am sure that", "everyone agrees that", "it is true that")
 CLASS_NAMES = ("food-negative", "food-positive", "service-negative", "service-positive")
+LANGUAGE_VERSION = 4  # bump when the generator changes: the cache key includes it
 
 
 def make_review(rng: random.Random) -> tuple[str, int]:
@@ -72,18 +73,17 @@ def make_review(rng: random.Random) -> tuple[str, int]:
     words: list[str] = []
     flip = False
     frame = rng.random()
-    if frame < 0.3:
+    if frame < 0.15:
         words.append(rng.choice(FLIP_FRAMES))
         flip = True
-    elif frame < 0.5:
+    elif frame < 0.3:
         words.append(rng.choice(KEEP_FRAMES))
-    deciding: tuple[int, bool] | None = None  # (aspect, positive)
-    for i in range(rng.choice((1, 2, 2, 3, 3))):
-        joiner = None if i == 0 else rng.choice(("and", "but"))
-        aspect = rng.randrange(2)
-        positive = rng.random() < 0.5
-        negated = rng.random() < 0.35
-        clause = ["the", rng.choice(FOOD if aspect == 0 else SERVICE), rng.choice(("was", "is"))]
+    topic = rng.randrange(2)
+    verdict = rng.random() < 0.5  # the polarity every clause expresses, negations included
+    for i in range(rng.choice((1, 2, 2, 3))):
+        negated = rng.random() < 0.2
+        positive = verdict != negated
+        clause = ["the", rng.choice(FOOD if topic == 0 else SERVICE), rng.choice(("was", "is"))]
         if negated:
             clause.append(rng.choice(NEGATORS))
         if rng.random() < 0.4:
@@ -91,14 +91,10 @@ def make_review(rng: random.Random) -> tuple[str, int]:
         clause.append(rng.choice(POSITIVE if positive else NEGATIVE))
         if rng.random() < 0.3:
             clause.append(rng.choice(FILLERS))
-        if joiner is not None:
-            words.append(joiner)
+        if i:
+            words.append(rng.choice(("and", "and also")))
         words.extend(clause)
-        if i == 0 or joiner == "but":
-            deciding = (aspect, positive != negated)
-    assert deciding is not None
-    aspect, positive = deciding
-    return " ".join(words), 2 * aspect + int(positive != flip)
+    return " ".join(words), 2 * topic + int(verdict != flip)
 
 
 def make_split(n: int, seed: int, label_noise: float = 0.0) -> tuple[list[str], list[int]]:
@@ -120,7 +116,7 @@ class SyntheticTextDataModule(TextDataModule):
     def __init__(
         self,
         cache_dir: str,
-        num_train: int = 4000,
+        num_train: int = 8000,
         num_val: int = 1000,
         num_test: int = 2000,
         label_noise: float = 0.0,
@@ -140,7 +136,9 @@ class SyntheticTextDataModule(TextDataModule):
 
     @property
     def folder(self) -> Path:
-        key = self.cache_key(self.sizes, self.label_noise, self.vocab_size, self.seed, self.max_length)
+        key = self.cache_key(
+            LANGUAGE_VERSION, self.sizes, self.label_noise, self.vocab_size, self.seed, self.max_length
+        )
         return self.cache_dir / "synthetic_text" / key
 
     @property

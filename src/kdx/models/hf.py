@@ -38,6 +38,7 @@ What the adapter (:class:`HFFeatureModel`) returns:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -99,6 +100,10 @@ class HFSequenceClassifier(nn.Module):
         self.hf = hf
         self.input_prefix = input_prefix
         self.stage_pooling = stage_pooling
+        # e.g. DistilBERT and RoBERTa-style models take no token_type_ids: drop what forward() does not take
+        self.accepted_inputs = frozenset(
+            k for k in MODEL_INPUTS if k in inspect.signature(hf.forward).parameters
+        )
 
     @property
     def num_classes(self) -> int:
@@ -113,7 +118,7 @@ class HFSequenceClassifier(nn.Module):
         return int(self.hf.get_input_embeddings().embedding_dim)
 
     def inputs(self, x: Any) -> dict[str, Tensor]:
-        return select_inputs(x, self.input_prefix)
+        return {k: v for k, v in select_inputs(x, self.input_prefix).items() if k in self.accepted_inputs}
 
     def forward(self, x: Any) -> Tensor:
         return self.hf(**self.inputs(x)).logits

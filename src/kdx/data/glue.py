@@ -1,0 +1,267 @@
+"""``dataset=glue dataset.task=<task>``: the GLUE classification tasks from local files.
+
+Two layouts are read, the ones users have (kdx downloads nothing):
+
+* the Hugging Face Hub's parquet files (``hf download nyu-mll/glue --repo-type dataset``):
+  ``<root>/<task>/train-00000-of-00001.parquet``, ``validation-….parquet`` (MNLI:
+  ``validation_matched-…`` / ``validation_mismatched-…``); integer labels;
+* the original GLUE TSVs (``download_glue_data.py``): ``<root>/<TSV folder>/train.tsv`` and
+  ``dev.tsv`` (MNLI: ``dev_matched.tsv`` / ``dev_mismatched.tsv``), folders ``SST-2``, ``CoLA``,
+  ``MNLI``, ``QNLI``, ``QQP``, ``RTE``, ``MRPC``; labels as the TSVs spell them (``entailment``...)
+  mapped to the Hub's integers. CoLA's TSVs have no header; the others do.
+
+``<root>`` may also be the task folder itself. Files are read with pandas (pyarrow for parquet).
+
+Splits: GLUE's test labels are private, so ``train`` is the training split and the dev split is
+both kdx's validation split (best-epoch selection) and its test split, the protocol of the GLUE
+papers (ProKT selects the best dev checkpoint). kdx reports accuracy; CoLA is usually reported as
+Matthews correlation and MRPC / QQP also as F1, which kdx does not compute.
+
+Tokenisation: each model's own tokenizer (a local folder, ``model.tokenizer``), sentence pairs
+as the tokenizer joins them, truncated to ``max_length``. The student's tokenisation is under
+``input_ids`` / ``attention_mask`` / ``token_type_ids``; when the teacher's tokenizer differs, its
+tokenisation is added under ``teacher.input_ids`` / ... (see :mod:`kdx.models.hf`). Encodings are
+cached under ``<cache_dir>/glue/`` keyed by the files (size, time), the tokenizer and ``max_length``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdx.data.text import (
+    TEACHER_PREFIX,
+    TextDataModule,
+    TextDataset,
+    cached,
+    encode,
+    tokenizer_fingerprint,
+    widen,
+)
+from kdx.errors import KDXError
+
+
+@dataclass(frozen=True)
+class Task:
+    tsv_folder: str
+    num_classes: int
+    fields: tuple[str, str | None]  # parquet columns of the sentence(s)
+    tsv_fields: tuple[str, str | None]
+    tsv_label: str
+    dev: str = "validation"  # the Hub's split name of the dev set
+    tsv_dev: str = "dev"
+    label_names: tuple[str, ...] = ()  # TSV label strings, in the Hub's integer order
+    tsv_header: tuple[str, ...] | None = None  # column names of a header-less TSV
+
+
+TASKS: dict[str, Task] = {
+    "sst2": Task("SST-2", 2, ("sentence", None), ("sentence", None), "label"),
+    "cola": Task(
+        "CoLA",
+        2,
+        ("sentence", None),
+        ("sentence", None),
+        "label",
+        tsv_header=("source", "label", "original_label", "sentence"),
+    ),
+    "mnli": Task(
+        "MNLI",
+        3,
+        ("premise", "hypothesis"),
+        ("sentence1", "sentence2"),
+        "gold_label",
+        dev="validation_matched",
+        tsv_dev="dev_matched",
+        label_names=("entailment", "neutral", "contradiction"),
+    ),
+    "qnli": Task(
+        "QNLI",
+        2,
+        ("question", "sentence"),
+        ("question", "sentence"),
+        "label",
+        label_names=("entailment", "not_entailment"),
+    ),
+    "qqp": Task("QQP", 2, ("question1", "question2"), ("question1", "question2"), "is_duplicate"),
+    "rte": Task(
+        "RTE",
+        2,
+        ("sentence1", "sentence2"),
+        ("sentence1", "sentence2"),
+        "label",
+        label_names=("entailment", "not_entailment"),
+    ),
+    "mrpc": Task("MRPC", 2, ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality"),
+}
+# the other MNLI dev set: dataset.dev_split=validation_mismatched
+_TSV_DEV = {
+    "validation_mismatched": "dev_mismatched",
+    "validation_matched": "dev_matched",
+    "validation": "dev",
+}
+
+
+def how_to_get(task: str, root: Path) -> str:
+    return (
+        f"get the files with `hf download nyu-mll/glue --repo-type dataset --include '{task}/*' "
+        f"--local-dir {root}` (parquet) or put GLUE's original {TASKS[task].tsv_folder}/ folder of TSVs "
+        f"(download_glue_data.py) in {root}, then pass dataset.root={root}"
+    )
+
+
+def find_split(root: Path, task: str, split: str) -> tuple[str, list[Path]]:
+    """``("parquet" | "tsv", files)`` of one split (``train`` or a Hub dev split name)."""
+    spec = TASKS[task]
+    folders = [
+        root / task,
+        root / "data" / task,
+        root / spec.tsv_folder,
+        root / "glue_data" / spec.tsv_folder,
+        root,
+    ]
+    tsv_name = "train" if split == "train" else _TSV_DEV.get(split, split)
+    for folder in folders:
+        parquet = sorted(Path(p) for p in glob.glob(str(folder / f"{split}-*.parquet")))
+        parquet = parquet or [p for p in [folder / f"{split}.parquet"] if p.is_file()]
+        if parquet:
+            return "parquet", parquet
+        if (folder / f"{tsv_name}.tsv").is_file():
+            return "tsv", [folder / f"{tsv_name}.tsv"]
+    looked = ", ".join(str(f) for f in dict.fromkeys(folders))
+    raise KDXError(
+        f"GLUE {task} {split} split not found: looked for {split}-*.parquet and {tsv_name}.tsv in {looked}; "
+        + how_to_get(task, root)
+    )
+
+
+def read_split(task: str, layout: str, files: list[Path]) -> tuple[list[str], list[str] | None, list[int]]:
+    """Sentences (one or two lists) and integer labels of one split's files."""
+    import pandas as pd
+
+    spec = TASKS[task]
+    if layout == "parquet":
+        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        first, second = spec.fields
+        labels = frame["label"]
+    else:
+        frame = pd.read_csv(
+            files[0],
+            sep="\t",
+            quoting=csv.QUOTE_NONE,
+            header=None if spec.tsv_header else 0,
+            names=list(spec.tsv_header) if spec.tsv_header else None,
+            dtype=str,
+            keep_default_na=False,
+            on_bad_lines="skip",  # a handful of QQP training rows have missing fields
+        )
+        first, second = spec.tsv_fields
+        labels = frame[spec.tsv_label]
+        if spec.label_names:
+            index = {name: i for i, name in enumerate(spec.label_names)}
+            unknown = sorted(set(labels) - set(index))
+            if unknown:
+                raise KDXError(
+                    f"{files[0]}: labels {unknown[:5]} are not GLUE {task} labels {spec.label_names}"
+                )
+            labels = labels.map(index)
+        else:
+            labels = labels.astype(int)
+    missing = [c for c in (first, second) if c is not None and c not in frame.columns]
+    if missing:
+        raise KDXError(
+            f"{files[0]} has no column(s) {missing} (columns: {list(frame.columns)}); is it GLUE {task}?"
+        )
+    labels = [int(v) for v in labels]
+    if any(not 0 <= v < spec.num_classes for v in labels):
+        raise KDXError(
+            f"{files[0]}: labels outside 0..{spec.num_classes - 1} (GLUE's test split has no labels; "
+            "kdx uses train and dev)"
+        )
+    texts_b = None if second is None else frame[second].astype(str).tolist()
+    return frame[first].astype(str).tolist(), texts_b, labels
+
+
+class GLUEDataModule(TextDataModule):
+    name = "glue"
+
+    def __init__(
+        self,
+        task: str,
+        root: str,
+        cache_dir: str,
+        student_tokenizer: str | None = None,
+        teacher_tokenizer: str | None = None,
+        max_length: int = 128,
+        dev_split: str | None = None,
+        max_train_samples: int | None = None,
+        **loader_kwargs: Any,
+    ):
+        super().__init__(max_length=max_length, **loader_kwargs)
+        if task not in TASKS:
+            raise KDXError(f"dataset.task={task!r} is not one of {', '.join(TASKS)}")
+        if student_tokenizer is None:
+            raise KDXError(
+                "dataset=glue tokenises with the student's tokenizer: set student.model.tokenizer=<folder> "
+                "(it defaults to student.model.name_or_path)"
+            )
+        self.task = task
+        self.num_classes = TASKS[task].num_classes
+        self.root = Path(root).expanduser()
+        self.cache_dir = Path(cache_dir)
+        self.tokenizers = {"": student_tokenizer}
+        if teacher_tokenizer is not None and str(teacher_tokenizer) != str(student_tokenizer):
+            self.tokenizers[TEACHER_PREFIX] = teacher_tokenizer
+        self.dev_split = dev_split or TASKS[task].dev
+        self.max_train_samples = max_train_samples
+
+    def _encoded(self, split: str) -> dict:
+        from kdx.models.hf import load_tokenizer
+
+        layout, files = find_split(self.root, self.task, split)
+        tokenizers = {prefix: load_tokenizer(path) for prefix, path in self.tokenizers.items()}
+        key = self.cache_key(
+            self.task,
+            split,
+            [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+            {prefix: tokenizer_fingerprint(tok) for prefix, tok in tokenizers.items()},
+            self.max_length,
+        )
+        path = self.cache_dir / "glue" / f"{self.task}-{split}-{key}.pt"
+
+        def build() -> dict:
+            first, second, labels = read_split(self.task, layout, files)
+            encodings = {}
+            for prefix, tok in tokenizers.items():
+                for name, value in encode(tok, first, second, self.max_length).items():
+                    encodings[prefix + name] = value
+            return {"encodings": encodings, "labels": torch.tensor(labels)}
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:  # parallel jobs tokenise once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return cached(path, build)
+
+    def prepare_data(self) -> None:
+        if not self.root.is_dir():
+            raise KDXError(f"GLUE folder {self.root} does not exist; " + how_to_get(self.task, self.root))
+        for split in ("train", self.dev_split):
+            self._encoded(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.root.is_dir():
+            raise KDXError(f"GLUE folder {self.root} does not exist; " + how_to_get(self.task, self.root))
+        train, dev = self._encoded("train"), self._encoded(self.dev_split)
+        encodings, labels = widen(train["encodings"]), train["labels"]
+        if self.max_train_samples:
+            encodings = {k: v[: self.max_train_samples] for k, v in encodings.items()}
+            labels = labels[: self.max_train_samples]
+        self.train_set = TextDataset(encodings, labels)
+        self.val_set = self.test_set = TextDataset(widen(dev["encodings"]), dev["labels"])
