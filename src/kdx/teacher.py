@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,20 +32,17 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdx.errors import KDXError
+from kdx.models.weights import load_weights
 from kdx.utils import atomic_torch_save, atomic_write_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
-# Lightning checkpoints of kdx runs keep models under these prefixes; the one named like the
-# model asked for wins (a kdx run trained with method=none holds only a student).
-_PREFIXES = ("teacher.model.", "student.model.", "model.", "module.")
 # data-module arguments that say where or how fast data is read, not what it is
 _DATA_KEY_EXCLUDED = ("num_workers", "pin_memory", "cache_dir", "root", "eval_batch_size")
-LOCK_NOTICE_S = 30.0
 
 
 def model_code_fingerprint(model: nn.Module) -> str:
@@ -77,145 +75,51 @@ def teacher_cache_path(cfg: DictConfig, model: nn.Module | None = None) -> Path:
     )
 
 
-def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        full = obj["state_dict"]
-        for prefix in sorted(_PREFIXES, key=lambda p: not p.startswith(f"{what}.")):
-            picked = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-            if picked:
-                return picked
-        return full
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # RepDistiller's released teachers
-        return _state_dict_from(obj["model"], path, what)
-    raise KDXError(f"{what} checkpoint {path} holds neither a state_dict nor a Lightning checkpoint")
-
-
-def load_weights(model: nn.Module, path: str | Path, what: str = "teacher") -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise KDXError(
-            f"{what} checkpoint not found: {path}; pass {what}.ckpt=<existing file> "
-            f"or {what}.ckpt=auto to train and cache one"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise KDXError(
-            f"{what} checkpoint {path} cannot be loaded safely (weights_only=True): "
-            f"{str(err).splitlines()[0]}"
-        ) from None
-    state = _state_dict_from(obj, path, what)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KDXError(
-            f"{what} checkpoint {path} does not fit {what} model {type(model).__name__}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); "
-            f"is {what}= the architecture the checkpoint was trained with?"
-        )
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            hint = ""
-            if value.dim() >= 1 and own[key].dim() == value.dim() and own[key].shape[1:] == value.shape[1:]:
-                hint = (
-                    f" — class-count mismatch: the checkpoint has {value.shape[0]} classes, "
-                    f"the model {own[key].shape[0]}; check dataset= and the checkpoint"
-                )
-            raise KDXError(
-                f"{what} checkpoint {path}: '{key}' has shape {tuple(value.shape)} in the file "
-                f"but {tuple(own[key].shape)} in the model{hint}"
-            )
-    model.load_state_dict(state)
-
-
 # ---------------------------------------------------------------------------------------------
 # The teacher run
 
 
-def _compose_method(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """The composed ``method/<name>`` node (schema defaults, config file, then ``args``)."""
+def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The teacher's own run config (conf/teacher_run.yaml + the recipe); the student run leaks nothing."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [f"method={name}", *(f"method.{k}={v}" for k, v in args.items())]
+    recipe = cfg.teacher.train
+    overrides = [f"method={recipe.get('method', 'none')}"]
+    overrides += [f"method.{k}={v}" for k, v in (recipe.get("method_args") or {}).items()]
     if GlobalHydra.instance().is_initialized():  # inside kdx-train: the user's search path applies
-        node = compose(config_name="train", overrides=overrides).method
+        tcfg = compose(config_name="teacher_run", overrides=overrides)
     else:
         with initialize_config_module(config_module="kdx.conf", version_base="1.3"):
-            node = compose(config_name="train", overrides=overrides).method
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The teacher's own kdx-train config: built from its recipe; nothing of the student run leaks in."""
-    recipe = cfg.teacher.train
-    paths = {k: v for k, v in cfg.paths.items() if k != "output_dir"}
-    return OmegaConf.create(
-        {
-            "task_name": "teacher",
-            "seed": int(recipe.seed),
-            "tags": ["teacher"],
-            "label": None,
-            "ckpt_path": None,
-            "test": True,
-            "monitor": "val/student/acc",
-            "monitor_mode": "max",
-            "torch_threads": cfg.get("torch_threads"),
-            "print_summary": False,
-            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-            "student": {
-                "name": cfg.teacher.name,
-                "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-                "stage_names": cfg.teacher.get("stage_names"),
-            },
-            "teacher": {"name": "none", "model": None, "ckpt": None, "min_acc": 0.0, "stage_names": None},
-            "method": _compose_method(
-                str(recipe.get("method", "none")), dict(recipe.get("method_args") or {})
-            ),
-            "optim": OmegaConf.to_container(recipe.optim, resolve=True),
-            "trainer": {
-                "_target_": "lightning.Trainer",
-                "default_root_dir": str(run_dir),
-                "max_epochs": int(recipe.epochs),
-                # where to compute follows the student run; one device, so that under DDP the
-                # relaunched ranks find the teacher cached instead of waiting on this lock
+            tcfg = compose(config_name="teacher_run", overrides=overrides)
+    resolved = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    with open_dict(tcfg):
+        tcfg.seed = int(recipe.seed)
+        tcfg.torch_threads = cfg.get("torch_threads")
+        # whole nodes replaced, not merged: nothing of the defaults composed above may survive in them
+        tcfg.dataset = resolved(cfg.dataset)
+        tcfg.student = {
+            "name": cfg.teacher.name,
+            "model": resolved(cfg.teacher.model),
+            "stage_names": cfg.teacher.get("stage_names"),
+        }
+        tcfg.optim = resolved(recipe.optim)
+        tcfg.paths = {
+            **{k: OmegaConf.select(cfg.paths, k) for k in cfg.paths if k != "output_dir"},
+            "output_dir": str(run_dir),
+        }
+        # where to compute follows the student run; one device, so that under DDP the relaunched
+        # ranks find the teacher cached instead of waiting on this lock
+        tcfg.trainer.merge_with(
+            {
                 "accelerator": cfg.trainer.get("accelerator", "auto"),
                 "devices": 1,
-                "num_nodes": 1,
-                "strategy": "auto",
-                "log_every_n_steps": cfg.trainer.get("log_every_n_steps", 50),
+                "max_epochs": int(recipe.epochs),
                 "enable_progress_bar": cfg.trainer.get("enable_progress_bar", True),
-                "enable_model_summary": False,
-                **OmegaConf.to_container(recipe.trainer, resolve=True),
-            },
-            "logger": {
-                "csv": {
-                    "_target_": "lightning.pytorch.loggers.CSVLogger",
-                    "save_dir": str(run_dir),
-                    "name": "csv",
-                    "version": "",
-                }
-            },
-            "callbacks": {
-                "model_checkpoint": {
-                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "dirpath": str(run_dir / "checkpoints"),
-                    "filename": "best",
-                    "monitor": "val/student/acc",
-                    "mode": "max",
-                    "save_top_k": 1,
-                    "auto_insert_metric_name": False,
-                }
-            },
-            "paths": {
-                **OmegaConf.to_container(OmegaConf.create(paths), resolve=True),
-                "output_dir": str(run_dir),
-            },
-        }
-    )
+                **resolved(recipe.trainer),
+            }
+        )
+    return tcfg
 
 
 def _train_teacher(cfg: DictConfig, path: Path) -> dict[str, Any]:
@@ -257,13 +161,13 @@ def _lock(path: Path):
 
 
 def _wait_for_lock(lock, name: str, path: Path) -> None:
-    """Acquire ``lock``, saying every ``LOCK_NOTICE_S`` seconds who is being waited for."""
+    """Acquire ``lock``, saying every ``KDX_LOCK_NOTICE_S`` seconds (30) who is being waited for."""
     from filelock import Timeout
 
     started = time.monotonic()
     while True:
         try:
-            lock.acquire(timeout=LOCK_NOTICE_S)
+            lock.acquire(timeout=float(os.environ.get("KDX_LOCK_NOTICE_S", 30)))
             return
         except Timeout:
             message = (
