@@ -19,7 +19,7 @@ from kdx.methods.cc import cc_loss
 from kdx.methods.connectors import ConvReg, match_spatial, parse_layers, select_layers
 from kdx.methods.fitnet import hint_loss
 from kdx.methods.fsp import fsp_loss, fsp_matrix
-from kdx.methods.ft import factor_loss
+from kdx.methods.ft import factor_loss, relative_reconstruction_error
 from kdx.methods.nst import nst_loss
 from kdx.methods.pkt import pkt_loss
 from kdx.methods.rkd import normalised_distances, rkd_angle_loss, rkd_distance_loss
@@ -128,6 +128,13 @@ def test_ft_golden():
     f_s = torch.tensor([[[[1.0, 1.0]]]])
     f_t = torch.tensor([[[[1.0, 0.0]]]])
     assert factor_loss(f_s, f_t).item() == pytest.approx(0.5, rel=1e-6)
+
+
+def test_ft_reconstruction_golden():
+    # r = [1, 1], t = [2, 0]: mse = ((1 − 2)² + (1 − 0)²)/2 = 1; mean t² = (4 + 0)/2 = 2 -> 0.5
+    r, t = torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    assert relative_reconstruction_error(r, t).item() == pytest.approx(0.5)
+    assert relative_reconstruction_error(10 * r, 10 * t).item() == pytest.approx(0.5)  # scale-free
 
 
 def test_fsp_golden():
@@ -309,6 +316,8 @@ def test_init_phase_returns_only_the_init_term(name):
     terms = method.training_step(_batch(), _host(student, teacher, epoch=1))
     assert set(terms) == {"loss", f"{name}_init", "init_phase"} and terms["init_phase"].item() == 1.0
     assert terms["loss"].item() > 0
+    scale = 0.2 if name == "ft" else 1.0  # FT: RepDistiller's paraphraser lr 0.01 against 0.05
+    torch.testing.assert_close(terms["loss"], scale * terms[f"{name}_init"])
     terms["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in student.model.fc.parameters())  # no classification yet

@@ -286,12 +286,14 @@ class RepDistillerMethod(DistillationMethod):
 
     Pre-training (RepDistiller's ``--init_epochs``, ``helper/pretrain.py``): for the first
     ``init_epochs`` epochs of the run the method returns ``loss = init_term`` alone (unweighted, as
-    the official init loop optimises it) and logs it as ``<name>_init`` with ``init_phase = 1``;
+    the official init loop optimises it; FT scales it, see ``ft.py``) and logs it as ``<name>_init``
+    with ``init_phase = 1``;
     afterwards the ordinary loss, with ``init_phase = 0``. The epochs count inside
     ``trainer.max_epochs``.
     """
 
     reads = frozenset({LOGITS, EMBEDDING, STAGES})
+    init_loss_scale: float = 1.0  # the init phase optimises init_loss_scale · init_term (FT sets it)
 
     def __init__(
         self,
@@ -373,7 +375,8 @@ class RepDistillerMethod(DistillationMethod):
         if not self.in_init_phase(int(host.current_epoch)):
             return super().training_step(batch, host)
         term = self.init_step(batch[0], host)
-        return {"loss": term, f"{self.name}_init": term, "init_phase": term.new_ones(())}
+        loss = term if self.init_loss_scale == 1.0 else self.init_loss_scale * term
+        return {"loss": loss, f"{self.name}_init": term, "init_phase": term.new_ones(())}
 
     def init_step(self, x: Tensor, host: Any) -> Tensor:
         """The pre-training loss of one batch (default: both models' features into :meth:`init_term`)."""
