@@ -28,9 +28,11 @@ The training-set size ``N`` (and the labels, for ``other_class``) come from the 
 ``setup`` (``num_data`` overrides ``N``); without a datamodule, from the training loader's dataset
 at the first epoch.
 
-DDP: indices and head outputs of every rank are all-gathered before the banks are updated, so
-every rank applies the same update and the banks stay identical; the banks are therefore left out
-of DDP's per-step buffer broadcast (they are the module's extra state, not buffers). Scores are computed as one dense
+DDP: negatives come from the global RNG, which Lightning seeds alike on every rank (the examples
+at one batch position on two ranks, if of one class, share their negatives). Indices and head
+outputs of every rank are all-gathered before the banks are updated, so every rank applies the same
+update and the banks stay identical; the banks are therefore left out of DDP's per-step buffer
+broadcast (they are the module's extra state, not buffers). Scores are computed as one dense
 product with the bank and then gathered when N ≤ 4(K+1) (CIFAR: N = 50 000, K = 16 384), which
 avoids materialising the B × (K+1) × feat_dim block of bank rows; otherwise rows are gathered.
 
