@@ -20,6 +20,7 @@ Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatc
 from __future__ import annotations
 
 import hashlib
+import json
 import inspect
 import logging
 import os
@@ -178,6 +179,36 @@ def _wait_for_lock(lock, name: str, path: Path) -> None:
             print(f"kdx: {message}", file=sys.stderr, flush=True)
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted(set(old) | set(new))
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [f"{prefix.rstrip('.')} ({old!r} → {new!r})"]
+
+
+def _say_why_not_reused(path: Path, key: dict[str, Any]) -> None:
+    """Name the key fields in which the closest cached teacher of the same name differs."""
+    closest: tuple[int, list[str], Path] | None = None
+    for record in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.json"):
+        try:
+            old_key = json.loads(record.read_text()).get("key")
+        except (OSError, ValueError):
+            continue
+        if isinstance(old_key, dict):
+            diff = _differences(old_key, key)
+            if closest is None or len(diff) < closest[0]:
+                closest = (len(diff), diff, record)
+    if closest is not None and closest[1]:
+        log.info(
+            "No cached teacher for this recipe; the closest, %s, differs in: %s",
+            closest[2].with_suffix(".pt").name,
+            "; ".join(closest[1][:5]),
+        )
+
+
 def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Path:
     key = teacher_key(cfg, model)
     path = Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(key)}.pt"
@@ -191,6 +222,7 @@ def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Pa
             "the other ranks start — under srun, train it first in a single-process run"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    _say_why_not_reused(path, key)
     lock = _lock(path)
     _wait_for_lock(lock, cfg.teacher.name, path)
     try:
