@@ -20,8 +20,8 @@ Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatc
 from __future__ import annotations
 
 import hashlib
-import json
 import inspect
+import json
 import logging
 import os
 import sys
