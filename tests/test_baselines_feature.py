@@ -427,6 +427,20 @@ def test_connectors_survive_a_state_dict_round_trip():
     torch.testing.assert_close(fresh.regressors[0].log_scale, method.regressors[0].log_scale)
 
 
+def test_a_checkpoint_loads_into_a_method_that_was_not_set_up():
+    # kdx-eval builds the method without fit's setup(): the stored connectors are skipped, not an error
+    student, teacher = _pair("fitnet")
+    method = _method("fitnet")
+    method.setup(student, teacher, SimpleNamespace(input_shape=INPUT))
+    state = method.state_dict()
+    assert any(k.startswith("regressor.") for k in state)
+    fresh = _method("fitnet")
+    fresh.load_state_dict(state)  # strict
+    assert fresh.regressor is None
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # a set-up method still loads strictly
+        method.load_state_dict({**state, "regressor.extra": torch.zeros(1)})
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: one fast_dev_run per method on the CRD row resnet32x4 -> resnet8x4.
 
