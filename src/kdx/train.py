@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -35,7 +36,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdx
 import kdx.methods  # noqa: F401 - registers every method's schema before composition
@@ -136,10 +137,14 @@ def _resolved(cfg: DictConfig) -> dict[str, Any]:
     for key in cfg:
         try:
             value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=True)
-            out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            out[str(key)] = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
         except Exception:  # noqa: BLE001 - an unresolvable value is itself worth recording as written
             node = cfg._get_node(str(key))
-            out[str(key)] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else str(node)
+            out[str(key)] = (
+                OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else str(node)
+            )
     return out
 
 
@@ -453,9 +458,50 @@ def run_job(cfg: DictConfig) -> float:
     return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)
 
 
+def _run_folder_of(path: Path) -> Path | None:
+    return next((p for p in path.resolve().parents if (p / ".hydra" / "overrides.yaml").is_file()), None)
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """``ckpt_path`` inside a kdx run folder: continue that run — its own config (plus this command
+    line's overrides), in its own folder — and say so."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt or _is_multirun():
+        return cfg
+    path = Path(str(ckpt)).expanduser()
+    run_dir = _run_folder_of(path) if path.is_file() else None
+    if run_dir is None:
+        return cfg
+    from hydra import compose
+
+    own = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if not o.startswith("ckpt_path=")]
+    given = [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+    resumed = compose(config_name="train", overrides=[*own, *given, f"ckpt_path={path.resolve()}"])
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(run_dir)
+    handler = logging.FileHandler(run_dir / f"{resumed.task_name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    message = (
+        f"resuming run {run_dir} from {path.name} with its own config"
+        f" ({' '.join(own) or 'the defaults'})"
+        + (f" and this command line's {' '.join(given)}" if given else "")
+    )
+    log.info(message)
+    print(f"kdx: {message}", file=sys.stderr, flush=True)
+    return resumed
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    return run_job(cfg)
+    resumed = resume_config(cfg)
+    try:
+        return run_job(resumed)
+    finally:
+        if resumed is not cfg:  # the run went on in its own folder: drop the empty one Hydra made
+            made = Path(cfg.paths.output_dir)
+            if {p.name for p in made.iterdir()} <= {".hydra", f"{cfg.task_name}.log"}:
+                shutil.rmtree(made, ignore_errors=True)
 
 
 if __name__ == "__main__":
