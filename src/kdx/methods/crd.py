@@ -28,10 +28,10 @@ The training-set size ``N`` (and the labels, for ``other_class``) come from the 
 ``setup`` (``num_data`` overrides ``N``); without a datamodule, from the training loader's dataset
 at the first epoch.
 
-DDP: negatives come from the global RNG, which Lightning seeds alike on every rank (the examples
-at one batch position on two ranks, if of one class, share their negatives). Indices and head
-outputs of every rank are all-gathered before the banks are updated, so every rank applies the same
-update and the banks stay identical; the banks are therefore left out of DDP's per-step buffer
+Negatives are drawn from a generator seeded by (``seed``, global step, rank): a resumed run draws
+the same ones, and DDP ranks draw different ones. DDP: indices and head outputs of every rank are
+all-gathered before the banks are updated, so every rank applies the same update and the banks stay
+identical; the banks are therefore left out of DDP's per-step buffer
 broadcast (they are the module's extra state, not buffers). Scores are computed as one dense
 product with the bank and then gathered when N ≤ 4(K+1) (CIFAR: N = 50 000, K = 16 384), which
 avoids materialising the B × (K+1) × feat_dim block of bank rows; otherwise rows are gathered.
@@ -226,6 +226,7 @@ class CRD(DistillationMethod):
         self.class_count = torch.zeros(0, dtype=torch.long)
         self._distinct_negatives = False
         self._pending: tuple[Tensor, Tensor] | None = None  # (rows, values) of the last batch
+        self._draw_key: tuple[int, int, int] | None = None  # (seed, step, rank) of the training step
 
     def _apply(self, fn, *args, **kwargs):
         self.flush_bank_update()
@@ -316,24 +317,37 @@ class CRD(DistillationMethod):
             self.prepare_data(dataset)
 
     # -- negatives -----------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+        self._draw_key = (self.seed, int(host.global_step), int(host.global_rank))
+        return super().training_step(batch, host)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded by (seed, step, rank) in training: negatives are the same after a resume
+        and differ between DDP ranks. Outside the training loop (tests), the global RNG."""
+        if self._draw_key is None:
+            return None
+        return torch.Generator(device=device).manual_seed(hash(self._draw_key) & 0x7FFF_FFFF_FFFF_FFFF)
+
     def sample_index(self, index: Tensor) -> Tensor:
         """``(B, K+1)``: column 0 the example itself, then K negatives."""
         size, k = self.memory_student.shape[0], self.nce_k
+        generator = self._generator(index.device)
         if self.negatives == "uniform":
-            negatives = torch.randint(0, size, (index.shape[0], k), device=index.device)
+            negatives = torch.randint(0, size, (index.shape[0], k), device=index.device, generator=generator)
         else:
-            negatives = self._other_class(index, k)
+            negatives = self._other_class(index, k, generator)
         return torch.cat([index.unsqueeze(1), negatives], dim=1)
 
-    def _other_class(self, index: Tensor, k: int) -> Tensor:
+    def _other_class(self, index: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         y = self.labels[index]
         pool = self.labels.shape[0] - self.class_count[y]  # (B,) examples of the other classes
         if self._distinct_negatives:  # without replacement: the k largest of uniform keys
-            keys = torch.rand(index.shape[0], self.labels.shape[0], device=index.device)
+            keys = torch.rand(index.shape[0], self.labels.shape[0], device=index.device, generator=generator)
             keys.masked_fill_(self.labels.unsqueeze(0) == y.unsqueeze(1), -1.0)
             return keys.topk(k, dim=1).indices
         # with replacement: a uniform position among the other classes, skipping the own class's run
-        draw = (torch.rand(index.shape[0], k, device=index.device) * pool.unsqueeze(1)).long()
+        draw = torch.rand(index.shape[0], k, device=index.device, generator=generator)
+        draw = (draw * pool.unsqueeze(1)).long()
         draw = torch.minimum(draw, (pool - 1).unsqueeze(1))
         start, count = self.class_start[y].unsqueeze(1), self.class_count[y].unsqueeze(1)
         return self.by_class[draw + (draw >= start) * count]
