@@ -372,8 +372,9 @@ class CRD(DistillationMethod):
         if sample_index is None:
             sample_index = self.sample_index(index)
         size = self.memory_student.shape[0]
-        exp_s = torch.exp(contrast_scores(self.memory_teacher, v_s, sample_index) / self.nce_t)
-        exp_t = torch.exp(contrast_scores(self.memory_student, v_t, sample_index) / self.nce_t)
+        # float32: exp(1/0.07) = 1.6e6 overflows float16
+        exp_s = torch.exp(contrast_scores(self.memory_teacher, v_s, sample_index).float() / self.nce_t)
+        exp_t = torch.exp(contrast_scores(self.memory_student, v_t, sample_index).float() / self.nce_t)
         if not self._normalized:
             estimate = torch.stack([exp_s.detach().mean(), exp_t.detach().mean()]).float() * size
             if distributed():
