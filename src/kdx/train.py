@@ -199,6 +199,8 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             f"student={cfg.student.name} has {student_classes} classes but dataset={cfg.dataset.name} "
             f"has {cfg.dataset.num_classes}; leave student.model.num_classes at ${{dataset.num_classes}}"
         )
+    input_shape = cfg.dataset.get("input_shape")
+    _check_reads_input(student, input_shape, "student", cfg)
     info: dict[str, Any] = {}
     teacher = None
     if method.needs_teacher or cfg.teacher.get("model") is not None:
@@ -206,6 +208,7 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             raise KDXError(
                 f"method={method.name} needs a teacher but teacher=none; pick one, e.g. teacher=cnn1d"
             )
+        _check_reads_input(instantiate(cfg.teacher.model), input_shape, "teacher", cfg)
         if method.trains_teacher and not method.uses_teacher_weights():
             teacher, info = instantiate(cfg.teacher.model), {"teacher/source": "random init"}
         else:
@@ -213,7 +216,58 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             info["teacher/val_acc"] = check_teacher(cfg, teacher)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same student init whatever the teacher did
     student = instantiate(cfg.student.model)
+    info["warnings"] = [
+        *method.run_warnings(cfg.trainer.get("max_epochs")),
+        *_setup_warnings(cfg, student, teacher, info),
+    ]
+    for warning in info["warnings"]:
+        log.warning("kdx: warning: %s", warning)
     return build_module(cfg, student, method, teacher), datamodule, info
+
+
+def _check_reads_input(model: torch.nn.Module, input_shape: Any, role: str, cfg: DictConfig) -> None:
+    """Fail now, with the fix, when a model cannot read the data set's inputs (an image model on 1-D data)."""
+    if input_shape is None:
+        return
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *input_shape))
+    except Exception as err:  # noqa: BLE001 - whatever the model raises, the fix is the same
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KDXError(
+            f"{role}={cfg[role].name} cannot read dataset={cfg.dataset.name}'s inputs of shape {tuple(input_shape)} "
+            f"({type(err).__name__}: {reason}); pick a {role} made for this data (e.g. mlp / cnn1d for 1-D "
+            "signals, a CIFAR zoo model or timm for images) or a data set it can read"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _setup_warnings(cfg: DictConfig, student: torch.nn.Module, teacher: Any, info: dict) -> list[str]:
+    """Runs that are legal but likely not what the user meant."""
+    found = []
+    chance = 1.0 / int(cfg.dataset.num_classes)
+    if info.get("teacher/val_acc") is not None and info["teacher/val_acc"] < 1.5 * chance:
+        found.append(
+            f"teacher={cfg.teacher.name} validates at {100 * info['teacher/val_acc']:.1f} % (chance: "
+            f"{100 * chance:.1f} %): distilling from it teaches nothing; train it longer or pass a better teacher.ckpt"
+        )
+    if teacher is not None:
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (student, teacher)]
+        if sizes[0] > sizes[1]:
+            found.append(
+                f"student={cfg.student.name} ({sizes[0]:,} parameters) is larger than teacher="
+                f"{cfg.teacher.name} ({sizes[1]:,}); is teacher=/student= the right way round?"
+            )
+    choices = _hydra_choices() or {}
+    if str(cfg.dataset.name).startswith(("cifar", "imagenet")) and not choices.get("experiment"):
+        found.append(
+            f"dataset={cfg.dataset.name} with the default recipe (optim={choices.get('optim', '?')}, "
+            f"{cfg.trainer.get('max_epochs')} epochs) made for MNIST-1D; for published numbers use an "
+            "experiment= recipe, e.g. experiment=crd_cifar100/resnet32x4_resnet8x4"
+        )
+    return found
 
 
 def _instantiate_dict(node: DictConfig | None, **extra: Any) -> list:
@@ -310,6 +364,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
+    metrics["warnings"] = teacher_info.get("warnings", [])
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
     _log_hparams(loggers, cfg, {k: v for k, v in metrics.items() if k.startswith("student/acc")})
@@ -383,6 +438,8 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     if metrics.get("teacher/source"):
         table.add_row("teacher", f"{metrics['teacher/source']}: {metrics.get('teacher/ckpt')}")
     Console().print(table)
+    for warning in metrics.get("warnings") or []:
+        Console().print(f"[yellow]warning:[/yellow] {warning}")
     Console().print(f"metrics: {output_dir / 'metrics.json'}")
 
 

@@ -97,6 +97,11 @@ class DistillationMethod(nn.Module):
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         raise NotImplementedError
 
+    def run_warnings(self, max_epochs: int | None) -> list[str]:
+        """Settings that are legal but likely not what the user meant for a run of ``max_epochs``
+        (printed, and kept in metrics.json under ``warnings``)."""
+        return []
+
     def uses_teacher_weights(self) -> bool:
         """False when the method starts its teacher from random initialisation (ProKT's default):
         the teacher is then built but no checkpoint is loaded or trained for it."""

@@ -330,6 +330,14 @@ class KDA(DistillationMethod):
                 centres.size(student.logits.shape[1], s.shape[1], t.shape[1])
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def run_warnings(self, max_epochs: int | None) -> list[str]:
+        if max_epochs is not None and max_epochs != -1 and self.warm >= max_epochs:
+            return [
+                f"method.warm={self.warm} >= trainer.max_epochs={max_epochs}: the KDA term never switches on "
+                "and the run trains with CE only; lower method.warm or train longer"
+            ]
+        return []
+
     def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
         input_shape = getattr(datamodule, "input_shape", None)
         if teacher is None or input_shape is None:
