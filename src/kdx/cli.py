@@ -69,7 +69,9 @@ def help_text(tool: str, config_name: str) -> str:
         choices = options(group, root)
         if not choices:
             continue
-        shown = ", ".join(f"[{c}]" if c == defaults.get(group) else c for c in choices[:10])
+        default = defaults.get(group)
+        first = ([default] if default in choices else []) + [c for c in choices if c != default]
+        shown = ", ".join(f"[{c}]" if c == default else c for c in first[:10])
         more = f", … ({len(choices)} in all)" if len(choices) > 10 else ""
         lines += [f"  {group:<15} {what}", f"  {'':<15} {shown}{more}"]
     lines += [
