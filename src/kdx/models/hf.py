@@ -69,7 +69,8 @@ def _import_transformers():
 def select_inputs(x: Any, prefix: str) -> dict[str, Tensor]:
     """The model inputs of one model from a text batch (see the module docstring for the rule)."""
     if isinstance(x, Tensor):  # a bare tensor is a batch of token ids without padding
-        return {"input_ids": x}
+        # (a float one comes from shape checks that feed zeros: the ids of [PAD])
+        return {"input_ids": x.long() if x.is_floating_point() else x}
     if not isinstance(x, Mapping):
         raise KDXError(
             f"a Hugging Face model needs a mapping of tensors (input_ids, attention_mask...) as x, got "
