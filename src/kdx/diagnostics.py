@@ -60,6 +60,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
 from kdx.callbacks import ReportsMetrics
@@ -312,7 +313,7 @@ class TangDiagnostics(L.Callback, ReportsMetrics):
         # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
         with train_mode(student, False), train_mode(teacher, False):
             for batch in loader:
-                x, y = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
+                x, y = move_data_to_device((batch[0], batch[1]), pl_module.device)  # x may be a mapping (text)
                 z_s = _logits(student(x))
                 z_t = None if teacher is None else _logits(teacher(x))
                 qs.append(self._target.target(y, z_t, z_s.shape[1]).float().cpu())

@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from kdx.methods.base import (
@@ -448,7 +449,7 @@ class RdimKD(DistillationMethod):
                 for b, (x, *_) in enumerate(loader):
                     if b >= n_batches:
                         break
-                    out = teacher(x.to(device), self.reads)
+                    out = teacher(move_data_to_device(x, device), self.reads)  # x may be a mapping (text)
                     for i, part in enumerate(self.parts):
                         tokens = to_tokens(part.connector.teacher(self.select(out, "teacher", part))).double()
                         moments[i].update(tokens)
