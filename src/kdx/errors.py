@@ -15,3 +15,17 @@ class HyperParameterError(KDXError, ValueError):
 
 class NonFiniteLossError(KDXError):
     """The loss became NaN or infinite; raised on every DDP rank at once, with the same message."""
+
+
+class DatasetNotFoundError(KDXError, FileNotFoundError):
+    """A data set's files are missing (or fail their checksum) and will not be downloaded."""
+
+
+class StageNameError(KDXError, ValueError):
+    """A stage / classifier name that the model does not have (the message lists the valid ones)."""
+
+
+class DivergenceError(KDXError):
+    """The training loss ran away (kdx.callbacks.DivergenceMonitor); the run records ``status: diverged``."""
+
+    status = "diverged"

@@ -14,11 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kdx.data.base import IndexedDataset, KDDataModule
-from kdx.errors import KDXError
-
-
-class DatasetNotFoundError(KDXError, FileNotFoundError):
-    """A data set's files are missing (or fail their checksum) and will not be downloaded."""
+from kdx.errors import DatasetNotFoundError
 
 
 class TransformedSubset(Dataset):
@@ -143,6 +139,14 @@ class _CIFARDataModule(KDDataModule):
         else:
             self.train_set = IndexedDataset(TransformedSubset(train, None, train_tf))
             self.val_set = self.test_set
+
+    def replayable_views(self):
+        """``teacher.cache=views``: the training split's raw items (base, indices) and the replayable
+        form of its augmentation (:class:`kdx.teacher_outputs.CropFlipReplay`)."""
+        from kdx.teacher_outputs import CropFlipReplay
+
+        subset: TransformedSubset = self.train_set.base  # type: ignore[union-attr, assignment]
+        return subset.base, subset.indices, CropFlipReplay(32, 4 if self.augment else 0, self.mean, self.std)
 
     def train_eval_dataloader(self):
         """The training split in order and without augmentation (for PCA, class centres...)."""

@@ -24,11 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from kdx.errors import StageNameError
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput
-
-
-class StageNameError(ValueError):
-    """A stage / classifier name that the model does not have (the message lists the valid ones)."""
 
 
 class FeatureModel(nn.Module):
