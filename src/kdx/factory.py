@@ -10,11 +10,13 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdx.methods.base import DistillationMethod
 from kdx.module import DistillationModule
+from kdx.teacher import _DATA_KEY_EXCLUDED
+from kdx.teacher_outputs import TeacherOutputCache
 
 
 def build_module(
@@ -24,7 +26,9 @@ def build_module(
     teacher: nn.Module | None = None,
     optim: DictConfig | None = None,
 ) -> DistillationModule:
-    """The LightningModule of ``cfg``: ``cfg.optim`` (or ``optim``) wires optimizer and scheduler."""
+    """The LightningModule of ``cfg``: ``cfg.optim`` (or ``optim``) wires optimizer and scheduler;
+    ``teacher.cache`` the teacher-output cache, ``channels_last`` / ``compile`` (top-level switches)
+    the student's (and a frozen teacher's) memory format and ``torch.compile``."""
     optim = cfg.get("optim") if optim is None else optim
     has_optim = optim is not None and optim.get("optimizer") is not None
     return DistillationModule(
@@ -38,6 +42,44 @@ def build_module(
         student_stages=cfg.student.get("stage_names"),
         teacher_stages=cfg.teacher.get("stage_names") if cfg.get("teacher") else None,
         nonfinite_check_every=int(cfg.trainer.get("log_every_n_steps") or 10) if cfg.get("trainer") else 10,
+        teacher_cache=build_teacher_cache(cfg) if teacher is not None else None,
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+    )
+
+
+def cache_mode(cfg: DictConfig) -> str:
+    """``teacher.cache`` as a string (YAML reads a bare ``off`` as false)."""
+    mode = cfg.teacher.get("cache", "off") if cfg.get("teacher") else "off"
+    return "off" if mode in (None, False) else str(mode)
+
+
+def build_teacher_cache(cfg: DictConfig) -> TeacherOutputCache | None:
+    """The run's teacher-output cache (``teacher.cache``), keyed by everything that decides the
+    stored outputs apart from the weights and the training transform (added when it is filled)."""
+    mode = cache_mode(cfg)
+    if mode == "off":
+        return None
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    datamodule = {
+        k: v for k, v in (dataset.pop("datamodule", None) or {}).items() if k not in _DATA_KEY_EXCLUDED
+    }
+    trainer = cfg.get("trainer") or {}
+    key = {
+        "teacher": str(cfg.teacher.get("name")),
+        "teacher_model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "dataset": {**dataset, "datamodule": datamodule},
+        "precision": str(trainer.get("precision", "32-true")),
+        "channels_last": bool(cfg.get("channels_last", False)),
+    }
+    return TeacherOutputCache(
+        mode,
+        cfg.paths.cache_dir,
+        key,
+        seed=int(cfg.get("seed", 0)),
+        views=int(cfg.teacher.get("cache_views", 4)),
+        topk=cfg.teacher.get("cache_topk"),
+        batch_size=int(cfg.dataset.get("datamodule", {}).get("eval_batch_size") or 256),
     )
 
 

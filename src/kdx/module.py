@@ -17,11 +17,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kdx.errors import NonFiniteLossError
+from kdx.errors import KDXError, NonFiniteLossError
 from kdx.methods.base import DistillationMethod
 from kdx.metrics import FidelityMetrics
 from kdx.models.adapter import as_feature_model
-from kdx.models.base import EMBEDDING, LOGITS
+from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
+from kdx.teacher_outputs import TeacherOutputCache
 
 # Horizon arguments of common schedulers, filled from the run's length when the config leaves them out.
 _EPOCH_HORIZON = ("T_max", "total_iters")
@@ -41,10 +42,14 @@ class DistillationModule(L.LightningModule):
         student_stages: list[str] | None = None,
         teacher_stages: list[str] | None = None,
         nonfinite_check_every: int = 10,
+        teacher_cache: TeacherOutputCache | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.nonfinite_check_every = max(1, int(nonfinite_check_every))
-        self._nonfinite: Tensor | None = None
+        # this epoch's loss terms: names -> [batch-size-weighted sums (device), examples (host)]
+        self._term_sums: dict[tuple[str, ...], list] = {}
         self.student = as_feature_model(student, student_stages)
         self.teacher = None if teacher is None else as_feature_model(teacher, teacher_stages)
         self.method = method
@@ -62,6 +67,24 @@ class DistillationModule(L.LightningModule):
             self.teacher.requires_grad_(method.trains_teacher)
             self.teacher.train(method.trains_teacher)
         has_teacher = self.teacher is not None
+        self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
+        if self.teacher_cache is not None:
+            if not has_teacher:
+                raise KDXError("teacher.cache is set but the run has no teacher; set teacher.cache=off")
+            TeacherOutputCache.check_method(method)
+        self._cached_for: Any = None  # the training input whose teacher outputs came from the cache
+        self._cached_out: ModelOutput | None = None
+        self._cached_rows: dict[str, Tensor] | None = None
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+        if compile:
+            # in place (nn.Module.compile): parameter names, checkpoints and resume are unchanged
+            self.student.compile()
+            if self.teacher is not None and not method.trains_teacher:
+                self.teacher.compile()
         self.val_metrics = FidelityMetrics(num_classes, has_teacher)
         self.test_metrics = FidelityMetrics(num_classes, has_teacher)
 
@@ -80,31 +103,47 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
         terms = self.method.training_step(batch, self)
         loss = terms["loss"]
-        # a device-side flag, read every `nonfinite_check_every` steps: no host sync per step
-        bad = ~torch.isfinite(loss.detach())
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        batch_size = batch[1].shape[0]  # y is always a tensor; x may be a mapping (text)
-        self.log(
-            "train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size
-        )
-        self.log_dict(
-            {f"train/{k}": v.detach() for k, v in terms.items() if k != "loss"},
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+        self._accumulate(terms, batch[1].shape[0])  # y is always a tensor; x may be a mapping (text)
+        if self._logs_this_step():
+            # what the loggers write this step (every `trainer.log_every_n_steps`): Lightning's
+            # `self.log` costs ~1 ms a call on the host, so it is not called on the other steps
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss if self.automatic_optimization else None
+
+    def _accumulate(self, terms: dict[str, Tensor], batch_size: int) -> None:
+        """Add the batch-size-weighted terms to this epoch's device-side sums (one stacked add, no sync).
+
+        The sums carry the NaN check as well: a non-finite loss anywhere in the epoch makes the
+        loss sum non-finite, which :meth:`_check_finite` reads every ``nonfinite_check_every`` steps.
+        """
+        names = tuple(terms)
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) * batch_size
+        held = self._term_sums.get(names)
+        if held is None:
+            self._term_sums[names] = [values, batch_size]
+        else:
+            held[0] = held[0] + values
+            held[1] += batch_size
+
+    def _logs_this_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        # Lightning's own rule for "the loggers write this step" (log_every_n_steps, fast_dev_run)
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(trainer.fast_dev_run) or bool(getattr(connector, "should_update_logs", True))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % self.nonfinite_check_every == 0:
             self._check_finite()
 
     def _check_finite(self) -> None:
-        """Stop on a non-finite loss seen by any rank since the last check; every rank decides alike."""
-        if self._nonfinite is None:
+        """Stop on a non-finite loss seen by any rank this epoch; every rank decides alike."""
+        if not self._term_sums:
             return
-        seen = bool(self._nonfinite)  # the one host sync, every `nonfinite_check_every` steps
-        self._nonfinite = None
+        loss_sums = [values[names.index("loss")] for names, (values, _) in self._term_sums.items()]
+        bad = ~torch.isfinite(torch.stack(loss_sums)).all()
+        seen = bool(bad)  # the one host sync, every `nonfinite_check_every` steps
         if self.trainer.strategy.reduce_boolean_decision(seen, all=False):
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at epoch {self.current_epoch} "
@@ -113,14 +152,64 @@ class DistillationModule(L.LightningModule):
                 "or check the method's loss weights and the inputs"
             )
 
+    def _log_epoch_terms(self) -> None:
+        """``train/<term>_epoch``: the batch-size-weighted mean of each term over the epoch."""
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        for names, (values, count) in self._term_sums.items():  # a term may appear in several name sets
+            for name, value in zip(names, values.unbind()):
+                sums[name] = value if name not in sums else sums[name] + value
+                counts[name] = counts.get(name, 0) + count
+        self._term_sums = {}
+        means = {f"train/{name}_epoch": total / counts[name] for name, total in sums.items()}
+        if means:
+            loss = means.pop("train/loss_epoch", None)
+            if loss is not None:
+                self.log(
+                    "train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
+                )
+            self.log_dict(means, on_step=False, on_epoch=True, sync_dist=True)
+
     def on_fit_start(self) -> None:
+        if self.teacher_cache is not None:  # after the strategy moved the teacher to its device
+            self.teacher_cache.prepare(
+                self.teacher,
+                self.method.reads,
+                self.trainer.datamodule,
+                forward_context=self.trainer.precision_plugin.forward_context,
+            )
         self.method.on_fit_start(self)
 
+    # -- batches: cached teacher outputs and memory format, without a device sync ------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self._cached_rows = None
+        if self.teacher_cache is not None and self._trainer is not None and self.trainer.training:
+            # the index is still on the host here: reading the rows needs no device sync
+            self._cached_rows = self.teacher_cache.read(batch[2], self.current_epoch)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.channels_last and isinstance(batch[0], Tensor) and batch[0].dim() == 4:
+            batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        if self._cached_rows is not None:
+            parts = {k: v.to(self.device, non_blocking=True) for k, v in self._cached_rows.items()}
+            self._cached_out, self._cached_for = self.teacher_cache.output(parts), batch[0]
+            self._cached_rows = None
+        else:
+            self._cached_out = self._cached_for = None
+        return batch
+
+    def cached_teacher(self, x: Any) -> ModelOutput | None:
+        """The teacher's outputs for this training batch's input ``x`` from the cache, or None."""
+        return self._cached_out if x is self._cached_for else None
+
     def on_train_epoch_start(self) -> None:
+        self._term_sums = {}
         self.method.on_train_epoch_start(self)
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()
+        self._log_epoch_terms()
         self.method.on_train_epoch_end(self)
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -82,9 +82,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from kdx.errors import KDXError
 from kdx.methods.base import (
     DistillationMethod,
     SoftTarget,
@@ -183,6 +185,13 @@ class InputGradientAscent(Perturbation):
             s = flat.pow(2).mean().sqrt().expand(flat.shape[0]) * n**0.5
         return _per_sample(s / n**0.5 if self.step == "sign" else s, x)
 
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if callable(getattr(student, "input_embeddings", None)):  # a text model (kdx.models.hf)
+            raise KDXError(
+                "method.space=input perturbs input tensors, but this student reads token ids; "
+                "use method.space=embedding"
+            )
+
     def direction(self, grad: Tensor) -> Tensor:
         """Unit-length (L2) direction, or sign(g) for the sign step; zero for a zero gradient."""
         if self.step == "sign":
@@ -208,10 +217,11 @@ class InputGradientAscent(Perturbation):
         return x_adv
 
     def __call__(self, inputs: Tensor, divergence: Divergence) -> Tensor:
-        if not torch.is_floating_point(inputs):
+        if not isinstance(inputs, Tensor) or not torch.is_floating_point(inputs):
             raise TypeError(
-                f"method=backward perturbs the input tensor, but the inputs are {inputs.dtype}; "
-                "discrete inputs (token ids) need an embedding-space Perturbation (method.space)"
+                "method=backward perturbs the input tensor, but the inputs are "
+                f"{getattr(inputs, 'dtype', type(inputs).__name__)}; "
+                "discrete inputs (token ids) need an embedding-space Perturbation: method.space=embedding"
             )
         x = inputs.detach()
         if self.step_size == 0:
@@ -242,6 +252,12 @@ def _trainer(host: Any) -> Any:
 
 @register_method("backward")
 class BackwardPassKD(DistillationMethod):
+    cacheable_teacher = False
+    cache_refusal = (
+        "it back-propagates through the teacher to its input and reads the teacher on generated "
+        "inputs, which no stored output covers"
+    )
+
     def __init__(
         self,
         alpha: float = 0.9,
@@ -411,7 +427,7 @@ class BackwardPassKD(DistillationMethod):
         device = next(host.student.parameters()).device
         xs, zs = [], []
         for batch in loader:
-            x = batch[0].to(device)
+            x = move_data_to_device(batch[0], device)
             x_aux = self.generate(host, x)
             with torch.no_grad(), train_mode(host.teacher, False):
                 zs.append(host.teacher(x_aux, self.reads).logits.float().cpu())

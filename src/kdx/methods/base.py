@@ -16,6 +16,10 @@ What a method declares (class attributes):
 * ``trains_teacher``: the teacher gets gradients and an optimizer (ProKT). Otherwise the module
   keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
 * ``manual_optimization``: the method runs its own optimizer steps inside ``training_step``.
+* ``cacheable_teacher``: the method reads the teacher only through :meth:`teacher_forward` on the
+  batch's input, so ``teacher.cache=exact|views`` may serve stored outputs (``host.cached_teacher``);
+  ``False`` (with ``cache_refusal``, the reason) for methods that need input gradients through the
+  teacher or train it.
 * ``soft_target()``: the temperature and the target builder ``q`` of its distillation term
   (:class:`SoftTarget`), or ``None``. Tang et al.'s diagnostics read nothing else from a method.
 
@@ -77,6 +81,11 @@ class DistillationMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     trains_teacher: ClassVar[bool] = False
     manual_optimization: ClassVar[bool] = False
+    # teacher.cache=exact|views may replace the teacher forward of `teacher_forward` by stored outputs
+    # (kdx.teacher_outputs); a method that needs more than the teacher's outputs on the batch's input
+    # (input gradients, a trained teacher) sets this False and says why in `cache_refusal`
+    cacheable_teacher: ClassVar[bool] = True
+    cache_refusal: ClassVar[str] = ""
     name: ClassVar[str] = "method"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
@@ -91,6 +100,9 @@ class DistillationMethod(nn.Module):
     def teacher_forward(self, host: Any, x: Tensor) -> ModelOutput | None:
         if not self.needs_teacher or host.teacher is None:
             return None
+        cached = host.cached_teacher(x) if hasattr(host, "cached_teacher") else None
+        if cached is not None:  # teacher.cache: the stored outputs of this very input
+            return cached
         with torch.no_grad():
             return host.teacher(x, self.reads)
 

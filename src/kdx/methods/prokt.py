@@ -115,6 +115,8 @@ def running_statistics_kept(model: nn.Module) -> Iterator[None]:
 class ProKT(DistillationMethod):
     trains_teacher = True
     manual_optimization = True
+    cacheable_teacher = False
+    cache_refusal = "it trains the teacher, whose outputs change every step"
 
     def __init__(
         self,
