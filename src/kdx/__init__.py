@@ -2,3 +2,11 @@
 
 # The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"
+
+# Optuna's direction follows the one monitor setting (conf/hparams_search/_optuna.yaml); registered
+# here so that any composition of kdx's configs (entry points, tests, user scripts) can resolve it.
+from omegaconf import OmegaConf as _OmegaConf  # noqa: E402
+
+_OmegaConf.register_new_resolver(
+    "kdx.optuna_direction", lambda mode: "minimize" if str(mode) == "min" else "maximize", replace=True
+)

@@ -46,6 +46,7 @@ from kdx.factory import build_module, build_trainer
 from kdx.module import DistillationModule
 from kdx.teacher import check_teacher, provide_teacher
 from kdx.utils import atomic_write_json
+from kdx.validate import named_run_checkpoint, validate_config
 
 log = logging.getLogger("kdx")
 
@@ -60,10 +61,6 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 # conf/ ships inside the package as kdx.conf (the top-level conf/ folder is mapped onto it), so an
 # installed wheel finds its configs wherever kdx-train is launched from.
 CONFIG_DIR = "pkg://kdx.conf"
-# Optuna's direction follows the one monitor setting (conf/hparams_search/_optuna.yaml)
-OmegaConf.register_new_resolver(
-    "kdx.optuna_direction", lambda mode: "minimize" if str(mode) == "min" else "maximize", replace=True
-)
 
 
 def _float(value: Any) -> float:
@@ -322,6 +319,7 @@ def _best_checkpoint(trainer: L.Trainer, monitor: str):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One training run; returns the figures written to ``<output_dir>/metrics.json``."""
+    validate_config(cfg)  # before any data or teacher work (issue 14)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -364,7 +362,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
-    metrics["warnings"] = teacher_info.get("warnings", [])
+    metrics["warnings"] = [*teacher_info.get("warnings", []), *(metrics.get("warnings") or [])]
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
     _log_hparams(loggers, cfg, {k: v for k, v in metrics.items() if k.startswith("student/acc")})
@@ -476,7 +474,7 @@ def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
         record = {"seed": str(cfg.get("seed"))}
     return {
         **record,
-        "status": "failed",
+        "status": getattr(cause, "status", "failed"),  # DivergenceError: "diverged"
         "error": message,
         "error_type": type(cause).__name__,
         "log": _log_file(cfg),
@@ -525,7 +523,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     ckpt = cfg.get("ckpt_path")
     if not ckpt or _is_multirun():
         return cfg
-    path = Path(str(ckpt)).expanduser()
+    path = named_run_checkpoint(Path(str(ckpt)).expanduser())  # a run folder: its last.ckpt
     run_dir = _run_folder_of(path) if path.is_file() else None
     if run_dir is None:
         return cfg
