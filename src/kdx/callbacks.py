@@ -6,6 +6,7 @@ from :meth:`ReportsMetrics.report`; ``kdx-train`` merges every such report into 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -60,3 +61,129 @@ class TrainingThroughput(L.Callback, ReportsMetrics):
 
     def report(self) -> dict[str, Any]:
         return {"throughput/train_samples_per_s": self.samples_per_s}
+
+
+class DivergenceMonitor(L.Callback, ReportsMetrics):
+    """No silent success for a run that learned nothing (issue 14).
+
+    * The training loss rising above ``loss_factor`` times its first values (the least of the first
+      ``reference_steps`` step losses, floored at 1.0 so that a near-zero start is not a hair
+      trigger) stops the run with :class:`~kdx.errors.DivergenceError`: ``status: diverged`` in
+      metrics.json, exit code 2. Read every ``trainer.log_every_n_steps`` steps and at each epoch's
+      end from a device-side running maximum (no host sync per step); non-finite losses are left
+      to the module's NaN check, which names their source. Methods with manual optimisation return
+      no loss per step; their epoch means (``train/loss_epoch``) are compared instead.
+    * Validation accuracy of the student below ``chance_factor`` × chance (1 / classes) at every
+      validation of the run is a warning in metrics.json and the summary (the run itself finished).
+      Lightning's ``fast_dev_run`` (a smoke test of one batch) is not judged.
+
+    Defaults: ``loss_factor=1000`` is far above any legitimate rise we know of (a KD term ramped in
+    by a warm-up multiplies the first loss by < 20), far below what a blown-up optimiser reaches
+    (Adam at lr 1e9: 1e31).
+    """
+
+    def __init__(self, loss_factor: float = 1000.0, reference_steps: int = 3, chance_factor: float = 1.5):
+        if not loss_factor > 1:
+            raise ValueError(f"DivergenceMonitor: loss_factor={loss_factor} must be > 1")
+        self.loss_factor = float(loss_factor)
+        self.reference_steps = max(1, int(reference_steps))
+        self.chance_factor = float(chance_factor)
+        self._reference: Any = None
+        self._seen = 0
+        self._peak: Any = None
+        self._epoch_reference: float | None = None
+        self._best_acc: float | None = None
+        self._chance: float | None = None
+        self._validations = 0
+
+    @staticmethod
+    def _step_loss(outputs: Any) -> Any:
+        import torch
+
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        return loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import torch
+
+        loss = self._step_loss(outputs)
+        if loss is None:
+            return
+        finite = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))  # NaN: the module's check
+        if self._seen < self.reference_steps:
+            self._reference = finite if self._reference is None else torch.minimum(self._reference, finite)
+            self._seen += 1
+            return
+        self._peak = finite if self._peak is None else torch.maximum(self._peak, finite)
+        if (trainer.global_step + 1) % max(1, int(trainer.log_every_n_steps or 1)) == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._check(trainer)
+        if self._reference is None:  # manual optimisation: compare the epochs' mean losses
+            epoch_loss = trainer.callback_metrics.get("train/loss_epoch")
+            if epoch_loss is not None:
+                value = float(epoch_loss)
+                if self._epoch_reference is None:
+                    self._epoch_reference = value
+                else:
+                    self._raise_if_diverged(trainer, value, self._epoch_reference, "epoch mean")
+
+    def _check(self, trainer) -> None:
+        if self._peak is None or self._reference is None:
+            return
+        peak, reference = float(self._peak), float(self._reference)  # the one host sync
+        self._peak = None
+        self._raise_if_diverged(trainer, peak, reference, "step")
+
+    def _raise_if_diverged(self, trainer, loss: float, reference: float, what: str) -> None:
+        from kdx.errors import DivergenceError
+
+        threshold = self.loss_factor * max(abs(reference), 1.0)
+        if trainer.strategy.reduce_boolean_decision(loss > threshold, all=False):
+            raise DivergenceError(
+                f"the training loss diverged: {what} loss {loss:.3g} at epoch {trainer.current_epoch} "
+                f"(global step {trainer.global_step}) is over {self.loss_factor:g}x its first value "
+                f"{reference:.3g}; lower optim.optimizer.lr or set trainer.gradient_clip_val "
+                "(the threshold is callbacks.divergence.loss_factor)"
+            )
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        accuracy = trainer.callback_metrics.get("val/student/acc")
+        if accuracy is None:
+            return
+        self._validations += 1
+        self._chance = 1.0 / int(pl_module.num_classes)
+        value = float(accuracy)
+        self._best_acc = value if self._best_acc is None else max(self._best_acc, value)
+
+    def report(self) -> dict[str, Any]:
+        best, chance = self._best_acc, self._chance
+        if best is None or chance is None or best >= self.chance_factor * chance:
+            return {}
+        warning = (
+            f"the student stayed at chance level: best validation accuracy {100 * best:.1f} % over "
+            f"{self._validations} validations (chance: {100 * chance:.1f} %); the run learned nothing — "
+            "check optim.optimizer.lr, the method's loss weights and the data"
+        )
+        logging.getLogger("kdx").warning("kdx: warning: %s", warning)
+        return {"warnings": [warning]}
+
+
+class EpochLog(L.Callback):
+    """One line per epoch in the run's log (``train.log``): what a multirun without progress bars,
+    or a person reading the log afterwards, needs to follow training."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        # validation ends before the epoch's mean loss exists: the last step's loss stands in for it
+        for key in ("train/loss_step", "val/student/acc", "val/teacher/acc", "val/fidelity/kl"):
+            if key in metrics:
+                value = float(metrics[key])
+                parts.append(f"{key} {100 * value:.2f} %" if key.endswith("/acc") else f"{key} {value:.4g}")
+        logging.getLogger("kdx").info("; ".join(parts))
