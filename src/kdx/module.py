@@ -23,6 +23,7 @@ from kdx.metrics import FidelityMetrics
 from kdx.models.adapter import as_feature_model
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 from kdx.teacher_outputs import TeacherOutputCache
+from kdx.validate import NonFiniteSources
 
 # Horizon arguments of common schedulers, filled from the run's length when the config leaves them out.
 _EPOCH_HORIZON = ("T_max", "total_iters")
@@ -67,6 +68,7 @@ class DistillationModule(L.LightningModule):
             self.teacher.requires_grad_(method.trains_teacher)
             self.teacher.train(method.trains_teacher)
         has_teacher = self.teacher is not None
+        self._nonfinite_sources = NonFiniteSources(self.teacher)  # names a NaN's source (kdx.validate)
         self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
         if self.teacher_cache is not None:
             if not has_teacher:
@@ -101,6 +103,7 @@ class DistillationModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        self._nonfinite_sources.inputs(batch[0])  # device-side flag, read by _check_finite
         terms = self.method.training_step(batch, self)
         loss = terms["loss"]
         self._accumulate(terms, batch[1].shape[0])  # y is always a tensor; x may be a mapping (text)
@@ -143,14 +146,10 @@ class DistillationModule(L.LightningModule):
             return
         loss_sums = [values[names.index("loss")] for names, (values, _) in self._term_sums.items()]
         bad = ~torch.isfinite(torch.stack(loss_sums)).all()
-        seen = bool(bad)  # the one host sync, every `nonfinite_check_every` steps
-        if self.trainer.strategy.reduce_boolean_decision(seen, all=False):
-            raise NonFiniteLossError(
-                f"the training loss became NaN or infinite at epoch {self.current_epoch} "
-                f"(seen by global step {self.global_step}, "
-                "on at least one device); lower optim.optimizer.lr, set trainer.gradient_clip_val, "
-                "or check the method's loss weights and the inputs"
-            )
+        # with the inputs' and the teacher's flags, reduced over ranks: the one host sync per check
+        sources = self._nonfinite_sources.read(bad, self.trainer.strategy)
+        if sources:
+            raise NonFiniteLossError(NonFiniteSources.message(sources, self.current_epoch, self.global_step))
 
     def _log_epoch_terms(self) -> None:
         """``train/<term>_epoch``: the batch-size-weighted mean of each term over the epoch."""

@@ -12,6 +12,11 @@
   config, the model's source code and the data — not the student's trainer settings — so a changed
   recipe trains a new teacher and a student-side change reuses the cached one. A file lock makes
   parallel jobs train it once; a waiting job says so until the lock is free.
+* A cache entry is verified on every reuse: its ``.json`` record holds the same key (and so the
+  same model-code fingerprint), and the weights load and fit the model (no NaN). A bad entry
+  (truncated, stale, written by an older kdx) is moved aside to ``<name>.bad-<time>.pt`` with a
+  message saying why, and retrained. Reuse only reads: a read-only cache holding the teacher works
+  (the lock file is only made when training is needed).
 
 Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatch is one
 :class:`~kdx.errors.KDXError` line that names the file and what did not fit.
@@ -209,27 +214,82 @@ def _say_why_not_reused(path: Path, key: dict[str, Any]) -> None:
         )
 
 
+def _entry_problem(path: Path, key: dict[str, Any], model: nn.Module) -> str | None:
+    """Why the cache entry at ``path`` cannot be used for ``key`` (``None``: it can, and ``model``
+    now holds its weights). Reads only: a read-only cache that holds the teacher works."""
+    record_path = path.with_suffix(".json")
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as err:
+        return f"its record {record_path.name} is missing or unreadable ({type(err).__name__})"
+    recorded = record.get("key") if isinstance(record, dict) else None
+    expected = json.loads(json.dumps(key, default=str))  # the key as JSON stores it
+    if not isinstance(recorded, dict):
+        return f"its record {record_path.name} holds no key"
+    if recorded.get("model_code") != expected["model_code"]:
+        return (
+            f"it was trained with other model code (fingerprint {recorded.get('model_code')}, "
+            f"now {expected['model_code']})"
+        )
+    if recorded != expected:
+        return f"its recorded key differs in: {'; '.join(_differences(recorded, expected)[:3])}"
+    try:
+        load_weights(model, path)
+    except KDXError as err:
+        return str(err)
+    return None
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename a bad entry (and its record) to ``<name>.bad-<time>.*``: kept for a post-mortem, out of the way."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.stem}.bad-{stamp}{path.suffix}")
+    os.replace(path, aside)
+    record = path.with_suffix(".json")
+    if record.is_file():
+        os.replace(record, aside.with_suffix(".json"))
+    message = f"cached teacher {path} is unusable: {why}; moved aside to {aside.name}, training it again"
+    log.warning(message)
+    print(f"kdx: {message}", file=sys.stderr, flush=True)
+    return aside
+
+
 def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Path:
+    """The cached teacher's path, its weights loaded into ``model``; trained (or retrained) when
+    missing or bad. The lock (a file in the cache) is taken only when training is needed."""
     key = teacher_key(cfg, model)
     path = Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(key)}.pt"
-    if path.is_file():  # written atomically: present means complete (a read-only cache works too)
+    problem = _entry_problem(path, key, model) if path.is_file() else None
+    if path.is_file() and problem is None:
         log.info("Reusing cached teacher %s", path)
         info["teacher/source"] = "cache"
         return path
     if rank_zero_only.rank != 0:
         raise KDXError(
-            f"teacher {path} is not in the cache on rank {rank_zero_only.rank}; rank 0 trains it before "
-            "the other ranks start — under srun, train it first in a single-process run"
+            f"teacher {path} is not usable in the cache on rank {rank_zero_only.rank}"
+            f"{f' ({problem})' if problem else ''}; rank 0 trains it before the other ranks start — "
+            "under srun, train it first in a single-process run"
+        )
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # made below if missing
+    if not os.access(existing, os.W_OK):
+        raise KDXError(
+            f"teacher {path} is {'unusable: ' + problem if problem else 'not in the cache'} and the cache "
+            f"is read-only; set paths.cache_dir (or KDX_CACHE_DIR) to a writable folder or pass teacher.ckpt=<path>"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _say_why_not_reused(path, key)
+    if problem is None:
+        _say_why_not_reused(path, key)
     lock = _lock(path)
     _wait_for_lock(lock, cfg.teacher.name, path)
     try:
-        if path.is_file():
-            log.info("Reusing teacher %s, trained meanwhile by another process", path)
-            info["teacher/source"] = "cache"
-            return path
+        if path.is_file():  # trained meanwhile by another process, or the bad entry found above
+            problem = _entry_problem(path, key, model)
+            if problem is None:
+                log.info("Reusing teacher %s, trained meanwhile by another process", path)
+                info["teacher/source"] = "cache"
+                return path
+            info["teacher/retrained_because"] = problem
+            _move_aside(path, problem)
         metrics = _train_teacher(cfg, path)
         atomic_write_json(
             path.with_suffix(".json"),
@@ -241,7 +301,8 @@ def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Pa
                 "config": OmegaConf.to_container(cfg.teacher, resolve=True),
             },
         )
-        info["teacher/source"] = "trained"
+        load_weights(model, path)
+        info["teacher/source"] = "retrained" if info.get("teacher/retrained_because") else "trained"
         return path
     finally:
         lock.release()
@@ -261,11 +322,11 @@ def provide_teacher(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
     if ckpt is None:
         raise KDXError(f"teacher={tcfg.name} has no weights: set teacher.ckpt=<path> or teacher.ckpt=auto")
     if str(ckpt) == "auto":
-        path = _auto_teacher(cfg, model, info)
+        path = _auto_teacher(cfg, model, info)  # verified and loaded
     else:
         path = Path(str(ckpt)).expanduser()
         info["teacher/source"] = "file"
-    load_weights(model, path)
+        load_weights(model, path)
     info["teacher/ckpt"] = str(path)
     info["teacher/sha256"] = sha256_file(path)
     return model, info

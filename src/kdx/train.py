@@ -362,7 +362,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     metrics.update({k: v for k, v in teacher_info.items() if k not in metrics})
-    metrics["warnings"] = [*teacher_info.get("warnings", []), *(metrics.get("warnings") or [])]
+    # the build's warnings and those of callbacks (DivergenceMonitor), each once
+    found = [*teacher_info.get("warnings", []), *(metrics.get("warnings") or [])]
+    metrics["warnings"] = list(dict.fromkeys(found))
     if trainer.is_global_zero:
         atomic_write_json(output_dir / "metrics.json", metrics)
     _log_hparams(loggers, cfg, {k: v for k, v in metrics.items() if k.startswith("student/acc")})

@@ -1,0 +1,455 @@
+"""Check a composed run config before any work: no data generated, no teacher trained, on a bad value.
+
+:func:`validate_config` is the first thing :func:`kdx.train.run` does. Everything that can be judged
+from the config alone is judged here, and the first problems found become one
+:class:`~kdx.errors.KDXError` line that names the key and the fix:
+
+* types and ranges: ``seed`` (an integer), every learning rate (finite, > 0), the batch sizes
+  (integers > 0), ``trainer.max_epochs`` and the auto-teacher's ``teacher.train.epochs`` (>= 1);
+* the resume path ``ckpt_path``: an existing file, a run folder (its ``checkpoints/last.ckpt``) or
+  ``last`` (this run's own ``checkpoints/last.ckpt``); anything else is an error, never a silent
+  fresh start. The resolved file replaces the value in the config;
+* model names: kdx's zoo, timm's and torchvision's registries;
+* keys that nothing reads. Two sources, neither a hand-kept list:
+
+  - every ``_target_`` node is compared with its target's signature: a key the callable does not
+    take (and that no ``**kwargs`` swallows) is reported;
+  - every key added on the command line with ``+`` (Hydra's own hint for a key the config lacks)
+    is looked up in the config composed without those keys: added under a ``_target_`` node, the
+    signature decides; added under a mapping the config declares empty (``teacher.train.method_args:
+    {}``), it is passed on and fine; anywhere else no code reads it, and it is an error.
+
+  ``student.name`` / ``teacher.name`` are display names (run folders, tables, provenance). Where the
+  group derives the name from the model (``student=timm``: ``name: timm_${.model.name}``) a user who
+  sets ``student.name=<something>`` almost surely meant the model: that is an error pointing at
+  ``student.model.name``. A fixed display name (``student=mlp``) may be renamed freely.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from kdx.errors import KDXError
+
+# Hydra's instantiate keys: read by Hydra, never passed to the target
+_INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+# factories whose ``name`` is looked up in a registry (kdx.models.registry)
+_ZOO_FACTORY = "kdx.models.registry.create_model"
+_TIMM_FACTORY = "kdx.models.registry.timm_model"
+_TORCHVISION_FACTORY = "kdx.models.registry.torchvision_model"
+_MAX_REPORTED = 3
+
+
+def validate_config(
+    cfg: DictConfig, overrides: list[str] | None = None, reference: DictConfig | None = None
+) -> None:
+    """Raise one :class:`KDXError` naming the first problems of ``cfg``; resolve ``cfg.ckpt_path``.
+
+    ``overrides`` are the command line's task overrides and ``reference`` the config composed from
+    them without the ``+key`` ones; inside ``kdx-train`` both come from Hydra when not given. The
+    teacher's own run (``task_name: teacher``) is composed by kdx and only has its values checked.
+    """
+    problems = [*_value_problems(cfg), *_model_name_problems(cfg), *_signature_problems(cfg)]
+    if cfg.get("task_name") != "teacher":
+        if overrides is None:
+            overrides, reference = _hydra_overrides_and_reference()
+        problems += _added_key_problems(cfg, overrides or [], reference)
+        problems += _display_name_problems(cfg, overrides or [])
+    if problems:
+        shown = problems[:_MAX_REPORTED]
+        more = f" (and {len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
+        raise KDXError("; ".join(shown) + more)
+    resolved = resolve_ckpt_path(cfg)
+    if resolved is not None and resolved != cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The value at ``key``, resolved; ``None`` when absent or not resolvable here."""
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - an unresolvable value is judged where it is used
+        return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _value_problems(cfg: DictConfig) -> Iterator[str]:
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        yield f"seed={seed!r} is not an integer; pass seed=<int>, e.g. seed=0"
+    auto_teacher = _select(cfg, "teacher.model") is not None and str(_select(cfg, "teacher.ckpt")) == "auto"
+    lr_keys = ["optim.optimizer.lr", *(["teacher.train.optim.optimizer.lr"] if auto_teacher else [])]
+    for key in lr_keys:
+        lr = _select(cfg, key)
+        if lr is not None and not (_is_number(lr) and math.isfinite(lr) and lr > 0):
+            yield f"{key}={lr!r} is not a learning rate; pass a finite number > 0, e.g. {key}=0.01"
+    for key in ("dataset.datamodule.batch_size", "dataset.datamodule.eval_batch_size"):
+        size = _select(cfg, key)
+        if size is not None and not (_is_int(size) and size > 0):
+            yield f"{key}={size!r} is not a batch size; pass an integer > 0, e.g. {key}=64"
+    yield from _epoch_problems(cfg, auto_teacher)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _epoch_problems(cfg: DictConfig, auto_teacher: bool) -> Iterator[str]:
+    epochs, steps = _select(cfg, "trainer.max_epochs"), _select(cfg, "trainer.max_steps")
+    open_ended = epochs is None or epochs == -1  # Lightning: the run's length is then max_steps
+    if open_ended and _is_int(steps) and steps > 0:
+        pass
+    elif not (_is_int(epochs) and epochs >= 1) and not _select(cfg, "trainer.fast_dev_run"):
+        yield (
+            f"trainer.max_epochs={epochs!r} trains nothing; pass an integer >= 1 "
+            "(or trainer.max_epochs=-1 with trainer.max_steps=<steps>)"
+        )
+    if auto_teacher:
+        teacher_epochs = _select(cfg, "teacher.train.epochs")
+        if not (_is_int(teacher_epochs) and teacher_epochs >= 1):
+            yield (
+                f"teacher.train.epochs={teacher_epochs!r} cannot train the auto-teacher; pass an integer "
+                ">= 1, or teacher.ckpt=<path> to use trained weights"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The resume path
+
+
+def named_run_checkpoint(path: Path) -> Path:
+    """``path`` if a file; a run folder's ``checkpoints/last.ckpt`` (or ``last.ckpt``) if a folder
+    holds one; else ``path`` unchanged (the caller reports it)."""
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The checkpoint file a run resumes from, or ``None`` for a fresh start; an error when a resume
+    was asked for and there is nothing to resume from (Lightning would silently start afresh)."""
+    value = cfg.get("ckpt_path")
+    if value is None or str(value) == "":
+        return None
+    text = str(value)
+    if text == "last":
+        output_dir = _select(cfg, "paths.output_dir")
+        own = Path(str(output_dir)) / "checkpoints" / "last.ckpt"
+        if output_dir is not None and own.is_file():
+            return str(own)
+        raise KDXError(
+            f"ckpt_path=last: this run's folder {output_dir} has no checkpoints/last.ckpt (every new run "
+            "gets a new folder); to resume a run pass ckpt_path=<its run folder> or "
+            "ckpt_path=<run folder>/checkpoints/last.ckpt"
+        )
+    path = named_run_checkpoint(Path(text).expanduser())
+    if path.is_dir():
+        raise KDXError(
+            f"ckpt_path={text} is a folder without checkpoints/last.ckpt: nothing to resume from; pass the "
+            "run folder of a run that saved one, or the .ckpt file itself"
+        )
+    if not path.is_file():
+        raise KDXError(
+            f"ckpt_path={text} does not exist: nothing to resume from; pass an existing checkpoint "
+            "(e.g. <run folder>/checkpoints/last.ckpt), a run folder, or ckpt_path=null to start afresh"
+        )
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model names
+
+
+def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """Every mapping with a ``_target_`` in ``node`` (Hydra's own ``hydra`` node excluded)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node.keys():
+            if not path and key == "hydra":
+                continue
+            try:
+                child = node._get_node(key)
+            except Exception:  # noqa: BLE001 - a missing value has no children
+                continue
+            yield from _target_nodes(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node._iter_ex(resolve=False)):
+            yield from _target_nodes(child, f"{path}[{i}]")
+
+
+def _model_name_problems(cfg: DictConfig) -> Iterator[str]:
+    for path, node in _target_nodes(cfg):
+        target = str(node._get_node("_target_")._value())
+        if target not in (_ZOO_FACTORY, _TIMM_FACTORY, _TORCHVISION_FACTORY):
+            continue
+        name = _select(node, "name")
+        if not isinstance(name, str):
+            continue
+        known, where = _registry(target)
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            yield f"{path}.name={name} is not a {where} model{hint}; pass {path}.name=<a {where} model name>"
+
+
+def _registry(target: str) -> tuple[list[str], str]:
+    if target == _ZOO_FACTORY:
+        from kdx.models.registry import list_models
+
+        return list_models(), "kdx zoo (docs/zoo.md)"
+    if target == _TIMM_FACTORY:
+        import timm
+
+        return timm.list_models(), "timm (timm.list_models())"
+    import torchvision
+
+    return torchvision.models.list_models(), "torchvision (torchvision.models.list_models())"
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys nothing reads
+
+
+def _signature(target: str) -> inspect.Signature | None:
+    from hydra.utils import get_object
+
+    try:
+        return inspect.signature(get_object(target))
+    except Exception:  # noqa: BLE001 - an unknown target is Hydra's error, raised at instantiation
+        return None
+
+
+def _takes(signature: inspect.Signature, key: str) -> bool:
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    return any(p.name == key and p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+def _signature_problems(cfg: DictConfig) -> Iterator[str]:
+    for path, node in _target_nodes(cfg):
+        target = node._get_node("_target_")._value()
+        signature = _signature(str(target)) if isinstance(target, str) else None
+        if signature is None:
+            continue
+        ignored = [
+            str(k) for k in node.keys() if k not in _INSTANTIATE_KEYS and not _takes(signature, str(k))
+        ]
+        for key in ignored:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(signature.parameters), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            yield f"{path}.{key} is not read: {target} takes no argument '{key}'{hint}; remove it"
+
+
+def _added_key_problems(cfg: DictConfig, overrides: list[str], reference: DictConfig | None) -> Iterator[str]:
+    """Keys added with ``+key=value`` that no code reads (see the module docstring)."""
+    if reference is None:
+        return
+    for key in _added_keys(overrides):
+        parts = key.split(".")
+        depth = 0  # the deepest ancestor the config declares without the added keys
+        while depth < len(parts) - 1 and isinstance(
+            OmegaConf.select(reference, ".".join(parts[: depth + 1])), DictConfig
+        ):
+            depth += 1
+        anchor_path = ".".join(parts[:depth])
+        anchor = OmegaConf.select(reference, anchor_path) if anchor_path else reference
+        if isinstance(anchor, DictConfig) and "_target_" in anchor:
+            continue  # the signature check above has judged it
+        if isinstance(anchor, DictConfig) and len(anchor) == 0 and anchor_path:
+            continue  # a mapping declared empty ({}) is passed on whole, e.g. teacher.train.method_args
+        added = ".".join(parts[: depth + 1])
+        where = f"'{anchor_path}'" if anchor_path else "the top level"
+        yield (
+            f"+{key}: no kdx code reads '{added}' (it is not in the config of {where}); remove it — for an "
+            f"existing setting drop the '+' and use its real key (e.g. optim.optimizer.lr, "
+            "dataset.datamodule.batch_size)"
+        )
+
+
+def _added_keys(overrides: list[str]) -> list[str]:
+    """Keys (not config groups) that ``+key=value`` overrides add."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [
+        o.key_or_group for o in parsed if o.is_add() and o.package is None and not _is_group(o.key_or_group)
+    ]
+
+
+def _is_group(key: str) -> bool:
+    try:
+        from hydra.core.global_hydra import GlobalHydra
+
+        return bool(GlobalHydra.instance().config_loader().repository.group_exists(key.replace(".", "/")))
+    except Exception:  # noqa: BLE001 - outside a Hydra app: kdx's own config folder decides
+        import kdx.conf
+
+        return (Path(kdx.conf.__file__).parent / key.replace(".", "/")).is_dir()
+
+
+def _hydra_overrides_and_reference() -> tuple[list[str], DictConfig | None]:
+    """The command line's task overrides and the config composed without its ``+key`` ones."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app (tests, library use): nothing was added on a command line
+        return [], None
+    overrides = list(hydra_cfg.overrides.task)
+    added = set(_added_keys(overrides))
+    if not added:
+        return overrides, None
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    kept = [
+        text
+        for text, o in zip(overrides, parsed, strict=True)
+        if o.key_or_group not in added or not o.is_add()
+    ]
+    return overrides, compose(config_name=hydra_cfg.job.config_name, overrides=kept)
+
+
+def _display_name_problems(cfg: DictConfig, overrides: list[str]) -> Iterator[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    set_keys = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(list(overrides))}
+    for role in ("student", "teacher"):
+        override = set_keys.get(f"{role}.name")
+        if override is None or override.is_add():
+            continue
+        if _derived_name(role, _group_choice(role, overrides)):
+            yield (
+                f"{role}.name={override.value()} renames the run but picks no model ({role}.name is derived "
+                f"from {role}.model.name); to choose the model pass {role}.model.name={override.value()}"
+            )
+
+
+def _group_choice(group: str, overrides: list[str]) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:
+        chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group]
+        return chosen[-1] if chosen else None
+
+
+def _derived_name(group: str, choice: str | None) -> bool:
+    """Whether the group option's own file makes ``name`` an interpolation of its model's name."""
+    import kdx.conf
+
+    if not choice:
+        return False
+    path = Path(kdx.conf.__file__).parent / group / f"{choice}.yaml"
+    if not path.is_file():
+        return False
+    raw = OmegaConf.load(path)
+    name = raw._get_node("name") if "name" in raw else None
+    text = str(name._value()) if name is not None else ""
+    return "${" in text and "model" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: where a NaN came from
+
+
+class NonFiniteSources:
+    """Device-side flags for non-finite training *inputs* and *teacher outputs*.
+
+    The module folds them into its NaN-loss check (:meth:`read`, every ``nonfinite_check_every``
+    steps): the three flags are reduced over the ranks and read in one go, so naming the source
+    costs no host sync of its own, and every rank raises the same message. The teacher's outputs
+    are watched through a forward hook on the teacher (whatever method calls it).
+    """
+
+    NAMES = ("loss", "inputs", "teacher outputs")
+
+    def __init__(self, teacher: Any = None):
+        self._inputs: Any = None
+        self._teacher: Any = None
+        if teacher is not None:
+            teacher.register_forward_hook(self._teacher_hook)
+
+    @staticmethod
+    def _any_bad(tensors: list) -> Any:
+        import torch
+
+        bad = [~torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+        return torch.stack(bad).any() if bad else None
+
+    def _fold(self, held: Any, bad: Any) -> Any:
+        return held if bad is None else (bad if held is None else held | bad)
+
+    def _teacher_hook(self, module: Any, args: Any, output: Any) -> None:
+        import torch
+
+        logits = getattr(output, "logits", output)
+        if isinstance(logits, torch.Tensor):
+            self._teacher = self._fold(self._teacher, self._any_bad([logits]))
+
+    def inputs(self, x: Any) -> None:
+        """Watch a training batch's inputs (a tensor, or a mapping of tensors for text)."""
+        import torch
+
+        tensors = [v for v in (x.values() if isinstance(x, dict) else [x]) if isinstance(v, torch.Tensor)]
+        self._inputs = self._fold(self._inputs, self._any_bad(tensors))
+
+    def read(self, loss_bad: Any, strategy: Any) -> list[str]:
+        """The sources (of :attr:`NAMES`) non-finite on any rank since the last read; resets the flags."""
+        import torch
+
+        flags = [loss_bad, self._inputs, self._teacher]
+        device = next((f.device for f in flags if isinstance(f, torch.Tensor)), None)
+        if device is None:
+            return []
+        stacked = torch.stack(
+            [
+                (f if isinstance(f, torch.Tensor) else torch.tensor(False, device=device)).float()
+                for f in flags
+            ]
+        )
+        self._inputs = self._teacher = None
+        reduced = strategy.reduce(stacked, reduce_op="max") if strategy is not None else stacked
+        return [name for name, seen in zip(self.NAMES, reduced.tolist(), strict=True) if seen > 0]
+
+    @staticmethod
+    def message(sources: list[str], epoch: int, step: int) -> str:
+        where = f"at epoch {epoch} (seen by global step {step}, on at least one device)"
+        if "inputs" in sources:
+            return (
+                f"the training inputs hold NaN or infinite values {where}: the data, not the optimiser — "
+                "check the data set's files and preprocessing (normalisation by a zero std?)"
+            )
+        if "teacher outputs" in sources:
+            return (
+                f"the teacher's outputs became NaN or infinite {where} on finite inputs: check the teacher's "
+                "weights (teacher.ckpt) and its precision (trainer.precision)"
+            )
+        return (
+            f"the training loss became NaN or infinite {where}; lower optim.optimizer.lr, set "
+            "trainer.gradient_clip_val, or check the method's loss weights"
+        )
