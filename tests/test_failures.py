@@ -1,0 +1,361 @@
+"""No silent success, no poisoned cache (issue 14): every case of the fault-injection pass, one test each.
+
+Most cases fail in :func:`kdx.validate.validate_config`, before any data or teacher work: they run
+in-process against an empty cache (which must stay empty). The CLI path (exit code, one stderr
+line, metrics.json) is run as a subprocess once. The multirun case (a failing job, exit 1 after the
+others finished) is tests/test_runs.py::test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on.
+docs/failures.md has the table of cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import FAST, compose_train, run_train
+from kdx.callbacks import DivergenceMonitor
+from kdx.errors import DivergenceError, KDXError, NonFiniteLossError
+from kdx.models.small import CNN1D
+from kdx.models.weights import AtomicCheckpointIO, load_weights
+from kdx.teacher import teacher_cache_path
+from kdx.train import failure_record
+from kdx.utils import atomic_write_json
+from kdx.validate import NonFiniteSources, validate_config
+from test_runs import kdx
+
+# a short real run without a teacher: the cheapest run that trains
+NO_TEACHER = ["debug=limit", "trainer.accelerator=cpu", "teacher=none", "method=none", "print_summary=false"]
+
+
+def strict_json(path: Path) -> dict:
+    """metrics.json parsed strictly: NaN / Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def fails_before_work(overrides: list[str], tmp_path: Path, match: str) -> KDXError:
+    """The run stops with one line matching ``match`` and has generated no data and trained no teacher."""
+    cache = tmp_path / "empty-cache"
+    with pytest.raises(KDXError, match=match) as err:
+        run_train([*FAST, *overrides], tmp_path / "run", cache)
+    assert "\n" not in str(err.value)
+    assert not cache.exists() or not any(cache.rglob("*")), "work was done before the config was checked"
+    return err.value
+
+
+# -- values checked before any work ------------------------------------------------------------
+
+
+def test_zero_epochs_is_an_error_not_an_untrained_ok(tmp_path):
+    # fast_dev_run ignores max_epochs, so the case is run without it
+    cache = tmp_path / "empty-cache"
+    with pytest.raises(KDXError, match=r"trainer.max_epochs=0 trains nothing; pass an integer >= 1"):
+        run_train(["trainer.max_epochs=0", "trainer.accelerator=cpu"], tmp_path / "run", cache)
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("seed=abc", r"seed='abc' is not an integer; pass seed=<int>"),
+        ("optim.optimizer.lr=-1", r"optim.optimizer.lr=-1 is not a learning rate; pass a finite number > 0"),
+        ("optim.optimizer.lr=inf", r"optim.optimizer.lr=inf is not a learning rate"),
+        ("teacher.train.optim.optimizer.lr=0", r"teacher.train.optim.optimizer.lr=0 is not a learning rate"),
+        ("dataset.datamodule.batch_size=0", r"dataset.datamodule.batch_size=0 is not a batch size"),
+        ("teacher.train.epochs=0", r"teacher.train.epochs=0 cannot train the auto-teacher"),
+        (
+            "student.model.name=resnet8x5",
+            r"student.model.name=resnet8x5 is not a kdx zoo .*did you mean resnet8x4",
+        ),
+    ],
+)
+def test_bad_values_fail_before_any_data_or_teacher_work(tmp_path, override, match):
+    extra = ["student=resnet8"] if "resnet" in override else []
+    fails_before_work([*extra, override], tmp_path, match)
+
+
+def test_a_bad_seed_still_gets_a_failure_record(tmp_path):
+    cfg = compose_train([*FAST, "seed=abc"], tmp_path, tmp_path / "cache")
+    with pytest.raises(KDXError) as err:
+        validate_config(cfg)
+    atomic_write_json(tmp_path / "metrics.json", failure_record(cfg, err.value))
+    record = strict_json(tmp_path / "metrics.json")
+    assert record["status"] == "failed" and record["seed"] == "abc"
+    assert record["error"].startswith("seed='abc' is not an integer")
+
+
+# -- resume: from something, or an error ---------------------------------------------------------
+
+
+def test_resume_from_last_without_a_last_checkpoint_is_an_error(tmp_path):
+    fails_before_work(
+        ["ckpt_path=last"], tmp_path, r"ckpt_path=last: this run's folder .* has no checkpoints/last.ckpt"
+    )
+
+
+def test_resume_from_a_missing_file_is_an_error(tmp_path):
+    fails_before_work(
+        [f"ckpt_path={tmp_path / 'gone.ckpt'}"], tmp_path, r"ckpt_path=.*gone.ckpt does not exist"
+    )
+
+
+def test_resume_from_a_run_folder_or_last_takes_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "earlier-run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stand-in")
+    cfg = compose_train([*FAST, f"ckpt_path={run_dir}"], tmp_path / "new", tmp_path / "cache")
+    validate_config(cfg)
+    assert cfg.ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+    # `last` in a run folder that has one (a rerun in the same folder) is that folder's
+    cfg = compose_train([*FAST, "ckpt_path=last"], run_dir, tmp_path / "cache")
+    validate_config(cfg)
+    assert cfg.ckpt_path == str(run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(KDXError, match=r"is a folder without checkpoints/last.ckpt"):
+        validate_config(compose_train([*FAST, f"ckpt_path={tmp_path}"], tmp_path / "x", tmp_path / "cache"))
+
+
+# -- keys nothing reads ------------------------------------------------------------------------
+
+
+def _added(overrides: list[str], tmp_path: Path):
+    """(config, overrides, the config without the +keys), as kdx-train sees them."""
+    plain = [o for o in overrides if not o.startswith("+")]
+    return (
+        compose_train(overrides, tmp_path, tmp_path / "cache"),
+        overrides,
+        compose_train(plain, tmp_path, tmp_path / "cache"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("added", "named"),
+    [
+        ("+optim.lr=-1", r"\+optim.lr: no kdx code reads 'optim.lr' .*use its real key"),
+        ("+dataset.batch_size=0", r"\+dataset.batch_size: no kdx code reads 'dataset.batch_size'"),
+        ("+learning_rate=0.1", r"\+learning_rate: no kdx code reads 'learning_rate' .*the top level"),
+        ("+optim.new.lr=1", r"no kdx code reads 'optim.new'"),
+        (
+            "+student.model.width=3",
+            r"student.model.width is not read: kdx.models.small.MLP takes no argument",
+        ),
+    ],
+)
+def test_keys_added_with_plus_that_nothing_reads_are_errors(tmp_path, added, named):
+    with pytest.raises(KDXError, match=named):
+        validate_config(*_added([*FAST, added], tmp_path))
+
+
+def test_keys_added_with_plus_that_are_read_pass(tmp_path):
+    # passed on whole (the teacher recipe's method arguments) or taken by the target's **kwargs (timm)
+    validate_config(*_added([*FAST, "+teacher.train.method_args.alpha=0.5"], tmp_path))
+    validate_config(*_added([*FAST, "student=timm", "+student.model.drop_rate=0.1"], tmp_path))
+
+
+def test_a_display_name_is_not_a_model_choice(tmp_path):
+    # student=timm derives student.name from student.model.name: setting the name picks nothing
+    cfg = compose_train([*FAST, "student=timm", "student.name=not_a_timm_model"], tmp_path, tmp_path / "c")
+    with pytest.raises(KDXError, match=r"to choose the model pass student.model.name=not_a_timm_model"):
+        validate_config(cfg, ["student=timm", "student.name=not_a_timm_model"], None)
+    # ... and the model's name is checked against timm's registry
+    cfg = compose_train(
+        [*FAST, "student=timm", "student.model.name=not_a_timm_model"], tmp_path, tmp_path / "c"
+    )
+    with pytest.raises(KDXError, match=r"student.model.name=not_a_timm_model is not a timm"):
+        validate_config(cfg, [], None)
+    # a fixed display name (student=mlp) may be renamed: it is a label, not a choice
+    validate_config(
+        compose_train([*FAST, "student.name=tiny"], tmp_path, tmp_path / "c"), ["student.name=tiny"], None
+    )
+
+
+@pytest.mark.slow
+def test_cli_added_key_exits_2_with_one_line_and_a_failure_record(tmp_path):
+    proc = kdx("+optim.lr=-1", root=tmp_path, cache=tmp_path / "cache", timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdx: error:")]
+    assert errors == [errors[0]] and "no kdx code reads 'optim.lr'" in errors[0]
+    (path,) = tmp_path.glob("logs/train/runs/*/metrics.json")
+    record = strict_json(path)
+    assert record["status"] == "failed" and record["error_type"] == "KDXError"
+    assert "optim.optimizer.lr" in record["error"]  # the full message, with the fix
+    assert Path(record["log"]).is_file() and "no kdx code reads" in Path(record["log"]).read_text()
+    assert not (tmp_path / "cache").exists()  # nothing generated, no teacher trained
+
+
+# -- no silent success during training ------------------------------------------------------------
+
+
+def test_a_diverging_loss_stops_the_run_as_diverged(tmp_path):
+    # Adam at lr 1e9: the loss stays finite but runs to ~1e30 within a few steps
+    cfg = compose_train(
+        [*NO_TEACHER, "optim.optimizer.lr=1e9", "trainer.log_every_n_steps=2"], tmp_path, tmp_path / "cache"
+    )
+    from kdx.train import run
+
+    with pytest.raises(
+        DivergenceError, match=r"the training loss diverged: .* over 1000x its first value"
+    ) as err:
+        run(cfg)
+    record = failure_record(cfg, err.value)
+    assert record["status"] == "diverged" and "lower optim.optimizer.lr" in record["error"]
+
+
+def test_a_student_at_chance_for_the_whole_run_is_a_warning(tmp_path):
+    # lr 1e-12: the student never leaves its initial (chance-level) accuracy on 10 classes
+    metrics = run_train([*NO_TEACHER, "optim.optimizer.lr=1e-12"], tmp_path, tmp_path / "cache")
+    (warning,) = [w for w in metrics["warnings"] if "chance level" in w]
+    assert "over 2 validations (chance: 10.0 %)" in warning
+    assert strict_json(tmp_path / "metrics.json")["warnings"] == metrics["warnings"]
+
+
+def test_divergence_monitor_thresholds():
+    monitor = DivergenceMonitor(loss_factor=10, chance_factor=1.5)
+    # 10 classes: chance 10 %, warning below 15 %
+    monitor._best_acc, monitor._chance, monitor._validations = 0.149, 0.1, 3
+    assert "chance level" in monitor.report()["warnings"][0]
+    monitor._best_acc = 0.16
+    assert monitor.report() == {}
+    with pytest.raises(ValueError, match="loss_factor=1.0 must be > 1"):
+        DivergenceMonitor(loss_factor=1.0)
+
+
+def test_nan_inputs_are_named_as_inputs(tmp_path):
+    # the synthetic data's noise scale NaN makes every input NaN: the data, not the learning rate
+    overrides = [*NO_TEACHER, "dataset=synthetic", "dataset.datamodule.noise=nan"]
+    with pytest.raises(NonFiniteLossError, match=r"the training inputs hold NaN or infinite values") as err:
+        run_train(overrides, tmp_path, tmp_path / "cache")
+    assert "lr" not in str(err.value)
+
+
+def test_non_finite_teacher_outputs_are_named_as_such():
+    # a finite weight (the load check passes) whose output overflows float32: 10 * 3e38 = inf
+    teacher = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        teacher.weight.fill_(3e38)
+    sources = NonFiniteSources(teacher)
+    sources.inputs(torch.ones(2, 4))
+    teacher(torch.ones(2, 4) * 10)
+    assert sources.read(torch.tensor(True), None) == ["loss", "teacher outputs"]
+    assert sources.read(torch.tensor(False), None) == []  # flags reset after each read
+    assert "teacher's outputs became NaN" in NonFiniteSources.message(["loss", "teacher outputs"], 0, 3)
+
+
+# -- checkpoint files: messages that point the right way ------------------------------------------
+
+
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path):
+    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(
+        KDXError, match=r"noise.pt is not a PyTorch checkpoint \(torch: Unsupported operand"
+    ) as err:
+        load_weights(CNN1D(10, (1, 40)), tmp_path / "noise.pt")
+    assert "weights_only=False" not in str(err.value)  # kdx offers no such option
+
+
+def test_a_truncated_checkpoint_is_named_truncated(tmp_path):
+    torch.save(CNN1D(10, (1, 40)).state_dict(), tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:2000])
+    with pytest.raises(KDXError, match=r"cut.pt is a damaged or truncated PyTorch checkpoint \(torch: "):
+        load_weights(CNN1D(10, (1, 40)), tmp_path / "cut.pt")
+
+
+def test_a_conv_width_mismatch_is_not_called_a_class_count(tmp_path):
+    torch.save(CNN1D(10, (1, 40), channels=(16, 64, 64)).state_dict(), tmp_path / "narrow.pt")
+    with pytest.raises(KDXError, match=r"has shape \(16, 1, .*the layers differ in size") as err:
+        load_weights(CNN1D(10, (1, 40)), tmp_path / "narrow.pt")
+    assert "class" not in str(err.value)
+
+
+def test_a_nan_teacher_weight_is_named(tmp_path):
+    state = CNN1D(10, (1, 40)).state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(KDXError, match=rf"1 weight tensors hold NaN or infinite values \(e.g. '{key}'\)"):
+        load_weights(CNN1D(10, (1, 40)), tmp_path / "nan.pt")
+
+
+def test_failure_record_keeps_the_full_message(tmp_path):
+    cfg = compose_train(FAST, tmp_path, tmp_path / "cache")
+    message = "teacher checkpoint x.pt does not fit:\n  missing: a.weight\n  unexpected: b.weight"
+    record = failure_record(cfg, KDXError(message))
+    assert record["error"] == message and record["status"] == "failed"
+
+
+# -- the auto-teacher cache heals ------------------------------------------------------------------
+
+
+def test_a_cached_teacher_is_reused_read_only_and_a_truncated_one_retrained(
+    tmp_path, cache_dir, monkeypatch, capfd
+):
+    overrides = [*FAST, "teacher.train.seed=21"]
+    assert run_train(overrides, tmp_path / "a", cache_dir)["teacher/source"] == "trained"
+    path = teacher_cache_path(compose_train(overrides, tmp_path, cache_dir))
+    # reuse only reads: no lock taken, nothing written (so a read-only cache holding it works)
+    before = {p: p.stat().st_mtime_ns for p in path.parent.rglob("*")}
+    with monkeypatch.context() as patch:
+        patch.setattr("kdx.teacher._lock", lambda path: pytest.fail(f"a lock was taken for cached {path}"))
+        assert run_train(overrides, tmp_path / "b", cache_dir)["teacher/source"] == "cache"
+    assert {p: p.stat().st_mtime_ns for p in path.parent.rglob("*")} == before
+    # a truncated entry at the right key: moved aside, said why, retrained
+    path.write_bytes(path.read_bytes()[:1000])
+    third = run_train(overrides, tmp_path / "c", cache_dir)
+    assert third["teacher/source"] == "retrained"
+    assert "damaged or truncated" in third["teacher/retrained_because"]
+    assert f"cached teacher {path} is unusable: " in capfd.readouterr().err
+    (aside,) = path.parent.glob(f"{path.stem}.bad-*.pt")
+    assert aside.stat().st_size == 1000 and aside.with_suffix(".json").is_file()
+    load_weights(CNN1D(10, (1, 40)), path)  # the new entry is whole
+
+
+def test_a_stale_cached_teacher_from_other_model_code_is_retrained(tmp_path, cache_dir):
+    overrides = [*FAST, "teacher.train.seed=22"]
+    run_train(overrides, tmp_path / "a", cache_dir)
+    record_path = teacher_cache_path(compose_train(overrides, tmp_path, cache_dir)).with_suffix(".json")
+    record = json.loads(record_path.read_text())
+    record["key"]["model_code"] = "0123456789ab"  # as written by a kdx whose CNN1D code differed
+    record_path.write_text(json.dumps(record))
+    second = run_train(overrides, tmp_path / "b", cache_dir)
+    assert second["teacher/source"] == "retrained"
+    assert second["teacher/retrained_because"].startswith(
+        "it was trained with other model code (fingerprint 0123"
+    )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        written = atomic_write_json(tmp_path / "metrics.json", {"a": float("nan")})
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 / 0664, not mkstemp's 0600
+    assert strict_json(written) == {"a": None}
+
+
+# -- checkpoints written atomically in their own folder ----------------------------------------------
+
+
+def test_checkpoints_are_written_in_their_own_folder(tmp_path, monkeypatch):
+    # a temp folder that does not exist: a writer that went through it (fsspec's transaction) fails
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-tmp"))
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, target)
+    assert torch.load(target, weights_only=True)["epoch"] == 3
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+    # and every kdx trainer uses it
+    cfg = compose_train(FAST, tmp_path, tmp_path / "cache")
+    with open_dict(cfg):
+        cfg.trainer.default_root_dir = str(tmp_path)
+    from kdx.factory import build_trainer
+
+    trainer = build_trainer(cfg.trainer, logger=False, callbacks=[])
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
