@@ -157,6 +157,13 @@ def test_keys_added_with_plus_that_are_read_pass(tmp_path):
     # passed on whole (the teacher recipe's method arguments) or taken by the target's **kwargs (timm)
     validate_config(*_added([*FAST, "+teacher.train.method_args.alpha=0.5"], tmp_path))
     validate_config(*_added([*FAST, "student=timm", "+student.model.drop_rate=0.1"], tmp_path))
+    # one more callback: instantiated like its siblings; its own keys meet its signature
+    probe = "+callbacks.probe._target_=kdx.callbacks.TrainingThroughput"
+    validate_config(*_added([*FAST, probe], tmp_path))
+    with pytest.raises(
+        KDXError, match=r"callbacks.probe.every is not read: kdx.callbacks.TrainingThroughput"
+    ):
+        validate_config(*_added([*FAST, probe, "+callbacks.probe.every=2"], tmp_path))
 
 
 def test_a_display_name_is_not_a_model_choice(tmp_path):

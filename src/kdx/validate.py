@@ -279,6 +279,10 @@ def _added_key_problems(cfg: DictConfig, overrides: list[str], reference: DictCo
             continue  # the signature check above has judged it
         if isinstance(anchor, DictConfig) and len(anchor) == 0 and anchor_path:
             continue  # a mapping declared empty ({}) is passed on whole, e.g. teacher.train.method_args
+        if _instantiable_collection(anchor) and _has_target(
+            OmegaConf.select(cfg, ".".join(parts[: depth + 1]))
+        ):
+            continue  # one more callback / logger: instantiated like its siblings, its keys checked above
         added = ".".join(parts[: depth + 1])
         where = f"'{anchor_path}'" if anchor_path else "the top level"
         yield (
@@ -286,6 +290,18 @@ def _added_key_problems(cfg: DictConfig, overrides: list[str], reference: DictCo
             f"existing setting drop the '+' and use its real key (e.g. optim.optimizer.lr, "
             "dataset.datamodule.batch_size)"
         )
+
+
+def _has_target(node: Any) -> bool:
+    return isinstance(node, DictConfig) and "_target_" in node
+
+
+def _instantiable_collection(node: Any) -> bool:
+    """A mapping whose entries are all ``_target_`` nodes (or switched off): callbacks, loggers."""
+    if not isinstance(node, DictConfig) or len(node) == 0:
+        return False
+    children = [node._get_node(k) for k in node.keys()]
+    return all(_has_target(c) or c is None or c._is_none() for c in children)
 
 
 def _added_keys(overrides: list[str]) -> list[str]:
