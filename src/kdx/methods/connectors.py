@@ -287,9 +287,8 @@ class RepDistillerMethod(DistillationMethod):
     Pre-training (RepDistiller's ``--init_epochs``, ``helper/pretrain.py``): for the first
     ``init_epochs`` epochs of the run the method returns ``loss = init_term`` alone (unweighted, as
     the official init loop optimises it; FT scales it, see ``ft.py``) and logs it as ``<name>_init``
-    with ``init_phase = 1``;
-    afterwards the ordinary loss, with ``init_phase = 0``. The epochs count inside
-    ``trainer.max_epochs``.
+    with ``init_phase = 1``; afterwards the ordinary loss, with ``init_phase = 0``. The epochs count
+    inside ``trainer.max_epochs``.
     """
 
     reads = frozenset({LOGITS, EMBEDDING, STAGES})
