@@ -250,6 +250,12 @@ def test_convreg_maps_the_student_to_the_teacher_layout(s_shape, t_shape, kind):
     assert (out >= 0).all()  # ReLU
 
 
+def test_convreg_refuses_a_student_map_it_cannot_reach():
+    # 3 -> 4 is neither half (2), double (8) nor a shrink: RepDistiller raises too
+    with pytest.raises(ValueError, match=r"spatial size \(3, 3\) to the teacher's \(4, 4\)"):
+        ConvReg((4, 3, 3), (6, 4, 4))
+
+
 # ---------------------------------------------------------------------------------------------
 # The methods on small models: gradient flow, phases, refusals.
 

@@ -76,7 +76,7 @@ class FitNet(RepDistillerMethod):
             try:
                 self.regressor = ConvReg(s_shape, t_shape, use_relu=True).to(feats_s[i].device)
             except ValueError as err:
-                raise KDXError(f"fitnet: hint layer {self.hint_layer}: {err}") from None
+                raise KDXError(f"fitnet: method.hint_layer={self.hint_layer}: {err}") from None
         self._ready = True
 
     def hints(self, student: ModelOutput, teacher: ModelOutput) -> tuple[Tensor, Tensor]:
