@@ -1,32 +1,74 @@
-"""``kdx-bench``: samples/s of kdx's real training step against a plain PyTorch loop.
+"""``kdx-bench``: samples/s of kdx's real training step against a plain PyTorch loop, and kdx's fixed
+per-step overhead.
 
-Both run in this process on the same student, teacher, random batch stream and optimizer recipe,
-in alternating segments after warm-up. The kdx side is ``Trainer.fit`` on the real
-``DistillationModule`` with the configured method (so Lightning's loop, the method strategy,
-logging and the NaN check are all in the measured step); the plain side is a hand-written loop
-with Hinton KD (0.1·CE + 0.9·T²·KL at T=4). Also reported: the time share of the method's loss
-inside the kdx step. Prints a table and one JSON line. Never used as an assert in tests.
+Throughput (``conf/bench.yaml``: resnet56 → resnet20, batch 64 by default). Every side runs in this
+process on the same student, teacher, random (deterministic) batch stream and optimizer recipe, in
+alternating segments after warm-up; the figure of a side is its median over ``rounds``:
+
+* ``plain``: a hand-written loop with Hinton KD (0.1·CE + 0.9·T²·KL at T=4) and a live teacher;
+* ``kdx``: ``Trainer.fit`` on the real ``DistillationModule`` with the configured method (Lightning's
+  loop, the method strategy, logging and the NaN check are all in the measured step);
+* ``variants``, each kdx with one switch on: ``cache`` (``teacher.cache=exact``: the random batches
+  are a deterministic view; the teacher's outputs are read from the cache, filled before the timed steps),
+  ``channels_last``, ``compile`` (torch.compile of student and teacher; compiled during warm-up),
+  ``bf16`` (``precision=bf16-mixed``). Their ratios are over the plain fp32 loop.
+
+Overhead (``overhead.*``: MLP student, CNN1D teacher, batch 32, one thread, near-zero compute):
+the median step time of the plain loop, of a bare LightningModule doing the same KD step (no
+logging: Lightning's floor), and of kdx's module; ``overhead_ms_over_lightning`` = kdx − bare,
+``overhead_ms_over_plain`` = kdx − plain, each the median over rounds of the paired differences.
+
+Also reported: the time share of the method's loss inside the kdx step. Prints a table and one JSON
+line. Never used as an assert in tests (the machine's load decides the figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import statistics
+import tempfile
 import time
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.data.base import tensor_dataset
 from kdx.factory import build_module
+from kdx.methods.kd import KD
+from kdx.models.small import CNN1D, MLP
+from kdx.module import DistillationModule
+from kdx.teacher_outputs import TeacherOutputCache
 from kdx.train import CONFIG_DIR
+
+VARIANTS = ("cache", "channels_last", "compile", "bf16")
+
+
+_CLOCK = {"fn": time.perf_counter}
+
+
+def _clock() -> float:
+    """The bench's clock: this thread's CPU time on a CPU run (``clock: auto``), so that time the
+    thread spends descheduled on a shared machine is not counted; wall time on a GPU."""
+    return _CLOCK["fn"]()
+
+
+def _use_clock(cfg: DictConfig, device: torch.device) -> str:
+    name = str(cfg.get("clock", "auto"))
+    if name == "auto":
+        name = "thread" if device.type == "cpu" else "wall"
+    if name not in ("thread", "wall"):
+        raise ValueError(f"clock={name!r}: choose auto, thread or wall")
+    _CLOCK["fn"] = time.thread_time if name == "thread" else time.perf_counter
+    return name
 
 
 def _sync(device: torch.device) -> None:
@@ -44,96 +86,196 @@ class _LossTimer:
 
     def __call__(self, *args, **kwargs):
         _sync(self.device)
-        start = time.perf_counter()
+        start = _clock()
         out = self.inner(*args, **kwargs)
         _sync(self.device)
-        self.seconds += time.perf_counter() - start
+        self.seconds += _clock() - start
         return out
 
 
 class _StepTimer(L.Callback):
-    """Times the steps of the last epoch after its first ``warmup`` batches."""
+    """Times the steps of the last epoch after its first ``warmup`` batches; keeps each step's time."""
 
-    def __init__(self, warmup: int, device: torch.device, loss_timer: _LossTimer, epoch: int = 0):
+    def __init__(
+        self, warmup: int, device: torch.device, loss_timer: _LossTimer | None = None, epoch: int = 0
+    ):
         self.warmup, self.device, self.loss_timer, self.epoch = warmup, device, loss_timer, epoch
         self.start = self.end = 0.0
         self.samples = 0
+        self.stamps: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.warmup:
+        if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
             _sync(self.device)
-            self.loss_timer.seconds = 0.0
-            self.start = time.perf_counter()
+            now = _clock()
+            if batch_idx == self.warmup:
+                if self.loss_timer is not None:
+                    self.loss_timer.seconds = 0.0
+                self.start = now
+            self.stamps.append(now)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
             self.samples += batch[1].shape[0]
             _sync(self.device)
-            self.end = time.perf_counter()
+            self.end = _clock()
+
+    def step_ms(self) -> float:
+        """The median time from one step's start to the next's (the loop's whole cost per step)."""
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return 1000 * statistics.median(gaps)
 
 
-def _loader(cfg: DictConfig, n: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(n, *cfg.input_shape, generator=generator)
-    y = torch.randint(0, cfg.num_classes, (n,), generator=generator)
-    return DataLoader(tensor_dataset(x, y), batch_size=cfg.batch_size, shuffle=False, drop_last=True)
+def _data(seed: int, n: int, input_shape, num_classes: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *input_shape, generator=generator)
+    y = torch.randint(0, num_classes, (n,), generator=generator)
+    return tensor_dataset(x, y)
 
 
-def kdx_segment(cfg, student, teacher, device) -> tuple[float, float]:
-    method = instantiate(cfg.method)
-    module = build_module(cfg, student, method, teacher)
-    loader = _loader(cfg, cfg.batch_size * (cfg.warmup_steps + cfg.steps))
-    loss_timer = _LossTimer(method, device)
-    timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
-    trainer = L.Trainer(
+def _datamodule(dataset, batch_size: int, input_shape) -> L.LightningDataModule:
+    """A data module over ``dataset`` in order; methods that probe shapes read ``input_shape`` and the
+    teacher-output cache reads ``train_set``."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+    datamodule = L.LightningDataModule()
+    datamodule.input_shape = tuple(input_shape)
+    datamodule.train_set = dataset
+    datamodule.batch_size = batch_size
+    datamodule.train_dataloader = lambda: loader
+    return datamodule
+
+
+def _trainer(cfg, callback: L.Callback, max_epochs: int, precision: str | None = None) -> L.Trainer:
+    return L.Trainer(
         accelerator=cfg.accelerator,
         devices=1,
-        precision=cfg.precision,
-        max_epochs=cfg.warmup_epochs + 1,
+        precision=precision or cfg.precision,
+        max_epochs=max_epochs,
         logger=False,
+        # kdx-train's default: the loggers write (and kdx calls self.log) every 10 steps
+        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=[callback],
     )
-    # a datamodule with input_shape: methods that size connectors by probing (rdim, fitnet, ...) read it
-    datamodule = L.LightningDataModule()
-    datamodule.input_shape = tuple(cfg.input_shape)
-    datamodule.train_dataloader = lambda: loader
-    trainer.fit(module, datamodule=datamodule)
+
+
+def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache_dir: str | None = None):
+    """samples/s and the loss's share of the step, for kdx with one variant switched on (or none)."""
+    method = instantiate(cfg.method)
+    vcfg = copy.deepcopy(cfg)
+    with open_dict(vcfg):
+        vcfg.teacher.cache = "off"  # the cache is the `cache` variant's alone (set below)
+        if variant in ("channels_last", "compile"):
+            vcfg[variant] = True
+    module = build_module(vcfg, student, method, teacher)
+    if variant == "cache":
+        # the bench's random batches are a deterministic training view: exact mode
+        module.teacher_cache = TeacherOutputCache(
+            "exact", cache_dir, {"teacher": cfg.teacher.name, "bench": True}
+        )
+        TeacherOutputCache.check_method(method)
+    dataset = _data(
+        cfg.seed, cfg.batch_size * (cfg.warmup_steps + cfg.steps), cfg.input_shape, cfg.num_classes
+    )
+    loss_timer = _LossTimer(method, device)
+    timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
+    precision = "bf16-mixed" if variant == "bf16" else None
+    trainer = _trainer(cfg, timer, cfg.warmup_epochs + 1, precision)
+    trainer.fit(module, datamodule=_datamodule(dataset, cfg.batch_size, cfg.input_shape))
     seconds = timer.end - timer.start
     return timer.samples / seconds, loss_timer.seconds / seconds
 
 
-def plain_segment(cfg, student, teacher, device) -> float:
+def _kd_step(student, teacher, x, y):
+    logits = student(x)
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean")
+    return 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
+
+
+def plain_segment(cfg, student, teacher, device, warmup: int, dataset, batch_size: int, precision: str):
+    """samples/s and the median step time (ms) of the hand-written loop."""
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = instantiate(cfg.optim.optimizer)(student.parameters())
-    loader = _loader(cfg, cfg.batch_size * (cfg.warmup_steps + cfg.steps))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision.startswith("bf16"))
-    samples, start = 0, 0.0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    samples, stamps = 0, []
     for step, (x, y, _) in enumerate(loader):
-        if step == cfg.warmup_steps:
+        if step >= warmup:
             _sync(device)
-            start = time.perf_counter()
+            stamps.append(_clock())
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            logits = student(x)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            kl = F.kl_div(
-                F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean"
-            )
-            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
+            loss = _kd_step(student, teacher, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= cfg.warmup_steps:
+        if step >= warmup:
             samples += x.shape[0]
     _sync(device)
-    return samples / (time.perf_counter() - start)
+    stamps.append(_clock())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return samples / (stamps[-1] - stamps[0]), 1000 * statistics.median(gaps)
+
+
+class BareKD(L.LightningModule):
+    """What a user would write by hand in Lightning: the same KD step, nothing logged."""
+
+    def __init__(self, student, teacher, optimizer):
+        super().__init__()
+        self.student, self.teacher, self._optimizer = student, teacher.eval().requires_grad_(False), optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return _kd_step(self.student, self.teacher, x, y)
+
+    def configure_optimizers(self):
+        return self._optimizer(self.student.parameters())
+
+
+def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """kdx's fixed per-step cost over the plain loop and over a bare LightningModule (ms)."""
+    ocfg = cfg.overhead
+    shape, classes, batch = (1, 40), 10, int(ocfg.batch_size)
+    student0, teacher0 = MLP(classes, shape), CNN1D(classes, shape)
+    dataset = _data(cfg.seed, batch * (ocfg.warmup_steps + ocfg.steps), shape, classes)
+    optimizer = instantiate(cfg.optim.optimizer)
+    times: dict[str, list[float]] = {"plain": [], "lightning": [], "kdx": []}
+    sides = list(times)
+    for round_ in range(int(ocfg.rounds)):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
+            if side == "plain":
+                times[side].append(
+                    plain_segment(
+                        cfg, student, teacher, device, ocfg.warmup_steps, dataset, batch, "32-true"
+                    )[1]
+                )
+                continue
+            if side == "lightning":
+                module: L.LightningModule = BareKD(student, teacher, optimizer)
+            else:
+                module = DistillationModule(student, KD(), classes, optimizer, teacher=teacher)
+            timer = _StepTimer(int(ocfg.warmup_steps), device)
+            _trainer(cfg, timer, 1, "32-true").fit(module, datamodule=_datamodule(dataset, batch, shape))
+            times[side].append(timer.step_ms())
+    median = {side: statistics.median(values) for side, values in times.items()}
+    paired = lambda other: statistics.median(k - o for k, o in zip(times["kdx"], times[other]))  # noqa: E731
+    return {
+        "overhead_batch_size": batch,
+        "step_ms_plain": round(median["plain"], 4),
+        "step_ms_lightning": round(median["lightning"], 4),
+        "step_ms_kdx": round(median["kdx"], 4),
+        "overhead_ms_over_plain": round(paired("plain"), 4),
+        "overhead_ms_over_lightning": round(paired("lightning"), 4),
+        "overhead_rounds": int(ocfg.rounds),
+    }
 
 
 def bench(cfg: DictConfig) -> dict:
@@ -143,44 +285,106 @@ def bench(cfg: DictConfig) -> dict:
     device = torch.device(
         "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     )
+    clock = _use_clock(cfg, device)
+    variants = [str(v) for v in (cfg.get("variants") or [])]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"variants={unknown} unknown; choose from {list(VARIANTS)}")
     student0, teacher0 = instantiate(cfg.student.model), instantiate(cfg.teacher.model)
-    kdx_rates, plain_rates, shares = [], [], []
-    for round_ in range(cfg.rounds):
-        order = ("kdx", "plain") if round_ % 2 == 0 else ("plain", "kdx")
-        for side in order:
-            student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
-            if side == "kdx":
-                rate, share = kdx_segment(cfg, student, teacher, device)
-                kdx_rates.append(rate)
-                shares.append(share)
-            else:
-                plain_rates.append(plain_segment(cfg, student, teacher, device))
-    kdx_rate, plain_rate = statistics.median(kdx_rates), statistics.median(plain_rates)
-    method = instantiate(cfg.method).name
-    return {
-        "method": method,
+    rates: dict[str, list[float]] = {"plain": [], "kdx": [], **{v: [] for v in variants}}
+    shares: list[float] = []
+    sides = list(rates)
+    dataset = _data(
+        cfg.seed, cfg.batch_size * (cfg.warmup_steps + cfg.steps), cfg.input_shape, cfg.num_classes
+    )
+    with tempfile.TemporaryDirectory(prefix="kdx-bench-") as cache_dir:
+        for round_ in range(cfg.rounds):
+            for side in sides if round_ % 2 == 0 else sides[::-1]:
+                student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
+                if side == "plain":
+                    rate, _ = plain_segment(
+                        cfg,
+                        student,
+                        teacher,
+                        device,
+                        cfg.warmup_steps,
+                        dataset,
+                        cfg.batch_size,
+                        cfg.precision,
+                    )
+                    rates[side].append(rate)
+                    continue
+                rate, share = kdx_segment(
+                    cfg, student, teacher, device, None if side == "kdx" else side, cache_dir
+                )
+                rates[side].append(rate)
+                if side == "kdx":
+                    shares.append(share)
+    median = {side: statistics.median(values) for side, values in rates.items()}
+    plain = median["plain"]
+    result: dict[str, Any] = {
+        "method": instantiate(cfg.method).name,
         "teacher": cfg.teacher.name,
         "student": cfg.student.name,
         "batch_size": cfg.batch_size,
         "num_classes": cfg.num_classes,
         "device": device.type,
+        "precision": cfg.precision,
         "threads": torch.get_num_threads(),
-        "kdx_samples_per_s": round(kdx_rate, 2),
-        "plain_kd_samples_per_s": round(plain_rate, 2),
-        "ratio_kdx_over_plain_kd": round(kdx_rate / plain_rate, 4),
+        "clock": clock,
+        "kdx_samples_per_s": round(median["kdx"], 2),
+        "plain_kd_samples_per_s": round(plain, 2),
+        "ratio_kdx_over_plain_kd": round(median["kdx"] / plain, 4),
         "method_loss_share_of_step": round(statistics.median(shares), 4),
-        "rounds": cfg.rounds,
-        "steps_per_segment": cfg.steps,
     }
+    names = {"cache": "cached", "channels_last": "channels_last", "compile": "compiled", "bf16": "bf16"}
+    for variant in variants:
+        result[f"{names[variant]}_samples_per_s"] = round(median[variant], 2)
+        result[f"ratio_{names[variant]}_over_plain_kd"] = round(median[variant] / plain, 4)
+    result.update({"rounds": cfg.rounds, "steps_per_segment": cfg.steps})
+    if cfg.overhead.get("enabled", True):
+        result.update(overhead(cfg, device))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The human-readable lines printed above the JSON line."""
+    lines = [f"{'side':<34}{'samples/s':>12}{'/ plain':>10}"]
+    lines.append(
+        f"{'plain PyTorch (kd, live teacher)':<34}{result['plain_kd_samples_per_s']:>12.1f}{1:>10.3f}"
+    )
+    rows = [
+        (f"kdx ({result['method']})", "kdx_samples_per_s", "ratio_kdx_over_plain_kd"),
+        ("kdx + teacher cache", "cached_samples_per_s", "ratio_cached_over_plain_kd"),
+        ("kdx + channels_last", "channels_last_samples_per_s", "ratio_channels_last_over_plain_kd"),
+        ("kdx + torch.compile", "compiled_samples_per_s", "ratio_compiled_over_plain_kd"),
+        ("kdx + bf16-mixed", "bf16_samples_per_s", "ratio_bf16_over_plain_kd"),
+    ]
+    for label, rate, ratio in rows:
+        if rate in result:
+            lines.append(f"{label:<34}{result[rate]:>12.1f}{result[ratio]:>10.3f}")
+        else:
+            lines.append(f"{label:<34}{'-':>12}{'-':>10}   (add it to variants=[...])")
+    lines.append(f"method loss share: {100 * result['method_loss_share_of_step']:.2f}% of the kdx step")
+    if "overhead_ms_over_lightning" in result:
+        lines.append(
+            f"fixed per-step cost at batch {result['overhead_batch_size']} (MLP <- CNN1D): plain "
+            f"{result['step_ms_plain']:.3f} ms, bare Lightning {result['step_ms_lightning']:.3f} ms, "
+            f"kdx {result['step_ms_kdx']:.3f} ms"
+        )
+        lines.append(
+            f"kdx overhead: {result['overhead_ms_over_lightning']:+.3f} ms/step over Lightning, "
+            f"{result['overhead_ms_over_plain']:+.3f} ms/step over the plain loop"
+        )
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
+    with contextlib.suppress(Exception):
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     result = bench(cfg)
-    print(f"kdx ({result['method']}) : {result['kdx_samples_per_s']:10.1f} samples/s")
-    print(f"plain PyTorch (kd)      : {result['plain_kd_samples_per_s']:10.1f} samples/s")
-    print(f"ratio kdx / plain kd    : {result['ratio_kdx_over_plain_kd']:.3f}")
-    print(f"method loss share       : {100 * result['method_loss_share_of_step']:.2f}% of the step")
+    print(table(result))
     print(json.dumps(result))
 
 

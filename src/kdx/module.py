@@ -68,7 +68,12 @@ class DistillationModule(L.LightningModule):
             self.teacher.requires_grad_(method.trains_teacher)
             self.teacher.train(method.trains_teacher)
         has_teacher = self.teacher is not None
-        self._nonfinite_sources = NonFiniteSources(self.teacher)  # names a NaN's source (kdx.validate)
+        # names a NaN's source (kdx.validate.NonFiniteSources.message): the sums of the training inputs
+        # and of the teacher's logits ride along with the loss sums, so naming it costs no extra sync
+        self._teacher_sum: Tensor | None = None
+        self._zero: Tensor | None = None
+        if self.teacher is not None:
+            self.teacher.register_forward_hook(self._watch_teacher)
         self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
         if self.teacher_cache is not None:
             if not has_teacher:
@@ -103,30 +108,48 @@ class DistillationModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        self._nonfinite_sources.inputs(batch[0])  # device-side flag, read by _check_finite
         terms = self.method.training_step(batch, self)
         loss = terms["loss"]
-        self._accumulate(terms, batch[1].shape[0])  # y is always a tensor; x may be a mapping (text)
+        self._accumulate(terms, batch[0], batch[1].shape[0])  # y is always a tensor; x may be a mapping
         if self._logs_this_step():
             # what the loggers write this step (every `trainer.log_every_n_steps`): Lightning's
             # `self.log` costs ~1 ms a call on the host, so it is not called on the other steps
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss if self.automatic_optimization else None
 
-    def _accumulate(self, terms: dict[str, Tensor], batch_size: int) -> None:
+    def _watch_teacher(self, module: nn.Module, args: Any, output: Any) -> None:
+        logits = getattr(output, "logits", output)
+        if self.training and isinstance(logits, Tensor) and logits.is_floating_point():
+            total = logits.detach().sum()
+            self._teacher_sum = total if self._teacher_sum is None else self._teacher_sum + total
+
+    def _accumulate(self, terms: dict[str, Tensor], x: Any, batch_size: int) -> None:
         """Add the batch-size-weighted terms to this epoch's device-side sums (one stacked add, no sync).
 
         The sums carry the NaN check as well: a non-finite loss anywhere in the epoch makes the
         loss sum non-finite, which :meth:`_check_finite` reads every ``nonfinite_check_every`` steps.
+        Two more entries after the terms, the sums of the inputs and of the teacher's logits, say
+        where a NaN came from (a sum of finite values of sane data is finite).
         """
         names = tuple(terms)
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) * batch_size
+        values = list(terms.values())
+        if any(v.dtype != torch.float32 or v.dim() for v in values):  # bf16 terms under autocast
+            values = [v.float().reshape(()) for v in values]
+        zero = self._zero
+        if zero is None or zero.device != values[0].device:
+            zero = self._zero = values[0].new_zeros(())
+        inputs = x.detach().sum() if isinstance(x, Tensor) and x.is_floating_point() else zero
+        teacher = zero if self._teacher_sum is None else self._teacher_sum
+        self._teacher_sum = None
+        values += [v if v.dtype == torch.float32 else v.float() for v in (inputs, teacher)]
         held = self._term_sums.get(names)
-        if held is None:
-            self._term_sums[names] = [values, batch_size]
-        else:
-            held[0] = held[0] + values
-            held[1] += batch_size
+        with torch.no_grad():
+            stacked = torch.stack(values)
+            if held is None:
+                self._term_sums[names] = [stacked * batch_size, batch_size]
+            else:
+                held[0].add_(stacked, alpha=batch_size)
+                held[1] += batch_size
 
     def _logs_this_step(self) -> bool:
         trainer = self._trainer
@@ -144,10 +167,17 @@ class DistillationModule(L.LightningModule):
         """Stop on a non-finite loss seen by any rank this epoch; every rank decides alike."""
         if not self._term_sums:
             return
-        loss_sums = [values[names.index("loss")] for names, (values, _) in self._term_sums.items()]
-        bad = ~torch.isfinite(torch.stack(loss_sums)).all()
-        # with the inputs' and the teacher's flags, reduced over ranks: the one host sync per check
-        sources = self._nonfinite_sources.read(bad, self.trainer.strategy)
+        # (loss, inputs, teacher outputs) sums of every name set: non-finite on any rank? The one host
+        # sync per check, after one small reduce over the ranks
+        watched = torch.stack(
+            [
+                values[[names.index("loss"), len(names), len(names) + 1]]
+                for names, (values, _) in self._term_sums.items()
+            ]
+        )
+        bad = (~torch.isfinite(watched)).any(0).float()
+        reduced = self.trainer.strategy.reduce(bad, reduce_op="max")
+        sources = [name for name, seen in zip(NonFiniteSources.NAMES, reduced.tolist()) if seen > 0]
         if sources:
             raise NonFiniteLossError(NonFiniteSources.message(sources, self.current_epoch, self.global_step))
 
