@@ -71,6 +71,8 @@ def test_zero_epochs_is_an_error_not_an_untrained_ok(tmp_path):
         ("teacher.train.optim.optimizer.lr=0", r"teacher.train.optim.optimizer.lr=0 is not a learning rate"),
         ("dataset.datamodule.batch_size=0", r"dataset.datamodule.batch_size=0 is not a batch size"),
         ("teacher.train.epochs=0", r"teacher.train.epochs=0 cannot train the auto-teacher"),
+        ("teacher.train.seed=x", r"teacher.train.seed='x' is not an integer"),
+        ("+trainer.limit_train_batches=0", r"trainer.limit_train_batches=0 trains nothing"),
         (
             "student.model.name=resnet8x5",
             r"student.model.name=resnet8x5 is not a kdx zoo .*did you mean resnet8x4",
@@ -79,6 +81,7 @@ def test_zero_epochs_is_an_error_not_an_untrained_ok(tmp_path):
 )
 def test_bad_values_fail_before_any_data_or_teacher_work(tmp_path, override, match):
     extra = ["student=resnet8"] if "resnet" in override else []
+    extra += ["trainer.fast_dev_run=false"] if "limit_train_batches" in override else []  # fdr ignores it
     fails_before_work([*extra, override], tmp_path, match)
 
 

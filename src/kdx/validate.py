@@ -118,7 +118,16 @@ def _epoch_problems(cfg: DictConfig, auto_teacher: bool) -> Iterator[str]:
             f"trainer.max_epochs={epochs!r} trains nothing; pass an integer >= 1 "
             "(or trainer.max_epochs=-1 with trainer.max_steps=<steps>)"
         )
+    batches = _select(cfg, "trainer.limit_train_batches")
+    if _is_number(batches) and batches <= 0 and not _select(cfg, "trainer.fast_dev_run"):
+        yield (
+            f"trainer.limit_train_batches={batches!r} trains nothing; pass a fraction in (0, 1] or a number "
+            "of batches >= 1"
+        )
     if auto_teacher:
+        teacher_seed = _select(cfg, "teacher.train.seed")
+        if not _is_int(teacher_seed):
+            yield f"teacher.train.seed={teacher_seed!r} is not an integer; pass teacher.train.seed=<int>"
         teacher_epochs = _select(cfg, "teacher.train.epochs")
         if not (_is_int(teacher_epochs) and teacher_epochs >= 1):
             yield (
