@@ -25,7 +25,7 @@ from kdx.models.weights import AtomicCheckpointIO, load_weights
 from kdx.teacher import teacher_cache_path
 from kdx.train import failure_record
 from kdx.utils import atomic_write_json
-from kdx.validate import NonFiniteSources, validate_config
+from kdx.validate import validate_config
 from test_runs import kdx
 
 # a short real run without a teacher: the cheapest run that trains
@@ -245,17 +245,17 @@ def test_nan_inputs_are_named_as_inputs(tmp_path):
     assert "lr" not in str(err.value)
 
 
-def test_non_finite_teacher_outputs_are_named_as_such():
-    # a finite weight (the load check passes) whose output overflows float32: 10 * 3e38 = inf
-    teacher = torch.nn.Linear(4, 3)
+def test_non_finite_teacher_outputs_are_named_as_such(tmp_path, cache_dir):
+    # finite weights (the load check passes) whose forward pass overflows float32 (1e20 x 1e20 ...)
+    teacher = CNN1D(10, (1, 40))
     with torch.no_grad():
-        teacher.weight.fill_(3e38)
-    sources = NonFiniteSources(teacher)
-    sources.inputs(torch.ones(2, 4))
-    teacher(torch.ones(2, 4) * 10)
-    assert sources.read(torch.tensor(True), None) == ["loss", "teacher outputs"]
-    assert sources.read(torch.tensor(False), None) == []  # flags reset after each read
-    assert "teacher's outputs became NaN" in NonFiniteSources.message(["loss", "teacher outputs"], 0, 3)
+        for parameter in teacher.parameters():
+            parameter.mul_(1e20)
+    torch.save(teacher.state_dict(), tmp_path / "loud.pt")
+    with pytest.raises(
+        NonFiniteLossError, match=r"the teacher's outputs became NaN or infinite .* on finite inputs"
+    ):
+        run_train([*FAST, f"teacher.ckpt={tmp_path / 'loud.pt'}"], tmp_path / "run", cache_dir)
 
 
 # -- checkpoint files: messages that point the right way ------------------------------------------

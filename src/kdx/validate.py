@@ -403,63 +403,16 @@ def _derived_name(group: str, choice: str | None) -> bool:
 
 
 class NonFiniteSources:
-    """Device-side flags for non-finite training *inputs* and *teacher outputs*.
+    """What a non-finite training step is blamed on, and the one message for it.
 
-    The module folds them into its NaN-loss check (:meth:`read`, every ``nonfinite_check_every``
-    steps): the three flags are reduced over the ranks and read in one go, so naming the source
-    costs no host sync of its own, and every rank raises the same message. The teacher's outputs
-    are watched through a forward hook on the teacher (whatever method calls it).
+    :class:`kdx.module.DistillationModule` keeps device-side sums of the loss, of the training
+    inputs and of the teacher's logits next to its loss-term sums and reads them together in its
+    NaN check (every ``nonfinite_check_every`` steps, reduced over the ranks: no host sync of their
+    own, the same message on every rank). The sources found non-finite are named in :attr:`NAMES`
+    order; the message blames the earliest cause: the inputs, then the teacher, then the loss.
     """
 
     NAMES = ("loss", "inputs", "teacher outputs")
-
-    def __init__(self, teacher: Any = None):
-        self._inputs: Any = None
-        self._teacher: Any = None
-        if teacher is not None:
-            teacher.register_forward_hook(self._teacher_hook)
-
-    @staticmethod
-    def _any_bad(tensors: list) -> Any:
-        import torch
-
-        bad = [~torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
-        return torch.stack(bad).any() if bad else None
-
-    def _fold(self, held: Any, bad: Any) -> Any:
-        return held if bad is None else (bad if held is None else held | bad)
-
-    def _teacher_hook(self, module: Any, args: Any, output: Any) -> None:
-        import torch
-
-        logits = getattr(output, "logits", output)
-        if isinstance(logits, torch.Tensor):
-            self._teacher = self._fold(self._teacher, self._any_bad([logits]))
-
-    def inputs(self, x: Any) -> None:
-        """Watch a training batch's inputs (a tensor, or a mapping of tensors for text)."""
-        import torch
-
-        tensors = [v for v in (x.values() if isinstance(x, dict) else [x]) if isinstance(v, torch.Tensor)]
-        self._inputs = self._fold(self._inputs, self._any_bad(tensors))
-
-    def read(self, loss_bad: Any, strategy: Any) -> list[str]:
-        """The sources (of :attr:`NAMES`) non-finite on any rank since the last read; resets the flags."""
-        import torch
-
-        flags = [loss_bad, self._inputs, self._teacher]
-        device = next((f.device for f in flags if isinstance(f, torch.Tensor)), None)
-        if device is None:
-            return []
-        stacked = torch.stack(
-            [
-                (f if isinstance(f, torch.Tensor) else torch.tensor(False, device=device)).float()
-                for f in flags
-            ]
-        )
-        self._inputs = self._teacher = None
-        reduced = strategy.reduce(stacked, reduce_op="max") if strategy is not None else stacked
-        return [name for name, seen in zip(self.NAMES, reduced.tolist(), strict=True) if seen > 0]
 
     @staticmethod
     def message(sources: list[str], epoch: int, step: int) -> str:
