@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import kdx
 import kdx.methods  # noqa: F401 - registers every method's schema before composition
 from kdx.callbacks import ReportsMetrics, TrainingThroughput
-from kdx.errors import KDXError
+from kdx.errors import HyperParameterError, KDXError
 from kdx.factory import build_module, build_trainer
 from kdx.module import DistillationModule
 from kdx.teacher import check_teacher, provide_teacher
@@ -188,7 +188,7 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             f"dataset={cfg.dataset.name}: the config says num_classes={cfg.dataset.num_classes} "
             f"but the data has {datamodule.num_classes}; fix dataset.num_classes"
         )
-    method = instantiate(cfg.method)
+    method = _instantiate_method(cfg.method)
     student = instantiate(cfg.student.model)
     student_classes = getattr(student, "num_classes", None)
     if student_classes is not None and int(student_classes) != int(cfg.dataset.num_classes):
@@ -220,6 +220,18 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
     for warning in info["warnings"]:
         log.warning("kdx: warning: %s", warning)
     return build_module(cfg, student, method, teacher), datamodule, info
+
+
+def _instantiate_method(node: DictConfig):
+    """The method; a ``ValueError`` from its constructor is a hyper-parameter out of range (a user
+    error: one line, exit 2), anything else raised there stays a bug (traceback, exit 1)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = _root_cause(err)
+        if isinstance(cause, ValueError) and not isinstance(cause, KDXError):
+            raise HyperParameterError(str(cause)) from err
+        raise
 
 
 def _check_reads_input(model: torch.nn.Module, input_shape: Any, role: str, cfg: DictConfig) -> None:
