@@ -326,3 +326,10 @@ def test_kdx_eval_reproduces_a_non_default_run(tmp_path, cache_dir):
         assert result["acc"] == pytest.approx(record[key], abs=1e-6)
         if ckpt == "last.ckpt":
             assert result["fidelity/kl"] == pytest.approx(record["fidelity/kl"], rel=1e-5)
+
+
+def test_a_method_hyper_parameter_out_of_range_is_a_user_error(tmp_path, cache_dir):
+    from kdx.errors import HyperParameterError
+
+    with pytest.raises(HyperParameterError, match=r"method.temperature=-1.0 must be > 0"):
+        run_train([*FAST, "method.temperature=-1"], tmp_path, cache_dir)
