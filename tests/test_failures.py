@@ -141,8 +141,14 @@ def _added(overrides: list[str], tmp_path: Path):
 @pytest.mark.parametrize(
     ("added", "named"),
     [
-        ("+optim.lr=-1", r"\+optim.lr: no kdx code reads 'optim.lr' .*use its real key"),
-        ("+dataset.batch_size=0", r"\+dataset.batch_size: no kdx code reads 'dataset.batch_size'"),
+        (
+            "+optim.lr=-1",
+            r"\+optim.lr: no kdx code reads 'optim.lr' .*the setting is optim.optimizer.lr or teacher.train.optim",
+        ),
+        (
+            "+dataset.batch_size=0",
+            r"\+dataset.batch_size: no kdx code reads .*the setting is dataset.datamodule.batch_size \(without",
+        ),
         ("+learning_rate=0.1", r"\+learning_rate: no kdx code reads 'learning_rate' .*the top level"),
         ("+optim.new.lr=1", r"no kdx code reads 'optim.new'"),
         (

@@ -27,6 +27,7 @@ from the config alone is judged here, and the first problems found become one
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Iterator
@@ -213,8 +214,6 @@ def _model_name_problems(cfg: DictConfig) -> Iterator[str]:
             continue
         known, where = _registry(target)
         if name not in known:
-            import difflib
-
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             yield f"{path}.name={name} is not a {where} model{hint}; pass {path}.name=<a {where} model name>"
@@ -264,8 +263,6 @@ def _signature_problems(cfg: DictConfig) -> Iterator[str]:
             str(k) for k in node.keys() if k not in _INSTANTIATE_KEYS and not _takes(signature, str(k))
         ]
         for key in ignored:
-            import difflib
-
             close = difflib.get_close_matches(key, list(signature.parameters), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             yield f"{path}.{key} is not read: {target} takes no argument '{key}'{hint}; remove it"
@@ -294,11 +291,26 @@ def _added_key_problems(cfg: DictConfig, overrides: list[str], reference: DictCo
             continue  # one more callback / logger: instantiated like its siblings, its keys checked above
         added = ".".join(parts[: depth + 1])
         where = f"'{anchor_path}'" if anchor_path else "the top level"
-        yield (
-            f"+{key}: no kdx code reads '{added}' (it is not in the config of {where}); remove it — for an "
-            f"existing setting drop the '+' and use its real key (e.g. optim.optimizer.lr, "
-            "dataset.datamodule.batch_size)"
+        same_name = sorted(  # a setting of that name, those under the same node first
+            (k for k in _leaf_keys(reference) if k.rsplit(".", 1)[-1] == parts[-1]),
+            key=lambda k: (not k.startswith(f"{anchor_path}."), len(k)),
         )
+        fix = (
+            f"the setting is {' or '.join(same_name[:3])} (without '+')"
+            if same_name
+            else "for an existing setting drop the '+' and use its real key"
+        )
+        yield f"+{key}: no kdx code reads '{added}' (it is not in the config of {where}); remove it — {fix}"
+
+
+def _leaf_keys(node: Any, path: str = "") -> Iterator[str]:
+    """Dotted paths of every value in ``node`` (Hydra's own ``hydra`` node excluded)."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            if path or key != "hydra":
+                yield from _leaf_keys(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif path:
+        yield path
 
 
 def _has_target(node: Any) -> bool:
