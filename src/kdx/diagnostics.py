@@ -313,7 +313,8 @@ class TangDiagnostics(L.Callback, ReportsMetrics):
         # eval(): no BN statistics or dropout change from measuring (ProKT trains its teacher)
         with train_mode(student, False), train_mode(teacher, False):
             for batch in loader:
-                x, y = move_data_to_device((batch[0], batch[1]), pl_module.device)  # x may be a mapping (text)
+                # x may be a mapping (text models)
+                x, y = move_data_to_device((batch[0], batch[1]), pl_module.device)
                 z_s = _logits(student(x))
                 z_t = None if teacher is None else _logits(teacher(x))
                 qs.append(self._target.target(y, z_t, z_s.shape[1]).float().cpu())
