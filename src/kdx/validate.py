@@ -28,6 +28,7 @@ from the config alone is judged here, and the first problems found become one
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import math
 from collections.abc import Iterator
@@ -237,11 +238,24 @@ def _registry(target: str) -> tuple[list[str], str]:
 # Keys nothing reads
 
 
-def _signature(target: str) -> inspect.Signature | None:
-    from hydra.utils import get_object
+def _locate(target: str) -> Any:
+    """The object a dotted ``_target_`` names: the longest importable module prefix, then attributes
+    (like Hydra's, but quiet: Hydra's own lookup logs an error for an unknown target)."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(target)
 
+
+def _signature(target: str) -> inspect.Signature | None:
     try:
-        return inspect.signature(get_object(target))
+        return inspect.signature(_locate(target))
     except Exception:  # noqa: BLE001 - an unknown target is Hydra's error, raised at instantiation
         return None
 
