@@ -329,6 +329,7 @@ def test_a_cached_teacher_is_reused_read_only_and_a_truncated_one_retrained(
     assert f"cached teacher {path} is unusable: " in capfd.readouterr().err
     (aside,) = path.parent.glob(f"{path.stem}.bad-*.pt")
     assert aside.stat().st_size == 1000 and aside.with_suffix(".json").is_file()
+    assert (aside.with_suffix("") / "metrics.json").is_file()  # the old teacher run's folder went with it
     load_weights(CNN1D(10, (1, 40)), path)  # the new entry is whole
 
 

@@ -236,7 +236,7 @@ def _entry_problem(path: Path, key: dict[str, Any], model: nn.Module) -> str | N
     try:
         load_weights(model, path)
     except KDXError as err:
-        return str(err)
+        return str(err).split("; ", 1)[0]  # the diagnosis; its advice is for files a user passes
     return None
 
 
@@ -245,9 +245,9 @@ def _move_aside(path: Path, why: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = path.with_name(f"{path.stem}.bad-{stamp}{path.suffix}")
     os.replace(path, aside)
-    record = path.with_suffix(".json")
-    if record.is_file():
-        os.replace(record, aside.with_suffix(".json"))
+    for companion in (path.with_suffix(".json"), path.with_suffix("")):  # its record and its run folder
+        if companion.exists():
+            os.replace(companion, aside.with_suffix(companion.suffix))
     message = f"cached teacher {path} is unusable: {why}; moved aside to {aside.name}, training it again"
     log.warning(message)
     print(f"kdx: {message}", file=sys.stderr, flush=True)
