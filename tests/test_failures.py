@@ -241,6 +241,16 @@ def test_divergence_monitor_thresholds():
     assert monitor.report() == {}
     with pytest.raises(ValueError, match="loss_factor=1.0 must be > 1"):
         DivergenceMonitor(loss_factor=1.0)
+    # a resumed run goes on with the first run's reference and its validations so far
+    monitor._reference = torch.tensor(2.5)
+    resumed = DivergenceMonitor(loss_factor=10)
+    resumed.load_state_dict(monitor.state_dict())
+    assert (float(resumed._reference), resumed._seen, resumed._best_acc, resumed._validations) == (
+        2.5,
+        3,
+        0.16,
+        3,
+    )
 
 
 def test_nan_inputs_are_named_as_inputs(tmp_path):

@@ -96,6 +96,28 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
         self._chance: float | None = None
         self._validations = 0
 
+    # a resumed run goes on judging against the first values of the whole run
+    def state_dict(self) -> dict[str, Any]:
+        reference = None if self._reference is None else float(self._reference)
+        return {
+            "reference": reference,
+            "epoch_reference": self._epoch_reference,
+            "best_acc": self._best_acc,
+            "chance": self._chance,
+            "validations": self._validations,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import torch
+
+        if state_dict.get("reference") is not None:
+            # only ever read as a float from here on: a CPU scalar whatever the run's device
+            self._reference = torch.tensor(float(state_dict["reference"]))
+            self._seen = self.reference_steps
+        self._epoch_reference = state_dict.get("epoch_reference")
+        self._best_acc, self._chance = state_dict.get("best_acc"), state_dict.get("chance")
+        self._validations = int(state_dict.get("validations") or 0)
+
     @staticmethod
     def _step_loss(outputs: Any) -> Any:
         import torch
