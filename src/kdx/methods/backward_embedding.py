@@ -37,7 +37,7 @@ How teacher and student embeddings are tied:
   joint ascent on ``D`` over the pair. No map between the two spaces is assumed; an auxiliary
   sample is the pair, not one sentence.
 
-``method.embedding_tie`` does not exist: the tie follows from the models and data. ``clamp_min`` /
+The tie is not a setting: it follows from the models and the batch. ``clamp_min`` /
 ``clamp_max`` have no meaning for embeddings and are refused; ``mode=offline`` is refused (the
 auxiliary set would be stored embeddings of a student that keeps changing its table).
 
