@@ -63,6 +63,7 @@ def _import_transformers():
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise KDXError("model=hf needs the transformers package: pip install transformers") from err
     transformers.logging.set_verbosity_error()  # "some weights were newly initialised" is expected
+    transformers.utils.logging.disable_progress_bar()  # no per-load progress bars in run logs
     return transformers
 
 
