@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The synthetic-text table on a CPU (docs/text.md): none, kd, prokt (official text settings, teacher
-# trained jointly from random init) and backward-pass KD in embedding space, 3 seeds, one job at a
-# time on one thread, then kdx-table. The BERT teacher is trained once by its recipe and cached.
+# trained jointly from random init), backward-pass KD in embedding space, then prokt with kdx's default
+# student loss (label prokt_ce); 3 seeds, one job at a time on one thread, then kdx-table. The BERT teacher is trained once by its recipe and cached.
 #
 #   scripts/reproduce_text_synthetic.sh                 # -> results/text_synthetic/table.{md,csv,png}
 #   SEEDS="0 1" scripts/reproduce_text_synthetic.sh
@@ -33,5 +33,9 @@ for seed in $SEEDS; do  # seed-major: a run cut short still leaves every method 
   run prokt "$seed" method=prokt method.alpha=1.0 method.temperature=1.0 method.zero_init_heads=true \
     optim@method.teacher_optim=adamw_linear method.teacher_optim.optimizer.lr=1e-3
   run backward "$seed" method=backward method.space=embedding
+done
+for seed in $SEEDS; do  # ProKT with kdx's default student loss ((1-α)·CE + α·T²·KL, α = 0.9, T = 4)
+  run prokt_ce "$seed" method=prokt optim@method.teacher_optim=adamw_linear \
+    method.teacher_optim.optimizer.lr=1e-3 label=prokt_ce
 done
 "$table" "$RUNS" --out "$OUT"
