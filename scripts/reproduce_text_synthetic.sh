@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic-text table on a CPU (docs/text.md): none, kd, prokt (official text settings, teacher
 # trained jointly from random init), backward-pass KD in embedding space, then prokt with kdx's default
-# student loss (label prokt_ce); 3 seeds, one job at a time on one thread, then kdx-table. The BERT teacher is trained once by its recipe and cached.
+# student loss (label prokt_ce); 3 seeds, one job at a time on one thread, then kdx-table. The BERT
+# teacher is trained once by its recipe and cached.
 #
 #   scripts/reproduce_text_synthetic.sh                 # -> results/text_synthetic/table.{md,csv,png}
 #   SEEDS="0 1" scripts/reproduce_text_synthetic.sh
