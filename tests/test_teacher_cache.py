@@ -277,3 +277,43 @@ def test_module_serves_cached_outputs_only_for_the_batch_input(tmp_path):
     trainer.fit(module, datamodule=data)
     assert module.teacher_cache.path is not None and trainer.global_step == 3
     assert module.cached_teacher(torch.zeros(1, 1, 40)) is None  # another input: the live teacher
+
+
+def test_a_views_run_trains_on_the_replayed_views_even_with_a_scheduler(tmp_path):
+    """A scheduler's horizon builds the training loader before fit starts; it must be the replaying one."""
+    from functools import partial
+
+    from kdx.models.cifar.resnet import resnet8
+
+    L.seed_everything(0, verbose=False)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, batch[0].clone(), batch[2].clone()))
+
+    data = _Augmented()
+    module = DistillationModule(
+        student=resnet8(num_classes=10),
+        teacher=resnet8(num_classes=10),
+        method=METHODS["kd"](),
+        num_classes=10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR),
+        teacher_cache=TeacherOutputCache("views", tmp_path, {}, seed=5, views=2),
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, datamodule=data)
+    replayed = ViewReplayDataset(data.raw, range(8), data.replayable_views()[2], views=2, seed=5)
+    assert len(seen) == 4  # 2 epochs × 2 batches of 4
+    for epoch, x, index in seen:
+        for row, i in enumerate(index.tolist()):
+            assert torch.equal(x[row], replayed.item(i, int(view_of(5, epoch, i, 2)))[0])

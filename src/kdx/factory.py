@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdx.errors import KDXError
 from kdx.methods.base import DistillationMethod
 from kdx.module import DistillationModule
 from kdx.teacher import _DATA_KEY_EXCLUDED
@@ -44,8 +45,24 @@ def build_module(
         nonfinite_check_every=int(cfg.trainer.get("log_every_n_steps") or 10) if cfg.get("trainer") else 10,
         teacher_cache=build_teacher_cache(cfg) if teacher is not None else None,
         channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
+        compile=compile_switch(cfg.get("compile", False)),
     )
+
+
+def compile_switch(value: Any) -> bool | str:
+    """``compile``: false, true (torch.compile's default backend) or a backend name (``aot_eager``...)."""
+    if value in (None, False, "false", "False"):
+        return False
+    if value in (True, "true", "True"):
+        return True
+    import torch
+
+    if str(value) not in torch._dynamo.list_backends(exclude_tags=()):
+        raise KDXError(
+            f"compile={value!r} is neither true/false nor a torch.compile backend "
+            f"({', '.join(torch._dynamo.list_backends())})"
+        )
+    return str(value)
 
 
 def cache_mode(cfg: DictConfig) -> str:

@@ -45,7 +45,7 @@ class DistillationModule(L.LightningModule):
         nonfinite_check_every: int = 10,
         teacher_cache: TeacherOutputCache | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         self.nonfinite_check_every = max(1, int(nonfinite_check_every))
@@ -71,6 +71,7 @@ class DistillationModule(L.LightningModule):
         # names a NaN's source (kdx.validate.NonFiniteSources.message): the sums of the training inputs
         # and of the teacher's logits ride along with the loss sums, so naming it costs no extra sync
         self._teacher_sum: Tensor | None = None
+        self._step_loss: Tensor | None = None
         self._zero: Tensor | None = None
         if self.teacher is not None:
             self.teacher.register_forward_hook(self._watch_teacher)
@@ -88,10 +89,12 @@ class DistillationModule(L.LightningModule):
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         if compile:
-            # in place (nn.Module.compile): parameter names, checkpoints and resume are unchanged
-            self.student.compile()
+            # in place (nn.Module.compile): parameter names, checkpoints and resume are unchanged;
+            # `compile` is True (torch's default backend, inductor) or a backend's name
+            options = {} if compile is True else {"backend": str(compile)}
+            self.student.compile(**options)
             if self.teacher is not None and not method.trains_teacher:
-                self.teacher.compile()
+                self.teacher.compile(**options)
         self.val_metrics = FidelityMetrics(num_classes, has_teacher)
         self.test_metrics = FidelityMetrics(num_classes, has_teacher)
 
@@ -104,6 +107,8 @@ class DistillationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
+            if self.teacher_cache is not None:
+                self.teacher_cache.bind(self.trainer.datamodule)
             self.method.setup(self.student, self.teacher, getattr(self.trainer, "datamodule", None))
 
     # -- training -----------------------------------------------------------------------------
@@ -111,10 +116,8 @@ class DistillationModule(L.LightningModule):
         terms = self.method.training_step(batch, self)
         loss = terms["loss"]
         self._accumulate(terms, batch[0], batch[1].shape[0])  # y is always a tensor; x may be a mapping
-        if self._logs_this_step():
-            # what the loggers write this step (every `trainer.log_every_n_steps`): Lightning's
-            # `self.log` costs ~1 ms a call on the host, so it is not called on the other steps
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        # logged in on_train_batch_end, on the steps the loggers write (every log_every_n_steps)
+        self._step_loss = loss.detach() if self._logs_this_step() else None
         return loss if self.automatic_optimization else None
 
     def _watch_teacher(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -160,6 +163,13 @@ class DistillationModule(L.LightningModule):
         return bool(trainer.fast_dev_run) or bool(getattr(connector, "should_update_logs", True))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._step_loss is not None:
+            # `train/loss_step` for the loggers and the progress bar, every `trainer.log_every_n_steps`
+            # steps only: Lightning's `self.log` costs ~1 ms of host time a call. The value goes to
+            # the host here (the one sync of a log step): Lightning converts progress-bar values with
+            # `.item()` after *every* batch, which would sync a GPU each step on a device tensor.
+            self.log("train/loss_step", self._step_loss.cpu(), on_step=True, on_epoch=False, prog_bar=True)
+            self._step_loss = None
         if (batch_idx + 1) % self.nonfinite_check_every == 0:
             self._check_finite()
 
@@ -202,10 +212,7 @@ class DistillationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher_cache is not None:  # after the strategy moved the teacher to its device
             self.teacher_cache.prepare(
-                self.teacher,
-                self.method.reads,
-                self.trainer.datamodule,
-                forward_context=self.trainer.precision_plugin.forward_context,
+                self.teacher, self.method.reads, forward_context=self.trainer.precision_plugin.forward_context
             )
         self.method.on_fit_start(self)
 

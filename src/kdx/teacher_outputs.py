@@ -292,14 +292,26 @@ class TeacherOutputCache:
         return views, replay.describe(), loader
 
     # -- filling -----------------------------------------------------------------------------
+    def bind(self, datamodule: Any) -> None:
+        """Check the training data and, in view mode, make its training loader replay the stored views.
+
+        Called from the module's ``setup("fit")``: before Lightning first builds the training loader
+        (a scheduler's horizon may ask for it before ``on_fit_start``)."""
+        self._datamodule = datamodule
+        self._dataset, self._transform, replay_loader = self._train_source(datamodule)
+        if replay_loader is not None:
+            datamodule.train_dataloader = replay_loader  # the training loader replays the stored views
+
     def prepare(
-        self, teacher: torch.nn.Module, reads: frozenset[str], datamodule: Any, forward_context=None
+        self, teacher: torch.nn.Module, reads: frozenset[str], datamodule: Any = None, forward_context=None
     ) -> None:
-        """Open the cache for this run, filling it first if no job has (under a file lock)."""
+        """Open the cache for this run, filling it first if no job has (under a file lock); binds
+        ``datamodule`` first unless :meth:`bind` did."""
         from filelock import FileLock
 
-        self._datamodule = datamodule
-        dataset, transform, replay_loader = self._train_source(datamodule)
+        if datamodule is not None and getattr(self, "_datamodule", None) is not datamodule:
+            self.bind(datamodule)
+        dataset, transform = self._dataset, self._transform
         key = {
             **self.key_fields,
             "format": FORMAT_VERSION,
@@ -320,8 +332,6 @@ class TeacherOutputCache:
                 if not (self.path / "meta.json").is_file():
                     self._fill(teacher, reads, dataset, key, forward_context)
         self._open()
-        if replay_loader is not None:
-            datamodule.train_dataloader = replay_loader  # the training loader replays the stored views
         log.info("Teacher outputs cached in %s (%s)", self.path, self.mode)
 
     @torch.no_grad()

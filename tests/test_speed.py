@@ -1,0 +1,211 @@
+"""Speed switches and the no-sync rule: no host–device sync inside a training step, bf16-mixed for
+every method, channels_last, torch.compile with checkpoints and resume, the bench's overhead section."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import FAST, ROOT, run_train
+from kdx.data.base import KDDataModule, tensor_dataset
+from kdx.methods.kd import KD
+from kdx.models.small import CNN1D, MLP
+from kdx.module import DistillationModule
+
+METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+# kdx's step code: the module, the methods, the models' adapters, the teacher-output cache (the data
+# modules' samplers work on host tensors they make themselves)
+_SRC = Path(__file__).resolve().parents[1] / "src" / "kdx"
+WATCHED = tuple(str(_SRC / part) for part in ("module.py", "methods", "models", "teacher_outputs.py"))
+
+# the tiniest zoo pair on 8×8 synthetic images: every method's code path, little compute
+TINY_PAIR = [
+    "dataset=synthetic_cifar",
+    "dataset.num_classes=10",
+    "dataset.input_shape=[3,8,8]",
+    "dataset.datamodule.num_train=16",
+    "dataset.datamodule.num_val=8",
+    "dataset.datamodule.num_test=8",
+    "dataset.datamodule.batch_size=8",
+    "teacher=resnet14",
+    "student=resnet8",
+    "optim=sgd",
+]
+
+
+class _SyncCounter:
+    """Counts the calls that copy a tensor's value to the host (a device sync on a GPU) made directly
+    by kdx's code while ``active``."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.active, self.calls = False, []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
+
+    def _wrap(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if self.active and caller.startswith(WATCHED):
+                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+
+def _count_in_training_steps(monkeypatch) -> _SyncCounter:
+    counter = _SyncCounter(monkeypatch)
+    step = DistillationModule.training_step
+
+    def watched(self, batch, batch_idx):
+        counter.active = True
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            counter.active = False
+
+    monkeypatch.setattr(DistillationModule, "training_step", watched)
+    return counter
+
+
+class _Waves(KDDataModule):
+    num_classes, input_shape = 10, (1, 40)
+
+    def setup(self, stage=None):
+        generator = torch.Generator().manual_seed(0)
+        self.train_set = tensor_dataset(
+            torch.randn(32 * 30, 1, 40, generator=generator), torch.arange(960) % 10
+        )
+        self.val_set = self.train_set
+
+
+def test_nan_check_and_logging_sync_once_per_check_not_per_step(monkeypatch):
+    """30 steps, log_every_n_steps = check every 10: kdx reads values on the host only at steps 10, 20
+    and 30 (the logged loss, one `cpu` each; the NaN check, one `tolist` each) and at the epoch's end
+    (the NaN check again), never inside a step or between those steps."""
+    L.seed_everything(0, verbose=False)
+    counter = _SyncCounter(monkeypatch)
+    counter.active = True
+    module = DistillationModule(
+        MLP(10, (1, 40)), KD(), 10, lambda p: torch.optim.SGD(p, lr=0.01), teacher=CNN1D(10, (1, 40))
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=_Waves(batch_size=32))
+    assert trainer.global_step == 30
+    assert [c.split(" ")[0] for c in counter.calls] == ["cpu", "tolist"] * 3 + ["tolist"], counter.calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_mixed_and_no_sync_inside_any_methods_step(method, tmp_path, cache_dir, monkeypatch):
+    counter = _count_in_training_steps(monkeypatch)
+    metrics = run_train(
+        [*TINY_PAIR, *FAST, f"method={method}", "trainer.precision=bf16-mixed"], tmp_path, cache_dir
+    )
+    assert metrics["status"] == "ok" and metrics["method"] == method
+    assert 0.0 <= metrics["student/acc"] <= 1.0
+    assert counter.calls == [], f"host syncs inside {method}'s training step: {counter.calls}"
+
+
+def _weights(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
+    short = [
+        *TINY_PAIR,
+        "debug=limit",
+        "method=kd",
+        "callbacks.diagnostics.enabled=false",
+        "print_summary=false",
+    ]
+    plain = run_train(short, tmp_path / "plain", cache_dir)
+    nhwc = run_train([*short, "channels_last=true"], tmp_path / "nhwc", cache_dir)
+    a, b = (
+        _weights(tmp_path / "plain/checkpoints/last.ckpt"),
+        _weights(tmp_path / "nhwc/checkpoints/last.ckpt"),
+    )
+    assert a.keys() == b.keys()
+    for key in a:  # the same arithmetic in another memory layout: equal up to summation order
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert nhwc["student/acc"] == pytest.approx(plain["student/acc"], abs=0.13)  # one of 8 test images
+
+
+def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
+    """torch.compile (inductor) of student and frozen teacher: the adapter's outputs equal the eager
+    model's, checkpoint keys are the eager ones, and a compiled run resumes from its last.ckpt."""
+    from conftest import compose_train
+    from kdx.train import build
+
+    short = [
+        *TINY_PAIR,
+        "debug=limit",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "method=kd",
+        "callbacks.diagnostics.enabled=false",
+        "print_summary=false",
+    ]
+    cfg = compose_train([*short, "compile=true"], tmp_path / "probe", cache_dir)
+    module, _, _ = build(cfg)
+    x = torch.randn(4, 3, 8, 8)
+    compiled = module.student.eval()(x, ("logits", "embedding", "stages"))
+    eager = module.student.model.eval().extract(x, stages=True)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.embedding, eager.embedding, atol=1e-5, rtol=1e-5)
+    assert len(compiled.stages) == len(eager.stages)
+
+    first = run_train([*short, "compile=true"], tmp_path / "first", cache_dir)
+    assert first["status"] == "ok"
+    last = tmp_path / "first/checkpoints/last.ckpt"
+    keys = _weights(last).keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    assert all(k.startswith(("student.", "method.")) for k in keys)  # the frozen teacher is left out
+    resumed = run_train(
+        [*short, "compile=true", "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed", cache_dir
+    )
+    assert resumed["status"] == "ok" and resumed["epochs"] == 2
+
+
+def test_unknown_compile_backend_is_one_clear_error():
+    from kdx.errors import KDXError
+    from kdx.factory import compile_switch
+
+    assert compile_switch("false") is False and compile_switch(True) is True
+    assert compile_switch("aot_eager") == "aot_eager"
+    with pytest.raises(KDXError, match="compile='fast' is neither true/false nor a torch.compile backend"):
+        compile_switch("fast")
+
+
+def test_bench_overhead_section_reports_its_fields():
+    from kdx import bench
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "log_every_n_steps": 10,
+            "optim": {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}},
+            "overhead": {"batch_size": 8, "warmup_steps": 2, "steps": 6, "rounds": 2},
+        }
+    )
+    bench._use_clock(cfg, torch.device("cpu"))
+    result = bench.overhead(cfg, torch.device("cpu"))
+    assert result["step_ms_plain"] > 0 and result["step_ms_lightning"] > 0 and result["step_ms_kdx"] > 0
+    assert {"overhead_ms_over_plain", "overhead_ms_over_lightning"} <= result.keys()
+    assert result["overhead_rounds"] == 2 and result["overhead_batch_size"] == 8
