@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, ROOT, compose_train, run_train
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
@@ -114,10 +114,12 @@ def test_nan_check_and_logging_sync_once_per_check_not_per_step(monkeypatch):
 def test_bf16_mixed_and_no_sync_inside_any_methods_step(method, tmp_path, cache_dir, monkeypatch):
     counter = _count_in_training_steps(monkeypatch)
     metrics = run_train(
-        [*TINY_PAIR, *FAST, f"method={method}", "trainer.precision=bf16-mixed"], tmp_path, cache_dir
+        [*TINY_PAIR, *FAST, f"method={method}", "trainer.precision=bf16-mixed", "test=false"],
+        tmp_path,
+        cache_dir,
     )
     assert metrics["status"] == "ok" and metrics["method"] == method
-    assert 0.0 <= metrics["student/acc"] <= 1.0
+    assert metrics["steps"] >= 1  # fast_dev_run: one bf16 batch (ProKT steps twice); NaN would raise
     assert counter.calls == [], f"host syncs inside {method}'s training step: {counter.calls}"
 
 
@@ -146,9 +148,10 @@ def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
 
 
 def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
-    """torch.compile (inductor) of student and frozen teacher: the adapter's outputs equal the eager
-    model's, checkpoint keys are the eager ones, and a compiled run resumes from its last.ckpt."""
-    from conftest import compose_train
+    """torch.compile of student and frozen teacher: the adapter's outputs equal the eager model's,
+    checkpoint keys are the eager ones, and a compiled run resumes from its last.ckpt. The backend is
+    aot_eager: TorchDynamo's capture and AOTAutograd's joint graph, as with `compile=true`, without
+    inductor's C++ code generation (minutes on this CPU; `kdx-bench variants=[compile]` runs it)."""
     from kdx.train import build
 
     short = [
@@ -160,7 +163,7 @@ def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
         "callbacks.diagnostics.enabled=false",
         "print_summary=false",
     ]
-    cfg = compose_train([*short, "compile=true"], tmp_path / "probe", cache_dir)
+    cfg = compose_train([*short, "compile=aot_eager"], tmp_path / "probe", cache_dir)
     module, _, _ = build(cfg)
     x = torch.randn(4, 3, 8, 8)
     compiled = module.student.eval()(x, ("logits", "embedding", "stages"))
@@ -169,14 +172,16 @@ def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
     torch.testing.assert_close(compiled.embedding, eager.embedding, atol=1e-5, rtol=1e-5)
     assert len(compiled.stages) == len(eager.stages)
 
-    first = run_train([*short, "compile=true"], tmp_path / "first", cache_dir)
+    first = run_train([*short, "compile=aot_eager"], tmp_path / "first", cache_dir)
     assert first["status"] == "ok"
     last = tmp_path / "first/checkpoints/last.ckpt"
     keys = _weights(last).keys()
     assert keys and not any("_orig_mod" in k for k in keys)
     assert all(k.startswith(("student.", "method.")) for k in keys)  # the frozen teacher is left out
     resumed = run_train(
-        [*short, "compile=true", "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed", cache_dir
+        [*short, "compile=aot_eager", "trainer.max_epochs=2", f"ckpt_path={last}"],
+        tmp_path / "resumed",
+        cache_dir,
     )
     assert resumed["status"] == "ok" and resumed["epochs"] == 2
 
