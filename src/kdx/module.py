@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,10 @@ from kdx.models.adapter import as_feature_model
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 from kdx.teacher_outputs import TeacherOutputCache
 from kdx.validate import NonFiniteSources
+
+# The module overrides the batch-transfer hooks on purpose (cached teacher rows, channels_last):
+# Lightning's notice that a data module's own hooks are then not used says nothing about a kdx run.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer`")
 
 # Horizon arguments of common schedulers, filled from the run's length when the config leaves them out.
 _EPOCH_HORIZON = ("T_max", "total_iters")
