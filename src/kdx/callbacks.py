@@ -110,6 +110,8 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         import torch
 
+        if self._validations or self._seen:
+            return  # this run's own state wins: Lightning also restores callbacks for test(ckpt_path=best)
         if state_dict.get("reference") is not None:
             # only ever read as a float from here on: a CPU scalar whatever the run's device
             self._reference = torch.tensor(float(state_dict["reference"]))
@@ -137,7 +139,8 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
             self._seen += 1
             return
         self._peak = finite if self._peak is None else torch.maximum(self._peak, finite)
-        if (trainer.global_step + 1) % max(1, int(trainer.log_every_n_steps or 1)) == 0:
+        # on the steps where the module's NaN check and the logger read values anyway
+        if (batch_idx + 1) % max(1, int(trainer.log_every_n_steps or 1)) == 0:
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
