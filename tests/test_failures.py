@@ -251,6 +251,9 @@ def test_divergence_monitor_thresholds():
         0.16,
         3,
     )
+    # ... but a run's own state wins (Lightning restores callbacks for test(ckpt_path=best) too)
+    resumed.load_state_dict({"reference": 9.0, "validations": 1})
+    assert (float(resumed._reference), resumed._validations) == (2.5, 3)
 
 
 def test_nan_inputs_are_named_as_inputs(tmp_path):
