@@ -184,3 +184,29 @@ def test_resume_continues_the_named_run(tmp_path, cache_dir):
         2,
     )
     assert record["config"]["ckpt_path"].endswith("last.ckpt")
+
+
+@pytest.mark.slow
+def test_a_model_swapped_in_on_the_command_line_is_recorded_under_its_own_name(tmp_path, cache_dir):
+    env = {
+        **os.environ,
+        "KDX_ROOT_DIR": str(tmp_path),
+        "KDX_CACHE_DIR": str(cache_dir),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [
+            str(BIN / "kdx-train"),
+            "debug=fdr",
+            "student.model._target_=kdx.models.small.CNN1D",
+            "~student.model.hidden",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/train/runs/*/metrics.json")]
+    assert record["student"] == "CNN1D" and record["choices"]["student"] == "mlp"

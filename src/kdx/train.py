@@ -527,6 +527,17 @@ def run_job(cfg: DictConfig) -> float:
     return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)
 
 
+def _name_replaced_models(cfg: DictConfig) -> None:
+    """A model swapped in on the command line (``student.model._target_=my.Net``,
+    ``model@student.model=resnet8``) is recorded under its own name, never the group default's."""
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        for role in ("student", "teacher"):
+            if key in (f"{role}.model._target_", f"model@{role}.model") and value:
+                with open_dict(cfg):
+                    cfg[role].name = value.rsplit(".", 1)[-1]
+
+
 def _run_folder_of(path: Path) -> Path | None:
     return next((p for p in path.resolve().parents if (p / ".hydra" / "overrides.yaml").is_file()), None)
 
@@ -563,6 +574,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    _name_replaced_models(cfg)
     resumed = resume_config(cfg)
     try:
         return run_job(resumed)

@@ -44,7 +44,8 @@ class EpochSeededSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # modulo 2**63: an unseeded torch.initial_seed() is a full 64-bit number (same value for real seeds)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (1 << 63))
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
