@@ -139,7 +139,7 @@ def test_mnist1d_kd_same_accuracy_with_and_without_cache_and_no_teacher_forward_
 
 
 def test_cache_mode_is_validated(tmp_path):
-    with pytest.raises(KDXError, match="teacher.cache='sometimes' is not one of off, exact, views"):
+    with pytest.raises(KDXError, match="teacher.cache='sometimes' is not one of off, exact, views, auto"):
         TeacherOutputCache("sometimes", tmp_path, {})
     cfg = compose_train([*SHORT, "teacher.cache=exact"], tmp_path, tmp_path)
     assert cfg.teacher.cache == "exact" and cfg.teacher.cache_views == 4
@@ -317,3 +317,37 @@ def test_a_views_run_trains_on_the_replayed_views_even_with_a_scheduler(tmp_path
     for epoch, x, index in seen:
         for row, i in enumerate(index.tolist()):
             assert torch.equal(x[row], replayed.item(i, int(view_of(5, epoch, i, 2)))[0])
+
+
+def test_auto_mode_picks_views_exact_or_off(tmp_path):
+    views = TeacherOutputCache("auto", tmp_path, {}, views=3)
+    augmented = _Augmented()
+    augmented.augment = True  # what CIFAR's data module says when it augments
+    views.bind(augmented)
+    assert (views.mode, views.views) == ("views", 3)
+    exact = TeacherOutputCache("auto", tmp_path, {}, views=3)
+    exact.bind(_Data())
+    assert (exact.mode, exact.views) == ("exact", 1)
+
+    class Noisy(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.randn(1, 40), 0, i
+
+    random_data = _Data()
+    random_data.train_set = Noisy()
+    unreplayable = TeacherOutputCache("auto", tmp_path, {})
+    unreplayable.bind(random_data)
+    assert not unreplayable.active
+    # and a method that needs the live teacher runs without the cache instead of failing
+    module = DistillationModule(
+        student=CNN1D(10, (1, 40), channels=[4, 4, 4]),
+        teacher=CNN1D(10, (1, 40), channels=[4, 4, 4]),
+        method=METHODS["backward"](),
+        num_classes=10,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        teacher_cache=TeacherOutputCache("auto", tmp_path, {}),
+    )
+    assert module.teacher_cache is None

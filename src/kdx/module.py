@@ -9,6 +9,7 @@ optimizer unless the method declares ``trains_teacher``.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from kdx.models.adapter import as_feature_model
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 from kdx.teacher_outputs import TeacherOutputCache
 from kdx.validate import NonFiniteSources
+
+log = logging.getLogger(__name__)
 
 # The module overrides the batch-transfer hooks on purpose (cached teacher rows, channels_last):
 # Lightning's notice that a data module's own hooks are then not used says nothing about a kdx run.
@@ -81,6 +84,10 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.register_forward_hook(self._watch_teacher)
         self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
+        if self.teacher_cache is not None and self.teacher_cache.mode == "auto":
+            if not has_teacher or not TeacherOutputCache.usable_by(method):  # auto: off where it cannot be on
+                log.info("teacher.cache=auto: off for method %s (needs the live teacher)", method.name)
+                self.teacher_cache = None
         if self.teacher_cache is not None:
             if not has_teacher:
                 raise KDXError("teacher.cache is set but the run has no teacher; set teacher.cache=off")
@@ -114,6 +121,8 @@ class DistillationModule(L.LightningModule):
         if stage == "fit":
             if self.teacher_cache is not None:
                 self.teacher_cache.bind(self.trainer.datamodule)
+                if not self.teacher_cache.active:  # auto found nothing it can cache
+                    self.teacher_cache = None
             self.method.setup(self.student, self.teacher, getattr(self.trainer, "datamodule", None))
 
     # -- training -----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from kdx.utils import atomic_write_json, stable_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("off", "exact", "views")
+CACHE_MODES = ("off", "exact", "views", "auto")
 FORMAT_VERSION = 1
 
 
@@ -226,6 +226,7 @@ class TeacherOutputCache:
             raise KDXError(f"teacher.cache_topk={topk} must be >= 1 (or null: all logits)")
         self.mode, self.cache_dir, self.key_fields = mode, Path(cache_dir), dict(key_fields)
         self.seed, self.views = int(seed), int(views) if mode == "views" else 1
+        self._views_asked = int(views)
         self.topk, self.batch_size = (None if topk is None else int(topk)), int(batch_size)
         self.path: Path | None = None
         self.arrays: dict[str, np.ndarray] = {}
@@ -238,6 +239,10 @@ class TeacherOutputCache:
         return self.mode != "off"
 
     # -- checks and key ----------------------------------------------------------------------
+    @staticmethod
+    def usable_by(method: Any) -> bool:
+        return not method.trains_teacher and getattr(method, "cacheable_teacher", True)
+
     @staticmethod
     def check_method(method: Any) -> None:
         if method.trains_teacher or not getattr(method, "cacheable_teacher", True):
@@ -255,6 +260,17 @@ class TeacherOutputCache:
         train_set = getattr(datamodule, "train_set", None)
         if train_set is None:
             train_set = datamodule.train_dataloader().dataset
+        if self.mode == "auto":  # views where the data replays its augmentation, else exact
+            random_views = getattr(datamodule, "augment", False) and hasattr(datamodule, "replayable_views")
+            if random_views:
+                self.mode, self.views = "views", self._views_asked
+            elif _is_deterministic(train_set):
+                self.mode = "exact"
+            else:  # random augmentation that kdx cannot replay (ImageNet's): the live teacher
+                self.mode = "off"
+            log.info("teacher.cache=auto: %s mode for %s", self.mode, type(datamodule).__name__)
+            if self.mode == "off":
+                return train_set, {}, None
         if self.mode == "exact":
             if getattr(datamodule, "augment", False) or not _is_deterministic(train_set):
                 raise KDXError(
@@ -299,6 +315,8 @@ class TeacherOutputCache:
         (a scheduler's horizon may ask for it before ``on_fit_start``)."""
         self._datamodule = datamodule
         self._dataset, self._transform, replay_loader = self._train_source(datamodule)
+        if self.mode == "off":
+            return
         if replay_loader is not None:
             datamodule.train_dataloader = replay_loader  # the training loader replays the stored views
 
