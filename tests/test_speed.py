@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, compose_train, run_train
+from conftest import FAST, ROOT, run_train
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
@@ -131,12 +131,15 @@ def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
     short = [
         *TINY_PAIR,
         "debug=limit",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "test=false",
         "method=kd",
         "callbacks.diagnostics.enabled=false",
         "print_summary=false",
     ]
-    plain = run_train(short, tmp_path / "plain", cache_dir)
-    nhwc = run_train([*short, "channels_last=true"], tmp_path / "nhwc", cache_dir)
+    run_train(short, tmp_path / "plain", cache_dir)
+    run_train([*short, "channels_last=true"], tmp_path / "nhwc", cache_dir)
     a, b = (
         _weights(tmp_path / "plain/checkpoints/last.ckpt"),
         _weights(tmp_path / "nhwc/checkpoints/last.ckpt"),
@@ -144,7 +147,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
     assert a.keys() == b.keys()
     for key in a:  # the same arithmetic in another memory layout: equal up to summation order
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
-    assert nhwc["student/acc"] == pytest.approx(plain["student/acc"], abs=0.13)  # one of 8 test images
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)  # weights, not an empty state
 
 
 def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
@@ -152,25 +155,37 @@ def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
     checkpoint keys are the eager ones, and a compiled run resumes from its last.ckpt. The backend is
     aot_eager: TorchDynamo's capture and AOTAutograd's joint graph, as with `compile=true`, without
     inductor's C++ code generation (minutes on this CPU; `kdx-bench variants=[compile]` runs it)."""
-    from kdx.train import build
+    from kdx.models.cifar.resnet import resnet8
+
+    torch.manual_seed(0)
+    module = DistillationModule(
+        resnet8(num_classes=10),
+        KD(),
+        10,
+        lambda p: None,
+        teacher=resnet8(num_classes=10),
+        compile="aot_eager",
+    )
+    x = torch.randn(4, 3, 8, 8)
+    compiled = module.student.eval()(x, ("logits", "embedding", "stages"))
+    eager = module.student.model.eval().extract(x, stages=True)  # the wrapped model itself is not compiled
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.embedding, eager.embedding, atol=1e-5, rtol=1e-5)
+    assert len(compiled.stages) == len(eager.stages) > 0
+    for a, b in zip(compiled.stages, eager.stages):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert module.teacher(x).logits.shape == (4, 10)  # the frozen teacher is compiled too
 
     short = [
         *TINY_PAIR,
         "debug=limit",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
+        "test=false",
         "method=kd",
         "callbacks.diagnostics.enabled=false",
         "print_summary=false",
     ]
-    cfg = compose_train([*short, "compile=aot_eager"], tmp_path / "probe", cache_dir)
-    module, _, _ = build(cfg)
-    x = torch.randn(4, 3, 8, 8)
-    compiled = module.student.eval()(x, ("logits", "embedding", "stages"))
-    eager = module.student.model.eval().extract(x, stages=True)
-    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(compiled.embedding, eager.embedding, atol=1e-5, rtol=1e-5)
-    assert len(compiled.stages) == len(eager.stages)
 
     first = run_train([*short, "compile=aot_eager"], tmp_path / "first", cache_dir)
     assert first["status"] == "ok"
