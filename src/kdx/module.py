@@ -84,6 +84,9 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.register_forward_hook(self._watch_teacher)
         self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
+        if self.teacher_cache is not None and not method.needs_teacher:
+            log.info("teacher.cache: method %s reads no teacher outputs; nothing to cache", method.name)
+            self.teacher_cache = None
         if self.teacher_cache is not None and self.teacher_cache.mode == "auto":
             if not has_teacher or not TeacherOutputCache.usable_by(method):  # auto: off where it cannot be on
                 log.info("teacher.cache=auto: off for method %s (needs the live teacher)", method.name)

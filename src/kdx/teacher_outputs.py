@@ -356,6 +356,9 @@ class TeacherOutputCache:
     def _fill(self, teacher, reads, dataset, key, forward_context) -> None:
         assert self.path is not None
         tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a cache shared between users follows the umask
         try:
             device = next(teacher.parameters()).device
             was_training = teacher.training
