@@ -1,20 +1,22 @@
 """``dataset=synthetic_text``: a generated review language whose label needs more than word counts.
 
-Each review is an optional *frame* and one to three *clauses* joined by ``and`` / ``but``::
+Each review is an optional *frame* and one to three *clauses* joined by ``and`` / ``and also``::
 
-    [frame] the NOUN was [not] [INTENSIFIER] ADJECTIVE [FILLER] (and|but the NOUN was ...)*
+    [frame] the NOUN was|is [not|never] [INTENSIFIER] ADJECTIVE [FILLER] (and the NOUN was ...)*
 
-* a clause's polarity is its adjective's (positive or negative), flipped by ``not`` / ``never``;
-* the *deciding* clause is the last one introduced by ``but``; with no ``but``, the first clause;
-* a frame at the very start may flip the verdict (``i doubt that``, ``nobody would say that``) or
-  keep it (``i am sure that``, ``everyone agrees that``): a dependency across the whole review;
-* the class is (aspect of the deciding clause's noun: food or service) × (final polarity):
-  0 food-negative, 1 food-positive, 2 service-negative, 3 service-positive.
+* every noun of a review is about one topic, food or service;
+* every clause expresses the review's verdict: a positive adjective, or ``not`` / ``never`` and a
+  negative one (20 % of clauses are negated), so an adjective alone is a noisy cue;
+* a frame at the very start flips the verdict (``i doubt that``, ``nobody would say that``, ``it is
+  false that``; 15 % of reviews) or keeps it (``i am sure that``, ...; 15 %): a dependency across
+  the whole review;
+* the class is topic × stated verdict (after the frame): 0 food-negative, 1 food-positive,
+  2 service-negative, 3 service-positive.
 
-Adjectives carry no aspect and every word appears in every class, so a bag of words cannot reach
-high accuracy: the model must find the deciding clause, apply its negation and read the frame
-that may sit twenty tokens earlier. ``label_noise`` flips that fraction of training labels to a
-random other class (validation and test stay clean).
+A bag-of-words logistic regression reaches 71 % (80 % with up to tri-grams): the rest needs the
+negation bound to its adjective and the frame read from the start. ``label_noise`` flips that
+fraction of training labels to a random other class (validation and test stay clean).
+``LANGUAGE_VERSION`` is part of the cache key (docs/text.md tells why earlier versions were dropped).
 
 The data and a WordPiece tokenizer trained on the training reviews (``tokenizers``) are generated
 from ``seed`` and cached under ``<cache_dir>/synthetic_text/<hash>/``; every run of a sweep sees
