@@ -1,9 +1,15 @@
 """DistillationModule: holds student, teacher, method and metrics; knows no method by name.
 
-``training_step`` hands the batch to ``method.training_step`` and logs the named loss terms it
-returns. Validation and test measure the student, the teacher and the distance between them
-(:mod:`kdx.metrics`). The teacher stays in ``eval()`` with gradients off and out of every
-optimizer unless the method declares ``trains_teacher``.
+``training_step`` hands the batch to ``method.training_step`` and adds the named loss terms it
+returns to device-side sums: ``train/<term>_epoch`` (their epoch means) is logged once an epoch and
+``train/loss_step`` on the steps the loggers write, so a step neither calls Lightning's costly
+``self.log`` nor waits for the device; the NaN check reads the same sums every
+``nonfinite_check_every`` steps (docs/performance.md). Validation and test measure the student, the
+teacher and the distance between them (:mod:`kdx.metrics`). The teacher stays in ``eval()`` with
+gradients off and out of every optimizer unless the method declares ``trains_teacher``.
+
+Speed switches: ``teacher_cache`` (:mod:`kdx.teacher_outputs`: training batches read the teacher's
+stored outputs, moved with the batch), ``channels_last`` and ``compile`` (in place).
 """
 
 from __future__ import annotations
@@ -123,6 +129,8 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             if self.teacher_cache is not None:
+                if self.trainer.datamodule is None:
+                    raise KDXError("teacher.cache reads the training set from a data module; fit with one")
                 self.teacher_cache.bind(self.trainer.datamodule)
                 if not self.teacher_cache.active:  # auto found nothing it can cache
                     self.teacher_cache = None
