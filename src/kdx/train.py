@@ -207,7 +207,9 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
             )
         _check_reads_input(instantiate(cfg.teacher.model), input_shape, "teacher", cfg)
         if method.trains_teacher and not method.uses_teacher_weights():
-            teacher, info = instantiate(cfg.teacher.model), {"teacher/source": "random init"}
+            pretrained = cfg.teacher.model.get("name_or_path")  # e.g. a Hugging Face checkpoint folder
+            source = f"pre-trained weights of {pretrained}" if pretrained else "random init"
+            teacher, info = instantiate(cfg.teacher.model), {"teacher/source": source}
         else:
             teacher, info = provide_teacher(cfg)
             info["teacher/val_acc"] = check_teacher(cfg, teacher)
