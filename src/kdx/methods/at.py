@@ -22,13 +22,11 @@ positions and are refused.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod, feature_list, match_spatial, parse_layers
+from kdx.methods.connectors import LayerPairsMethod, feature_list, match_spatial
 from kdx.models.base import ModelOutput
 
 
@@ -44,7 +42,9 @@ def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
 
 
 @register_method("at")
-class AT(RepDistillerMethod):
+class AT(LayerPairsMethod):
+    needs_maps = True
+
     def __init__(
         self,
         weight: float = 1000.0,
@@ -57,14 +57,8 @@ class AT(RepDistillerMethod):
         super().__init__(weight, ce_weight, kd_weight, temperature)
         if p <= 0:
             raise ValueError(f"method.p={p} must be > 0")
-        self.p, self.layers, self._spec = p, layers, parse_layers(layers)
-        self.pairs: list[tuple[int, int]] = []
-
-    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        feats_s, feats_t = self.probe_features(student, teacher, datamodule)
-        self.pairs = self.layer_pairs(feats_s, feats_t, self._spec, "method.layers")
-        self.require_maps(feats_s, feats_t, self.pairs)
-        self._ready = True
+        self.p = p
+        self.use_layers(layers)
 
     def feature_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         feats_s, feats_t = feature_list(student), feature_list(teacher)

@@ -418,3 +418,20 @@ class RepDistillerMethod(DistillationMethod):
             terms["init_phase"] = ce.new_zeros(())
         terms["loss"] = loss
         return terms
+
+
+class LayerPairsMethod(RepDistillerMethod):
+    """A feature method whose only setup is pairing student and teacher layers (``method.layers``)."""
+
+    needs_maps: bool = False  # spatial maps on both sides of every pair (AT, NST), not vectors
+
+    def use_layers(self, layers: str) -> None:
+        self.layers, self._spec = layers, parse_layers(layers)
+        self.pairs: list[tuple[int, int]] = []
+
+    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
+        feats_s, feats_t = self.probe_features(student, teacher, datamodule)
+        self.pairs = self.layer_pairs(feats_s, feats_t, self._spec, "method.layers")
+        if self.needs_maps:
+            self.require_maps(feats_s, feats_t, self.pairs)
+        self._ready = True

@@ -22,13 +22,11 @@ sum over ``feat[1:-1]`` without KD. Vectors (an MLP's layers) have no positions 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod, feature_list, match_spatial, parse_layers
+from kdx.methods.connectors import LayerPairsMethod, feature_list, match_spatial
 from kdx.models.base import ModelOutput
 
 
@@ -52,7 +50,9 @@ def nst_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
 
 
 @register_method("nst")
-class NST(RepDistillerMethod):
+class NST(LayerPairsMethod):
+    needs_maps = True
+
     def __init__(
         self,
         weight: float = 50.0,
@@ -62,14 +62,7 @@ class NST(RepDistillerMethod):
         temperature: float = 4.0,
     ):
         super().__init__(weight, ce_weight, kd_weight, temperature)
-        self.layers, self._spec = layers, parse_layers(layers)
-        self.pairs: list[tuple[int, int]] = []
-
-    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        feats_s, feats_t = self.probe_features(student, teacher, datamodule)
-        self.pairs = self.layer_pairs(feats_s, feats_t, self._spec, "method.layers")
-        self.require_maps(feats_s, feats_t, self.pairs)
-        self._ready = True
+        self.use_layers(layers)
 
     def feature_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         feats_s, feats_t = feature_list(student), feature_list(teacher)

@@ -17,13 +17,11 @@ shape works (a vector or a map); an MLP student reads its last hidden layer.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod, feature_list, parse_layers
+from kdx.methods.connectors import LayerPairsMethod, feature_list
 from kdx.models.base import ModelOutput
 
 
@@ -40,7 +38,7 @@ def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
 
 
 @register_method("sp")
-class SP(RepDistillerMethod):
+class SP(LayerPairsMethod):
     def __init__(
         self,
         weight: float = 3000.0,
@@ -50,13 +48,7 @@ class SP(RepDistillerMethod):
         temperature: float = 4.0,
     ):
         super().__init__(weight, ce_weight, kd_weight, temperature)
-        self.layers, self._spec = layers, parse_layers(layers)
-        self.pairs: list[tuple[int, int]] = []
-
-    def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        feats_s, feats_t = self.probe_features(student, teacher, datamodule)
-        self.pairs = self.layer_pairs(feats_s, feats_t, self._spec, "method.layers")
-        self._ready = True
+        self.use_layers(layers)
 
     def feature_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         feats_s, feats_t = feature_list(student), feature_list(teacher)
