@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,31 @@ def run_train(overrides: list[str], output_dir: Path, cache_dir: Path) -> dict:
 
 # fast end-to-end settings: Lightning's fast_dev_run and a one-epoch, two-batch teacher
 FAST = ["debug=fdr", "logger=csv", "trainer.accelerator=cpu"]
+
+
+SUPPORT = Path(__file__).parent / "support"  # fault-injecting methods for subprocess runs
+
+
+def run_cli(
+    tool: str, *args: str, root: Path, cache: Path, timeout: int = 300, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """A console script as a user runs it: from ``root``, caching into ``cache``, W&B offline and quiet,
+    ``tests/support`` importable (for ``method._target_=kdx_faults.<Fault>``)."""
+    env = {
+        **os.environ,
+        "KDX_ROOT_DIR": str(root),
+        "KDX_CACHE_DIR": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")]),
+        **(extra_env or {}),
+    }
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / tool), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=timeout,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import run_train
+from conftest import run_cli, run_train
 from kdx.cli import conf_root, help_text, misspelt_group, options
 from kdx.errors import KDXError
 from kdx.models.registry import list_models
@@ -151,23 +150,10 @@ def test_an_image_model_on_1d_data_is_one_error_with_the_fix(tmp_path, cache_dir
 
 @pytest.mark.slow
 def test_resume_continues_the_named_run(tmp_path, cache_dir):
-    env = {
-        **os.environ,
-        "KDX_ROOT_DIR": str(tmp_path),
-        "KDX_CACHE_DIR": str(cache_dir),
-        "OMP_NUM_THREADS": "1",
-    }
     small = ["debug=limit", "dataset=synthetic", "dataset.input_shape=[1,40]"]
 
     def kdx_train(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "kdx-train"), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=300,
-        )
+        return run_cli("kdx-train", *args, root=tmp_path, cache=cache_dir)
 
     first = kdx_train(*small, "method=none", "seed=1", "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -188,24 +174,13 @@ def test_resume_continues_the_named_run(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_a_model_swapped_in_on_the_command_line_is_recorded_under_its_own_name(tmp_path, cache_dir):
-    env = {
-        **os.environ,
-        "KDX_ROOT_DIR": str(tmp_path),
-        "KDX_CACHE_DIR": str(cache_dir),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [
-            str(BIN / "kdx-train"),
-            "debug=fdr",
-            "student.model._target_=kdx.models.small.CNN1D",
-            "~student.model.hidden",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    proc = run_cli(
+        "kdx-train",
+        "debug=fdr",
+        "student.model._target_=kdx.models.small.CNN1D",
+        "~student.model.hidden",
+        root=tmp_path,
+        cache=cache_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/train/runs/*/metrics.json")]

@@ -14,29 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_train, run_train
+from conftest import FAST, compose_train, run_cli, run_train
 from kdx.table import make_table
 from kdx.teacher import teacher_cache_path
 
 BIN = Path(sys.executable).parent
-SUPPORT = Path(__file__).parent / "support"
 SMALL = ["debug=limit", "dataset=synthetic", "dataset.input_shape=[1,40]", "trainer.max_epochs=1"]
 
 
 def kdx(*args: str, root: Path, cache: Path, timeout: int = 300, extra_env: dict | None = None):
-    env = {
-        **os.environ,
-        "KDX_ROOT_DIR": str(root),
-        "KDX_CACHE_DIR": str(cache),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")]),
-        **(extra_env or {}),
-    }
-    env.pop("WANDB_MODE", None)
-    return subprocess.run(
-        [str(BIN / "kdx-train"), *args], capture_output=True, text=True, env=env, cwd=root, timeout=timeout
-    )
+    return run_cli("kdx-train", *args, root=root, cache=cache, timeout=timeout, extra_env=extra_env)
 
 
 def sweep_jobs(root: Path) -> dict[int, Path]:
@@ -301,20 +288,9 @@ def test_kdx_eval_reproduces_a_non_default_run(tmp_path, cache_dir):
     (folder,) = tmp_path.glob("logs/train/runs/*")
     assert folder.name.endswith("_kd_pt_mlp_cnn1d_s4")
     record = json.loads((folder / "metrics.json").read_text())
-    env = {
-        **os.environ,
-        "KDX_ROOT_DIR": str(tmp_path),
-        "KDX_CACHE_DIR": str(cache_dir),
-        "OMP_NUM_THREADS": "1",
-    }
     for ckpt, key in (("last.ckpt", "student/acc"), ("best.ckpt", "student/acc_best")):
-        proc = subprocess.run(
-            [str(BIN / "kdx-eval"), f"ckpt_path={folder / 'checkpoints' / ckpt}"],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=300,
+        proc = run_cli(
+            "kdx-eval", f"ckpt_path={folder / 'checkpoints' / ckpt}", root=tmp_path, cache=cache_dir
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(
