@@ -58,11 +58,10 @@ How the five seed methods plug in:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -70,7 +69,7 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 
-from kdx.models.base import LOGITS, ModelOutput
+from kdx.models.base import LOGITS, ModelOutput, train_mode  # noqa: F401 - train_mode re-exported for methods
 
 Terms = dict[str, Tensor]
 METHODS: dict[str, type[DistillationMethod]] = {}
@@ -171,24 +170,6 @@ def hinton_target(temperature: float) -> Callable[[Tensor, Tensor | None, int], 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by methods, callbacks and metrics.
-
-
-@contextlib.contextmanager
-def train_mode(model: nn.Module | None, training: bool) -> Iterator[nn.Module | None]:
-    """``model`` (every submodule) in train (``True``) or eval (``False``) mode inside the block; each
-    submodule's own mode is restored on exit. ``None`` is accepted and left alone. In eval mode
-    BatchNorm uses and keeps its running statistics and dropout is off."""
-    if model is None:
-        yield None
-        return
-    saved = [(m, m.training) for m in model.modules()]
-    for m, _ in saved:
-        m.training = training
-    try:
-        yield model
-    finally:
-        for m, was in saved:
-            m.training = was
 
 
 def per_sample_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kdx.errors import StageNameError
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput
+from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput, train_mode
 
 
 class FeatureModel(nn.Module):
@@ -52,14 +52,10 @@ class FeatureModel(nn.Module):
         self, input_shape: tuple[int, ...], reads: Iterable[str] = (LOGITS, EMBEDDING, STAGES)
     ) -> ModelOutput:
         """Forward a zero batch of two in eval mode, to read output shapes."""
-        was_training = self.training
-        self.eval()
-        try:
+        with train_mode(self, False):
             param = next(self.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             return self(torch.zeros(2, *input_shape, device=device), reads)
-        finally:
-            self.train(was_training)
 
 
 class NativeFeatureModel(FeatureModel):

@@ -9,6 +9,8 @@ ordinary classifier for code that knows nothing of kdx (the plain loop in ``kdx-
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -70,3 +72,21 @@ def run_stages(x: Tensor, layers, keep: bool, maps: list[Tensor]) -> Tensor:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module | None, training: bool) -> Iterator[nn.Module | None]:
+    """``model`` (every submodule) in train (``True``) or eval (``False``) mode inside the block; each
+    submodule's own mode is restored on exit. ``None`` is accepted and left alone. In eval mode
+    BatchNorm uses and keeps its running statistics and dropout is off."""
+    if model is None:
+        yield None
+        return
+    saved = [(m, m.training) for m in model.modules()]
+    for m, _ in saved:
+        m.training = training
+    try:
+        yield model
+    finally:
+        for m, was in saved:
+            m.training = was

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from kdx.errors import KDXError
 from kdx.models.adapter import FeatureModel
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
+from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput, train_mode
 
 TEACHER_PREFIX = "teacher."
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -287,15 +287,11 @@ class HFFeatureModel(FeatureModel):
         self, input_shape: tuple[int, ...], reads: Iterable[str] = (LOGITS, EMBEDDING, STAGES)
     ) -> ModelOutput:
         """Forward two all-[PAD]-id rows of ``input_shape = (length,)`` tokens, unmasked, in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        with train_mode(self, False):
             device = next(self.parameters()).device
             length = int(input_shape[-1]) if input_shape else 8
             ids = torch.zeros(2, length, dtype=torch.long, device=device)
             return self({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, reads)
-        finally:
-            self.train(was_training)
 
 
 def wrap_transformers_model(model: nn.Module) -> HFFeatureModel:
