@@ -48,6 +48,7 @@ from kdx.models.small import CNN1D, MLP
 from kdx.module import DistillationModule
 from kdx.teacher_outputs import TeacherOutputCache
 from kdx.train import CONFIG_DIR
+from kdx.utils import json_safe
 
 VARIANTS = ("cache", "channels_last", "compile", "bf16")
 
@@ -385,7 +386,8 @@ def main(cfg: DictConfig) -> None:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     result = bench(cfg)
     print(table(result))
-    print(json.dumps(result))
+    # a variant that could not run reports NaN: null keeps the line strict JSON for whatever parses it
+    print(json.dumps(json_safe(result), allow_nan=False))
 
 
 if __name__ == "__main__":
