@@ -8,7 +8,7 @@
 #   SEEDS=0,1,2 BATCHES="core control" scripts/reproduce_mnist1d.sh
 #
 # Environment: OUT (output folder, default results/mnist1d), SEEDS (default 0,1,2,3,4),
-# BATCHES (default "core control prokt baselines"), CORE (the seed methods + none + kd),
+# BATCHES (default "core control prokt baselines embedding"), CORE (the seed methods + none + kd),
 # BASELINES (the other methods that run on an MLP student; default below), JOBS (parallel jobs
 # through Hydra's joblib launcher, one thread each; default 2 = the 2 cores of the machine the
 # table was measured on; 1 = Hydra's sequential launcher), SWEEP_DIR (where the runs go), KDX_BIN
@@ -23,7 +23,7 @@ table=${KDX_BIN:+$KDX_BIN/}kdx-table
 
 OUT=${OUT:-results/mnist1d}
 SEEDS=${SEEDS:-0,1,2,3,4}
-BATCHES=${BATCHES:-core control prokt baselines}
+BATCHES=${BATCHES:-core control prokt baselines embedding}
 CORE=${CORE:-none,kd,kda,backward,ls,kd_pt,kd_sim,kd_pt_sim,rdim,prokt}
 # the baselines that take a vector (MLP) student against a CNN teacher at their defaults; at, vid, ab,
 # ft, fsp and nst pair stage maps one to one and stop with a KDXError on this pair
@@ -64,7 +64,12 @@ for batch in $BATCHES; do
         label=prokt-early-teacher "$@"
       ;;
     baselines) sweep baselines "method=$BASELINES" "$@" ;;
-    *) echo "unknown batch $batch (core, control, prokt, baselines)" >&2; status=2 ;;
+    # VID and AB pair stages one to one; on a vector student they read the embedding only (layers=-1)
+    embedding)
+      sweep vid_embedding method=vid method.layers=-1 label=vid-embedding "$@"
+      sweep ab_embedding method=ab method.layers=-1 label=ab-embedding "$@"
+      ;;
+    *) echo "unknown batch $batch (core, control, prokt, baselines, embedding)" >&2; status=2 ;;
   esac
 done
 
