@@ -3,6 +3,7 @@ every method, channels_last, torch.compile with checkpoints and resume, the benc
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -229,3 +230,37 @@ def test_bench_overhead_section_reports_its_fields():
     assert result["step_ms_plain"] > 0 and result["step_ms_lightning"] > 0 and result["step_ms_kdx"] > 0
     assert {"overhead_ms_over_plain", "overhead_ms_over_lightning"} <= result.keys()
     assert result["overhead_rounds"] == 2 and result["overhead_batch_size"] == 8
+
+
+def test_bench_precomputed_teacher_side_trains_the_same_student_as_the_live_loop():
+    """The cache's ceiling in kdx-bench is the plain loop minus the teacher's forward, nothing else: from
+    the same start, both sides leave the student with the same weights."""
+    from kdx import bench
+
+    cfg = OmegaConf.create(
+        {"optim": {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}}}
+    )
+    torch.manual_seed(0)
+    student0, teacher = MLP(10, (1, 40)), CNN1D(10, (1, 40))
+    dataset = bench._data(0, 8 * 5, (1, 40), 10)
+    trained = {}
+    for precomputed in (False, True):
+        student = copy.deepcopy(student0)
+        bench.plain_segment(
+            cfg, student, teacher, torch.device("cpu"), 1, dataset, 8, "32-true", precomputed=precomputed
+        )
+        trained[precomputed] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    start = torch.cat([p.detach().flatten() for p in student0.parameters()])
+    assert not torch.equal(trained[False], start)  # the loop trained
+    torch.testing.assert_close(trained[True], trained[False], rtol=0, atol=1e-6)
+
+
+def test_bench_teacher_cache_override_is_read():
+    """`kdx-bench teacher.cache=views` cannot be measured on fixed random batches: one clear error."""
+    from kdx import bench
+
+    cfg = OmegaConf.create(
+        {"seed": 0, "accelerator": "cpu", "variants": [], "teacher": {"cache": "views"}, "clock": "auto"}
+    )
+    with pytest.raises(ValueError, match="teacher.cache=views.*teacher.cache=exact"):
+        bench.bench(cfg)

@@ -191,21 +191,38 @@ def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache
     return timer.samples / seconds, loss_timer.seconds / seconds
 
 
-def _kd_step(student, teacher, x, y):
+def _kd_step(student, teacher, x, y, teacher_logits=None):
     logits = student(x)
-    with torch.no_grad():
-        teacher_logits = teacher(x)
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
     kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean")
     return 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
 
 
-def plain_segment(cfg, student, teacher, device, warmup: int, dataset, batch_size: int, precision: str):
-    """samples/s and the median step time (ms) of the hand-written loop."""
+def plain_segment(
+    cfg,
+    student,
+    teacher,
+    device,
+    warmup: int,
+    dataset,
+    batch_size: int,
+    precision: str,
+    precomputed: bool = False,
+):
+    """samples/s and the median step time (ms) of the hand-written loop. ``precomputed``: the teacher's
+    logits of every batch are computed before the timed loop and read from a list, the ceiling any
+    teacher-output cache can reach on these models."""
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = instantiate(cfg.optim.optimizer)(student.parameters())
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    stored: list[torch.Tensor | None] = [None] * len(loader)
+    if precomputed:
+        with torch.no_grad():
+            stored = [teacher(x.to(device)) for x, _, _ in loader]
     samples, stamps = 0, []
     for step, (x, y, _) in enumerate(loader):
         if step >= warmup:
@@ -213,7 +230,7 @@ def plain_segment(cfg, student, teacher, device, warmup: int, dataset, batch_siz
             stamps.append(_clock())
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            loss = _kd_step(student, teacher, x, y)
+            loss = _kd_step(student, teacher, x, y, stored[step])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -291,8 +308,20 @@ def bench(cfg: DictConfig) -> dict:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"variants={unknown} unknown; choose from {list(VARIANTS)}")
+    # `kdx-bench teacher.cache=exact` (or auto) asks for the cached side; the bench's random batches are
+    # a deterministic view, so exact is the one mode it can measure
+    cache_mode = str(cfg.teacher.get("cache", "off"))
+    if cache_mode == "views":
+        raise ValueError(
+            "teacher.cache=views: kdx-bench's batches are fixed random tensors with no augmentation to "
+            "replay; measure the cache with teacher.cache=exact (or variants=[cache])"
+        )
+    if cache_mode in ("exact", "auto") and "cache" not in variants:
+        variants.append("cache")
     student0, teacher0 = instantiate(cfg.student.model), instantiate(cfg.teacher.model)
     rates: dict[str, list[float]] = {"plain": [], "kdx": [], **{v: [] for v in variants}}
+    if "cache" in variants:  # the cache's ceiling: the plain loop with the teacher's logits precomputed
+        rates["plain_precomputed"] = []
     shares: list[float] = []
     sides = list(rates)
     dataset = _data(
@@ -302,7 +331,7 @@ def bench(cfg: DictConfig) -> dict:
         for round_ in range(cfg.rounds):
             for side in sides if round_ % 2 == 0 else sides[::-1]:
                 student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
-                if side == "plain":
+                if side in ("plain", "plain_precomputed"):
                     rate, _ = plain_segment(
                         cfg,
                         student,
@@ -312,6 +341,7 @@ def bench(cfg: DictConfig) -> dict:
                         dataset,
                         cfg.batch_size,
                         cfg.precision,
+                        precomputed=side == "plain_precomputed",
                     )
                     rates[side].append(rate)
                     continue
@@ -342,6 +372,10 @@ def bench(cfg: DictConfig) -> dict:
     for variant in variants:
         result[f"{names[variant]}_samples_per_s"] = round(median[variant], 2)
         result[f"ratio_{names[variant]}_over_plain_kd"] = round(median[variant] / plain, 4)
+    if "plain_precomputed" in median:
+        result["plain_precomputed_samples_per_s"] = round(median["plain_precomputed"], 2)
+        result["ratio_plain_precomputed_over_plain_kd"] = round(median["plain_precomputed"] / plain, 4)
+        result["cached_share_of_ceiling"] = round(median["cache"] / median["plain_precomputed"], 4)
     result.update({"rounds": cfg.rounds, "steps_per_segment": cfg.steps})
     if cfg.overhead.get("enabled", True):
         result.update(overhead(cfg, device))
@@ -366,6 +400,12 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{label:<34}{result[rate]:>12.1f}{result[ratio]:>10.3f}")
         else:
             lines.append(f"{label:<34}{'-':>12}{'-':>10}   (add it to variants=[...])")
+    if "plain_precomputed_samples_per_s" in result:
+        lines.append(
+            f"{'plain, teacher logits precomputed':<34}{result['plain_precomputed_samples_per_s']:>12.1f}"
+            f"{result['ratio_plain_precomputed_over_plain_kd']:>10.3f}   (the ceiling of any cache: "
+            f"kdx's cache reaches {100 * result['cached_share_of_ceiling']:.1f}% of it)"
+        )
     lines.append(f"method loss share: {100 * result['method_loss_share_of_step']:.2f}% of the kdx step")
     if "overhead_ms_over_lightning" in result:
         lines.append(
