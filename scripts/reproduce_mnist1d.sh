@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MNIST-1D table on a CPU: every method that applies to a CNN teacher and an MLP student, 5 seeds,
-# the backward-pass control (method.step_size=0) and two ProKT variants as rows of their own, then
-# kdx-table. Batches run one after the other, most important first, and the table is rewritten after
+# the backward-pass controls (method.step_size=0, method.direction=random) and two ProKT variants as
+# rows of their own, then kdx-table. Batches run one after the other, most important first, and the table is rewritten after
 # each batch, so a run cut short still leaves a table of what finished.
 #
 #   scripts/reproduce_mnist1d.sh                      # -> results/mnist1d/table.{md,csv,png}
@@ -56,7 +56,12 @@ for batch in $BATCHES; do
   case $batch in
     core) sweep core "method=$CORE" "$@" ;;
     # backward with step size 0: x_aux = x, i.e. KD re-weighted (0.1·CE + 1.9·T²·KL), no backward-pass knowledge
-    control) sweep control method=backward method.step_size=0 label=backward-step0 "$@" ;;
+    # backward with a random direction of the same length: teacher-labelled points near the data,
+    # without the direction the backward pass finds
+    control)
+      sweep control method=backward method.step_size=0 label=backward-step0 "$@"
+      sweep control_random method=backward method.direction=random label=backward-random "$@"
+      ;;
     # ProKT with a train-mode teacher snapshot, and from an early (2-epoch) teacher checkpoint
     prokt)
       sweep prokt_train method=prokt method.teacher_snapshot=train label=prokt-train-snapshot "$@"

@@ -153,6 +153,30 @@ def test_step_size_zero_is_reweighted_kd():
     assert terms["aux/kl_gain"].item() == pytest.approx(1.0) and terms["aux/move"].item() == 0.0
 
 
+def test_random_direction_control_moves_the_same_length_without_a_backward_pass():
+    # direction=random: each sample moves η·‖x‖ (normalized step) like the method, along a random
+    # direction: the divergence is never evaluated, and the direction is not the gradient's (0.6, 0.8)
+    x = torch.tensor([[LN3 / 3, 0.0], [0.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
+    calls = []
+    perturb = BackwardPassKD(step_size=0.3, direction="random").perturb
+    torch.manual_seed(0)
+    x_aux = perturb(x, lambda z: calls.append(z) or z.sum(-1))
+    assert calls == []
+    torch.testing.assert_close((x_aux - x).norm(dim=1), 0.3 * x.norm(dim=1))
+    host = host_of(linear([[0, 0], [0, 0]]), linear([[3, 4], [0, 0]]))
+    moves = [
+        BackwardPassKD(temperature=1.0, step_size=0.01, step_scale="absolute", direction="random").generate(
+            host, x[:1]
+        )
+        - x[:1]
+        for _ in range(2)
+    ]
+    gradient_step = 0.01 * torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    assert not torch.allclose(moves[0], moves[1]) and not torch.allclose(moves[0], gradient_step)
+    with pytest.raises(ValueError, match="method.direction="):
+        BackwardPassKD(direction="adversarial")
+
+
 def test_default_step_raises_the_divergence_on_a_fixed_tiny_case():
     # A fixed pair of small random MLPs on standard-normal inputs (the scale of MNIST-1D, whose
     # values are standardised): one default step (η = 0.2 of ‖x‖) must raise the mean KL by

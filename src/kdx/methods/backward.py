@@ -29,10 +29,14 @@ softmax(f_s(x)/T))``; ``divergence=l2``: ``mean_k (f_s(x) − f_t(x))_k²`` on t
   No CE on ``x_aux``: its label is unknown, the teacher is the target. The auxiliary term is KL
   whatever ``divergence`` picks for generation.
 
-The control: ``method.step_size=0`` gives ``x_aux = x``, so the run is
-``(1-α)·CE + (α+λ_aux)·T²·KL``: KD re-weighted, with no backward-pass knowledge. The MNIST-1D table
-runs it as its own row (``backward (step_size=0)``); a gain of ``backward`` over KD that the
-control also shows is re-weighting, not auxiliary samples.
+The controls: ``method.step_size=0`` gives ``x_aux = x``, so the run is
+``(1-α)·CE + (α+λ_aux)·T²·KL``: KD re-weighted, with no backward-pass knowledge; a gain of
+``backward`` over KD that this control also shows is re-weighting, not auxiliary samples.
+``method.direction=random`` moves each input the same length along a random direction (Gaussian,
+normalised by the same step rule) instead of the divergence's gradient, with no backward pass: a
+gain that this control also shows comes from teacher-labelled points near the data, not from the
+direction the backward pass finds. The MNIST-1D table runs both as rows of their own
+(``backward-step0``, ``backward-random``).
 
 Logged every step and epoch (as ``train/aux/...``): ``aux/kl_gain`` = mean ``KL`` on the auxiliary
 samples / mean ``KL`` on the clean batch, both at T, from the training forward (1 for the control);
@@ -107,7 +111,19 @@ STEP_SCALES = ("norm", "rms", "absolute")
 DIVERGENCES = ("kl", "l2")
 MODES = ("online", "offline")
 # the keyword arguments every Perturbation's __init__ takes (method.* keys of the same names)
-GENERATION_KEYS = ("steps", "step_size", "step", "step_scale", "clamp_min", "clamp_max", "epsilon")
+GENERATION_KEYS = (
+    "steps",
+    "step_size",
+    "step",
+    "step_scale",
+    "clamp_min",
+    "clamp_max",
+    "epsilon",
+    "direction",
+)
+# gradient: ascend D (the method) | random: a random direction of the same length (the control that
+# asks whether the gradient's direction matters or any nearby teacher-labelled point would do)
+DIRECTIONS = ("gradient", "random")
 
 
 def divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -163,6 +179,7 @@ class InputGradientAscent(Perturbation):
         clamp_min: float | None = None,
         clamp_max: float | None = None,
         epsilon: float | None = None,
+        direction: str = "gradient",
     ):
         self.steps = steps
         self.step_size = step_size
@@ -171,6 +188,7 @@ class InputGradientAscent(Perturbation):
         self.clamp_min = clamp_min
         self.clamp_max = clamp_max
         self.epsilon = epsilon
+        self.random_direction = direction == "random"
 
     def scale(self, x: Tensor) -> Tensor:
         """Per sample, ``(B, 1, ...)``: what η = 1 stands for — the L2 length ``s`` of a normalized
@@ -228,6 +246,11 @@ class InputGradientAscent(Perturbation):
             return x.clone()  # the control: no move, and no backward pass spent on it
         scale = self.scale(x)
         x_adv = x.clone()
+        if self.random_direction:  # the control: same step rule and length, no backward pass
+            for _ in range(self.steps):
+                step = self.direction(torch.randn_like(x_adv))
+                x_adv = self.project(x_adv + self.step_size * scale * step, x, scale)
+            return x_adv
         with torch.enable_grad():
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
@@ -276,6 +299,7 @@ class BackwardPassKD(DistillationMethod):
         regenerate_every: int = 1,
         cumulative: bool = False,
         space: str = "input",
+        direction: str = "gradient",
     ):
         super().__init__()
         check_kd_weights(alpha, temperature)
@@ -305,6 +329,8 @@ class BackwardPassKD(DistillationMethod):
             raise ValueError(
                 "method.cumulative=true grows the offline auxiliary set: set method.mode=offline"
             )
+        if direction not in DIRECTIONS:
+            raise ValueError(f"method.direction={direction!r} must be one of {', '.join(DIRECTIONS)}")
         if space not in PERTURBATIONS:
             raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
         if mode == "offline" and not PERTURBATIONS[space].supports_offline:
@@ -325,6 +351,7 @@ class BackwardPassKD(DistillationMethod):
             clamp_min=clamp_min,
             clamp_max=clamp_max,
             epsilon=epsilon,
+            direction=direction,
         )
         # offline auxiliary set (CPU): inputs, cached teacher logits, and the draw order
         self._aux_x: Tensor | None = None

@@ -82,7 +82,13 @@ class EmbeddingPerturbation(Perturbation):
         clamp_min: float | None = None,
         clamp_max: float | None = None,
         epsilon: float | None = None,
+        direction: str = "gradient",
     ):
+        if direction != "gradient":
+            raise ValueError(
+                f"method.direction={direction} is implemented for method.space=input only; "
+                "leave method.direction=gradient for method.space=embedding"
+            )
         if clamp_min is not None or clamp_max is not None:
             raise ValueError(
                 "method.clamp_min / method.clamp_max bound input values and have no meaning for "
