@@ -139,7 +139,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
         "callbacks.diagnostics.enabled=false",
         "print_summary=false",
     ]
-    run_train(short, tmp_path / "plain", cache_dir)
+    run_train([*short, "channels_last=false"], tmp_path / "plain", cache_dir)
     run_train([*short, "channels_last=true"], tmp_path / "nhwc", cache_dir)
     a, b = (
         _weights(tmp_path / "plain/checkpoints/last.ckpt"),
@@ -264,3 +264,37 @@ def test_bench_teacher_cache_override_is_read():
     )
     with pytest.raises(ValueError, match="teacher.cache=views.*teacher.cache=exact"):
         bench.bench(cfg)
+
+
+def test_channels_last_auto_picks_the_layout_per_device_and_model():
+    """auto: channels_last on a CPU and at 16-bit on a GPU, contiguous at 32-bit on a GPU; only
+    models with Conv2d layers change; a misspelt value is one clear error."""
+    from kdx.errors import KDXError
+    from kdx.factory import build_module, channels_last_switch
+    from kdx.models.cifar.resnet import resnet8
+
+    assert channels_last_switch("auto", "cpu", "32-true") is True
+    assert channels_last_switch("auto", "cuda", "32-true") is False
+    assert channels_last_switch("auto", "gpu", "bf16-mixed") is True
+    assert channels_last_switch("auto", "mps", "32-true") is False
+    assert channels_last_switch(False, "cpu", "32-true") is False
+    assert channels_last_switch("true", "cuda", "32-true") is True
+    with pytest.raises(KDXError, match="channels_last='yes'.*auto, true or false"):
+        channels_last_switch("yes", "cpu", "32-true")
+
+    cfg = OmegaConf.create(
+        {
+            "channels_last": "auto",
+            "trainer": {"accelerator": "cpu", "precision": "32-true"},
+            "dataset": {"num_classes": 10},
+            "student": {},
+            "teacher": {"cache": "off"},
+        }
+    )
+    conv = build_module(cfg, resnet8(num_classes=10), KD(), resnet8(num_classes=10))
+    assert conv.channels_last
+    for model in (conv.student, conv.teacher):
+        weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    vector = build_module(cfg, MLP(10, (1, 40)), KD(), CNN1D(10, (1, 40)))
+    assert not vector.channels_last  # no Conv2d: nothing to change, and the cache key stays as it was
