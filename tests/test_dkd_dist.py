@@ -166,3 +166,15 @@ def test_dist_bad_hyper_parameters():
 def test_fast_dev_run_end_to_end(name, tmp_path, cache_dir):
     metrics = run_train([*TINY_CIFAR, *FAST, f"method={name}"], tmp_path, cache_dir)
     assert metrics["status"] == "ok" and metrics["method"] == name
+
+
+def test_dkd_on_two_classes_stays_finite():
+    # mdistiller #60: with two classes the non-target distribution has one class, so NCKD is
+    # KL(1 ‖ 1) = 0; masking the target with -1000 there made it blow up. Large logits, both terms finite.
+    torch.manual_seed(0)
+    student = (30 * torch.randn(8, 2)).requires_grad_(True)
+    teacher, y = 30 * torch.randn(8, 2), torch.tensor([0, 1] * 4)
+    tckd, nckd = dkd_terms(student, teacher, y, 4.0)
+    assert nckd.item() == 0.0 and torch.isfinite(tckd) and tckd.item() > 0
+    (tckd + 8.0 * nckd).backward()
+    assert torch.isfinite(student.grad).all()
