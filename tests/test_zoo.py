@@ -89,6 +89,24 @@ def test_zoo_model_matches_reference(name):
     torch.testing.assert_close(plain.embedding, out.embedding)
 
 
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_computes_the_same_in_channels_last(name):
+    """channels_last=auto trains conv models in channels_last on a CPU: every zoo model gives the same
+    logits, embedding and stage maps in both layouts, and its stages stay usable by the methods."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        contiguous = model.extract(x, stages=True)
+        model.to(memory_format=torch.channels_last)
+        nhwc = model.extract(x.contiguous(memory_format=torch.channels_last), stages=True)
+    pairs = [(nhwc.logits, contiguous.logits), (nhwc.embedding, contiguous.embedding)]
+    for a, b in [*pairs, *zip(nhwc.stages, contiguous.stages, strict=True)]:
+        # another summation order: equal to float32 rounding, relative to the map's own scale (random
+        # deep nets in eval mode grow their activations with depth)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_num_classes_and_gradients_reach_every_stage():
     model = create_model("resnet8", num_classes=10)
     out = model.extract(torch.randn(2, 3, 32, 32), stages=True)
