@@ -5,7 +5,8 @@ from the config alone is judged here, and the first problems found become one
 :class:`~kdx.errors.KDXError` line that names the key and the fix:
 
 * types and ranges: ``seed`` (an integer), every learning rate (finite, > 0), the batch sizes
-  (integers > 0), ``trainer.max_epochs`` and the auto-teacher's ``teacher.train.epochs`` (>= 1);
+  (integers > 0), ``trainer.max_epochs`` and the auto-teacher's ``teacher.train.epochs`` (>= 1),
+  the speed switches ``channels_last`` (auto, true, false) and ``compile`` (a bool or a backend);
 * the resume path ``ckpt_path``: an existing file, a run folder (its ``checkpoints/last.ckpt``) or
   ``last`` (this run's own ``checkpoints/last.ckpt``); anything else is an error, never a silent
   fresh start. The resolved file replaces the value in the config;
@@ -104,6 +105,27 @@ def _value_problems(cfg: DictConfig) -> Iterator[str]:
         if size is not None and not (_is_int(size) and size > 0):
             yield f"{key}={size!r} is not a batch size; pass an integer > 0, e.g. {key}=64"
     yield from _epoch_problems(cfg, auto_teacher)
+    yield from _switch_problems(cfg)
+
+
+def _switch_problems(cfg: DictConfig) -> Iterator[str]:
+    """The speed switches, judged by the factory's own parsers (so the two cannot disagree)."""
+    from kdx.factory import channels_last_switch, compile_switch
+
+    trainer = cfg.get("trainer") or {}
+    checks = (
+        lambda: channels_last_switch(
+            cfg.get("channels_last", False),
+            str(trainer.get("accelerator", "auto")),
+            str(trainer.get("precision", "32-true")),
+        ),
+        lambda: compile_switch(cfg.get("compile", False)),
+    )
+    for check in checks:
+        try:
+            check()
+        except KDXError as error:
+            yield str(error)
 
 
 def _is_number(value: Any) -> bool:
