@@ -40,6 +40,20 @@ echo "batches: $BATCHES   seeds: $SEEDS   parallel jobs: $JOBS   runs in: $SWEEP
 start=$(date +%s)
 status=0
 
+versus() {  # every row against the scratch student, once the sweep holds a `none` run
+  python3 - "$SWEEP_DIR" <<'PY'
+import json, pathlib, sys
+for path in pathlib.Path(sys.argv[1]).rglob("metrics.json"):
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        continue
+    if record.get("method") == "none" and not record.get("label"):
+        print("--versus none")
+        break
+PY
+}
+
 sweep() {  # sweep <name> <overrides...>
   local name=$1
   shift
@@ -49,7 +63,7 @@ sweep() {  # sweep <name> <overrides...>
     status=$?
   echo "batch $name: $(($(date +%s) - t0)) s"
   mkdir -p "$OUT"
-  "$table" "$SWEEP_DIR" --out "$OUT" >/dev/null || status=$?
+  "$table" "$SWEEP_DIR" $(versus) --out "$OUT" >/dev/null || status=$?
 }
 
 for batch in $BATCHES; do
@@ -78,6 +92,6 @@ for batch in $BATCHES; do
   esac
 done
 
-"$table" "$SWEEP_DIR" --out "$OUT" || status=$?
+"$table" "$SWEEP_DIR" $(versus) --out "$OUT" || status=$?
 echo "total: $(($(date +%s) - start)) s (exit status $status)"
 exit "$status"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kdx.table import draw, find_runs, main, make_table, output_files, search
+from kdx.table import draw, find_runs, main, make_table, output_files, search, welch
 
 CIFAR = ("cifar100", "wrn_40_2", "wrn_16_2")
 MNIST1D = ("mnist1d", "cnn1d", "mlp")
@@ -393,3 +393,31 @@ def test_single_metrics_file_and_no_double_count(sweep):
     # asked for one job only: its killed sibling (7) was not asked for
     assert search([sweep / "0"]).without_record == []
     assert search([sweep]).without_record == [(sweep / "7").resolve()]
+
+
+def test_welch_t_and_degrees_of_freedom_by_hand():
+    # a = 1, 2, 3: mean 2, s = 1, s²/n = 1/3; b = 4, 5, 6, 7: mean 5.5, s² = 5/3, s²/n = 5/12.
+    # t = (2 − 5.5) / sqrt(1/3 + 5/12) = −3.5 / sqrt(3/4) = −4.04145;
+    # df = (3/4)² / ((1/3)²/2 + (5/12)²/3) = 0.5625 / (1/18 + 25/432) = 0.5625 / (49/432) = 4.95918
+    t, df = welch((2.0, 1.0, 3), (5.5, math.sqrt(5 / 3), 4))
+    assert t == pytest.approx(-3.5 / math.sqrt(0.75)) and t == pytest.approx(-4.04145, abs=1e-5)
+    assert df == pytest.approx(0.5625 * 432 / 49)
+    assert all(math.isnan(v) for v in welch((2.0, math.nan, 1), (5.5, 1.0, 4)))  # one seed: no t
+
+
+def test_versus_compares_every_row_with_its_blocks_reference(tmp_path, capsys):
+    for seed, best in enumerate([0.01, 0.02, 0.03]):
+        write_run(tmp_path / f"n{seed}", ok_record("none", seed, best, best, names=MNIST1D))
+    for seed, best in enumerate([0.04, 0.05, 0.06, 0.07]):
+        write_run(tmp_path / f"k{seed}", ok_record("kd", seed, best, best, names=MNIST1D))
+    write_run(tmp_path / "other", ok_record("kd", 0, 0.5, 0.5, names=CIFAR))  # a block without "none"
+    rows, markdown = make_table([tmp_path], versus="none")
+    by = {(r["dataset"], r["method"]): r for r in rows}
+    kd, none, cifar = by[("mnist1d", "kd")], by[("mnist1d", "none")], by[("cifar100", "kd")]
+    # the same numbers as above, in points: kd − none = 5.5 − 2 = +3.5, t = +4.04, df = 4.96
+    assert kd["versus_delta"] == pytest.approx(3.5) and kd["versus_t"] == pytest.approx(4.04145, abs=1e-5)
+    assert kd["versus_df"] == pytest.approx(0.5625 * 432 / 49)
+    assert math.isnan(none["versus_delta"]) and math.isnan(cifar["versus_delta"])
+    assert "Δ vs none" in markdown.splitlines()[0] and "| +3.50 | +4.0 (5.0) |" in markdown
+    assert main([str(tmp_path), "--versus", "ls", "--no-plot"]) == 2
+    assert "--versus ls: no row has that method or label" in capsys.readouterr().err

@@ -248,6 +248,40 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return mean, math.sqrt(var), n
 
 
+def welch(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, float]:
+    """Welch's t of ``mean_a − mean_b`` from two (mean, sample std, n), and its Welch–Satterthwaite
+    degrees of freedom; NaN when either side has fewer than two values."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if na < 2 or nb < 2 or math.isnan(sa) or math.isnan(sb):
+        return math.nan, math.nan
+    va, vb = sa * sa / na, sb * sb / nb
+    if va + vb == 0:
+        return (math.nan if ma == mb else math.copysign(math.inf, ma - mb)), math.nan
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+    return t, df
+
+
+def add_versus(
+    rows: Sequence[dict[str, Any]], reference: str, metric: str = "student/acc_best", by: Sequence[str] = ()
+) -> None:
+    """Each row's difference to the ``reference`` row (a method or run label) of its own (dataset,
+    teacher, student, --by) block on ``metric``, with Welch's t and degrees of freedom: the control
+    comparison a claim needs, computed rather than eyeballed. Rows of a block without the reference
+    get NaN."""
+    block_keys = (*NAME_KEYS, *by)
+    refs = {tuple(r[k] for k in block_keys): r for r in rows if r["method"] == reference}
+    for row in rows:
+        ref = refs.get(tuple(row[k] for k in block_keys))
+        row["versus"], row["versus_metric"] = reference, metric
+        row["versus_delta"] = row["versus_t"] = row["versus_df"] = math.nan
+        if ref is None or ref is row:
+            continue
+        stats = [(r[f"{metric}_mean"], r[f"{metric}_std"], r[f"{metric}_n"]) for r in (row, ref)]
+        row["versus_delta"] = stats[0][0] - stats[1][0]
+        row["versus_t"], row["versus_df"] = welch(*stats)
+
+
 def _published_for(published: dict[str, Any], names: Sequence[str]) -> float | None:
     """The published figure of the first of ``names`` (row label, then method) the block has."""
     student = published.get("student")
@@ -379,6 +413,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
     has_pub = any(not math.isnan(r["published"]) for r in rows)
     has_pub_teacher = any(not math.isnan(r["published_teacher"]) for r in rows)
     has_missing = any(r["missing"] for r in rows)
+    versus = next((r["versus"] for r in rows if "versus" in r), None)
+    versus_metric = next((r["versus_metric"] for r in rows if "versus_metric" in r), None)
 
     def keys(r: dict[str, Any]) -> list[str]:
         return [r["dataset"], f"{r['teacher']} → {r['student']}", r["method"], *(str(r[k]) for k in by)]
@@ -389,6 +425,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         header += ["published", "Δ", "within tol."]
     if has_pub_teacher:
         header += ["teacher published", "teacher Δ"]
+    if versus:
+        header += [f"Δ vs {versus}", "Welch t (df)"]
     header += ["failed"] + (["missing"] if has_missing else [])
     body = []
     for r in rows:
@@ -400,6 +438,12 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
             cells += [_fmt(r["published"], math.nan, 2), _signed(r["delta"]), flag]
         if has_pub_teacher:
             cells += [_fmt(r["published_teacher"], math.nan, 2), _signed(r["teacher_delta"])]
+        if versus:
+            t, df = r["versus_t"], r["versus_df"]
+            cells += [
+                "" if math.isnan(r["versus_delta"]) else _signed(r["versus_delta"]),
+                "" if math.isnan(t) else f"{t:+.1f} ({df:.1f})" if not math.isnan(df) else f"{t:+.1f}",
+            ]
         cells += [str(r["failed"])] + ([str(r["missing"])] if has_missing else [])
         body.append(cells)
     lines = _md_table(header, body)
@@ -414,6 +458,12 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         notes.append(
             "Accuracies, agreement and ECE in % (×100); mean ± sample std over seeds (n = successful "
             "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch."
+        )
+    if versus:
+        notes.append(
+            f"Δ vs {versus} = this row's mean − the {versus} row's mean of the same block on "
+            f"{versus_metric}, in points; Welch t (df) = that difference over its standard error from the "
+            "two rows' std and n (|t| ≳ 2.5–3 at these df is a difference the seeds resolve)."
         )
     if has_pub:
         metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
@@ -545,10 +595,19 @@ def make_table(
     by: Sequence[str] = (),
     metric: str = "student/acc_best",
     figure: bool = True,
+    versus: str | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Read, aggregate and (when ``out`` is given) write the files of ``output_files(out)``."""
+    """Read, aggregate and (when ``out`` is given) write the files of ``output_files(out)``;
+    ``versus``: a method or run label every row is compared with (:func:`add_versus`)."""
     found = search(paths, by)
     rows = aggregate(found.runs, by)
+    if versus:
+        if not any(r["method"] == versus for r in rows):
+            labels = sorted({r["method"] for r in rows})
+            raise ValueError(
+                f"--versus {versus}: no row has that method or label; the rows are {', '.join(labels)}"
+            )
+        add_versus(rows, versus, metric, by)
     markdown = to_markdown(rows, by) + _problems_markdown(found)
     if out is not None:
         files = output_files(out)
@@ -588,11 +647,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="accuracy drawn in the figure (default: student/acc_best)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--versus",
+        default=None,
+        metavar="LABEL",
+        help="a method or run label (e.g. none, or a control's label): every row of the same block gets "
+        "its difference to it on --metric, with Welch's t",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kdx-table: %(message)s")
     try:
-        rows, markdown = make_table(args.paths, args.out, args.by, args.metric, figure=not args.no_plot)
-    except FileNotFoundError as err:
+        rows, markdown = make_table(
+            args.paths, args.out, args.by, args.metric, figure=not args.no_plot, versus=args.versus
+        )
+    except (FileNotFoundError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
     if not rows:
