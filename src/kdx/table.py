@@ -3,6 +3,7 @@
     kdx-table logs/train/multiruns/2024-05-01_12-00-00 --out results/mnist1d
     kdx-table logs/crd_cifar100 --out results/crd --by experiment
     kdx-table run1/ run2/metrics.json --by method.temperature --no-plot
+    kdx-table logs/mnist1d_table --versus none   # each row against the scratch run, Welch's t
 
 Every ``metrics.json`` under the given paths is one run (a run folder, a multirun folder, or a
 tree of them: the search is recursive). ``metrics.json`` is the only thing read — Hydra's
@@ -22,6 +23,8 @@ Runs are grouped once, by (dataset, teacher, student, row name) plus any ``--by`
 is one row: mean ± sample std (n − 1) over its successful runs. Accuracies, agreement and ECE are
 shown in percent. When the runs pin published numbers, the row gets the published figure for its
 label or method, ``Δ = our mean − published`` in percentage points and whether ``|Δ| ≤ tolerance``.
+``--versus LABEL`` compares every row with the row ``LABEL`` of its block (a scratch run, a
+control): the difference of the means and Welch's t with its degrees of freedom.
 Runs that did not succeed are counted (``failed``; ``missing`` for a record still ``running``),
 never averaged, and listed under the table with their error. A folder whose ``metrics.json`` cannot
 be read or is malformed is skipped with a warning naming it; a job folder of a sweep without any
