@@ -37,6 +37,17 @@ TINY_PAIR = [
     "student=resnet8",
     "optim=sgd",
 ]
+# two training steps of kd on the tiny pair, checkpoints written, nothing else
+SHORT_KD = [
+    *TINY_PAIR,
+    "debug=limit",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "test=false",
+    "method=kd",
+    "callbacks.diagnostics.enabled=false",
+    "print_summary=false",
+]
 
 
 class _SyncCounter:
@@ -129,18 +140,8 @@ def _weights(path) -> dict:
 
 
 def test_channels_last_trains_like_contiguous(tmp_path, cache_dir):
-    short = [
-        *TINY_PAIR,
-        "debug=limit",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "test=false",
-        "method=kd",
-        "callbacks.diagnostics.enabled=false",
-        "print_summary=false",
-    ]
-    run_train([*short, "channels_last=false"], tmp_path / "plain", cache_dir)
-    run_train([*short, "channels_last=true"], tmp_path / "nhwc", cache_dir)
+    run_train([*SHORT_KD, "channels_last=false"], tmp_path / "plain", cache_dir)
+    run_train([*SHORT_KD, "channels_last=true"], tmp_path / "nhwc", cache_dir)
     a, b = (
         _weights(tmp_path / "plain/checkpoints/last.ckpt"),
         _weights(tmp_path / "nhwc/checkpoints/last.ckpt"),
@@ -177,25 +178,14 @@ def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert module.teacher(x).logits.shape == (4, 10)  # the frozen teacher is compiled too
 
-    short = [
-        *TINY_PAIR,
-        "debug=limit",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2",
-        "test=false",
-        "method=kd",
-        "callbacks.diagnostics.enabled=false",
-        "print_summary=false",
-    ]
-
-    first = run_train([*short, "compile=aot_eager"], tmp_path / "first", cache_dir)
+    first = run_train([*SHORT_KD, "compile=aot_eager"], tmp_path / "first", cache_dir)
     assert first["status"] == "ok"
     last = tmp_path / "first/checkpoints/last.ckpt"
     keys = _weights(last).keys()
     assert keys and not any("_orig_mod" in k for k in keys)
     assert all(k.startswith(("student.", "method.")) for k in keys)  # the frozen teacher is left out
     resumed = run_train(
-        [*short, "compile=aot_eager", "trainer.max_epochs=2", f"ckpt_path={last}"],
+        [*SHORT_KD, "compile=aot_eager", "trainer.max_epochs=2", f"ckpt_path={last}"],
         tmp_path / "resumed",
         cache_dir,
     )

@@ -76,16 +76,19 @@ def test_exact_cache_equals_live_teacher_outputs(tmp_path):
     assert forwards == [] and again.path == cache.path
 
 
+class RandomViews(Dataset):
+    """A training set whose item differs on every read (random augmentation, as far as a cache can tell)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.randn(1, 40), 0, i
+
+
 def test_exact_cache_refuses_random_training_views(tmp_path):
-    class Noisy(Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            return torch.randn(1, 40), 0, i
-
     data = _Data()
-    data.train_set = Noisy()
+    data.train_set = RandomViews()
     with pytest.raises(KDXError, match="deterministic training view"):
         TeacherOutputCache("exact", tmp_path, {}).prepare(_teacher(), frozenset({LOGITS}), data)
 
@@ -329,15 +332,8 @@ def test_auto_mode_picks_views_exact_or_off(tmp_path):
     exact.bind(_Data())
     assert (exact.mode, exact.views) == ("exact", 1)
 
-    class Noisy(Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            return torch.randn(1, 40), 0, i
-
     random_data = _Data()
-    random_data.train_set = Noisy()
+    random_data.train_set = RandomViews()
     unreplayable = TeacherOutputCache("auto", tmp_path, {})
     unreplayable.bind(random_data)
     assert not unreplayable.active

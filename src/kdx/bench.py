@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.data.base import tensor_dataset
-from kdx.factory import build_module, channels_last_switch
+from kdx.factory import build_module, resolve_channels_last
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
 from kdx.module import DistillationModule
@@ -325,10 +325,7 @@ def bench(cfg: DictConfig) -> dict:
         variants.append("cache")
     student0, teacher0 = instantiate(cfg.student.model), instantiate(cfg.teacher.model)
     # kdx's memory format as kdx-train would pick it here (channels_last=auto: on for conv models on a CPU)
-    layout = channels_last_switch(cfg.get("channels_last", False), str(cfg.accelerator), str(cfg.precision))
-    layout = layout and any(
-        isinstance(m, torch.nn.Conv2d) for net in (student0, teacher0) for m in net.modules()
-    )
+    layout = resolve_channels_last(cfg, student0, teacher0)
     rates: dict[str, list[float]] = {"plain": [], "kdx": [], **{v: [] for v in variants}}
     if "cache" in variants:  # the cache's ceiling: the plain loop with the teacher's logits precomputed
         rates["plain_precomputed"] = []

@@ -33,14 +33,7 @@ def build_module(
     the student's (and a frozen teacher's) memory format and ``torch.compile``."""
     optim = cfg.get("optim") if optim is None else optim
     has_optim = optim is not None and optim.get("optimizer") is not None
-    trainer = cfg.get("trainer") or {}
-    channels_last = channels_last_switch(
-        cfg.get("channels_last", False),
-        str(trainer.get("accelerator", cfg.get("accelerator", "auto"))),
-        str(trainer.get("precision", cfg.get("precision", "32-true"))),
-    ) and any(
-        isinstance(m, nn.Conv2d) for model in (student, teacher) if model is not None for m in model.modules()
-    )
+    channels_last = resolve_channels_last(cfg, student, teacher)
     return DistillationModule(
         student=student,
         method=method,
@@ -72,6 +65,21 @@ def channels_last_switch(value: Any, accelerator: str, precision: str) -> bool:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "16" in precision
     return accelerator in ("cpu", "auto")  # mps and others: off
+
+
+def resolve_channels_last(cfg: DictConfig, *models: nn.Module | None) -> bool:
+    """The memory format ``cfg`` gives ``models``: ``channels_last`` judged for the run's accelerator
+    and precision (``trainer.*``, or the top-level keys of kdx-bench's config), and only where a
+    model has a ``Conv2d`` layer (elsewhere it would change nothing but the teacher-cache key)."""
+    trainer = cfg.get("trainer") or {}
+    switch = channels_last_switch(
+        cfg.get("channels_last", False),
+        str(trainer.get("accelerator", cfg.get("accelerator", "auto"))),
+        str(trainer.get("precision", cfg.get("precision", "32-true"))),
+    )
+    return switch and any(
+        isinstance(m, nn.Conv2d) for model in models if model is not None for m in model.modules()
+    )
 
 
 def compile_switch(value: Any) -> bool | str:

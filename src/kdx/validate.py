@@ -109,7 +109,8 @@ def _value_problems(cfg: DictConfig) -> Iterator[str]:
 
 
 def _switch_problems(cfg: DictConfig) -> Iterator[str]:
-    """The speed switches, judged by the factory's own parsers (so the two cannot disagree)."""
+    """The speed switches, judged by the factory's own parsers (so the two cannot disagree). Imported
+    here: the factory imports kdx.module, which imports this module."""
     from kdx.factory import channels_last_switch, compile_switch
 
     trainer = cfg.get("trainer") or {}

@@ -246,16 +246,14 @@ class InputGradientAscent(Perturbation):
             return x.clone()  # the control: no move, and no backward pass spent on it
         scale = self.scale(x)
         x_adv = x.clone()
-        if self.random_direction:  # the control: same step rule and length, no backward pass
-            for _ in range(self.steps):
-                step = self.direction(torch.randn_like(x_adv))
-                x_adv = self.project(x_adv + self.step_size * scale * step, x, scale)
-            return x_adv
         with torch.enable_grad():
             for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                # autograd.grad w.r.t. the input only: no parameter's .grad is touched
-                (grad,) = torch.autograd.grad(divergence(x_adv).sum(), x_adv, allow_unused=True)
+                if self.random_direction:  # the control: same step rule and length, no backward pass
+                    grad = torch.randn_like(x_adv)
+                else:
+                    x_adv.requires_grad_(True)
+                    # autograd.grad w.r.t. the input only: no parameter's .grad is touched
+                    (grad,) = torch.autograd.grad(divergence(x_adv).sum(), x_adv, allow_unused=True)
                 step = torch.zeros_like(x_adv) if grad is None else self.direction(grad)
                 x_adv = self.project(x_adv.detach() + self.step_size * scale * step, x, scale)
         return x_adv.detach()
