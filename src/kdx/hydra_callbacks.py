@@ -6,7 +6,6 @@ makes the multirun exit non-zero — after every job ran — when any job failed
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from kdx.record import RecordError, RunRecord, read_record
 
-def _read(path: Path) -> dict[str, Any] | None:
+
+def _read(path: Path) -> RunRecord:
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+        return read_record(path)
+    except (OSError, RecordError):
+        return RunRecord(status="unreadable")
 
 
 def _percent(value: Any) -> str:
@@ -39,16 +39,14 @@ class MultirunReport(Callback):
         failed: list[str] = []
         lines = [f"kdx multirun: {len(jobs)} jobs in {sweep_dir}"]
         for path in jobs:
-            record = _read(path) or {"status": "unreadable"}
-            name = record.get("label") or record.get("method") or "?"
-            status = str(record.get("status"))
+            record = _read(path)
             line = (
-                f"  {path.parent.name:>4}  {status:<8} {name:<14} seed {record.get('seed')!s:<4} "
-                f"acc {_percent(record.get('student/acc'))}  best {_percent(record.get('student/acc_best'))}"
+                f"  {path.parent.name:>4}  {record.status:<8} {record.name:<14} seed {record.seed!s:<4} "
+                f"acc {_percent(record.student_acc)}  best {_percent(record.student_acc_best)}"
             )
-            if status != "ok":
+            if not record.ok:
                 failed.append(path.parent.name)
-                line += f"  {record.get('error_type', '')}: {str(record.get('error', ''))[:120]}"
+                line += f"  {record.error_type or ''}: {(record.error or '')[:120]}"
             lines.append(line)
         print("\n".join(lines), flush=True)
         if failed:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdx.record import RecordError, RunRecord, read_record
+
 log = logging.getLogger("kdx.table")
 
 NAME_KEYS = ("dataset", "teacher", "student")
@@ -78,10 +80,6 @@ UNFINISHED = "running"
 OUT_NAME = "table"
 
 
-class MalformedRecord(ValueError):
-    """A metrics.json that is not the record kdx-train writes."""
-
-
 @dataclass
 class Run:
     path: Path  # the run folder
@@ -89,7 +87,7 @@ class Run:
     keys: dict[str, str]  # GROUP_KEYS and the --by keys, as shown in the table
     method: str  # the registered method (the row name is the label when there is one)
     metrics: dict[str, float] = field(default_factory=dict)
-    seed: int | None = None
+    seed: int | str | None = None  # a string only in the record of a run that failed on its seed
     published: dict[str, Any] | None = None
     error: str | None = None
     error_type: str | None = None
@@ -127,61 +125,40 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _expect(data: dict, key: str, types: type | tuple[type, ...], what: str) -> Any:
-    value = data.get(key)
-    if value is not None and not isinstance(value, types):
-        raise MalformedRecord(f"'{key}' should be {what}, not {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _by_value(data: dict, key: str) -> str:
+def _by_value(record: RunRecord, key: str) -> str:
     """A --by key: a dotted path in the run's config, else a group choice, else a record field."""
-    value = _select(data.get("config"), key)
+    value = _select(record.config, key)
     if value is None or isinstance(value, (dict, list)):
-        value = (data.get("choices") or {}).get(key)
+        value = (record.choices or {}).get(key)
     if value is None:
-        value = data.get(key)
+        value = record.get(key)
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return "" if value is None else str(value)
 
 
 def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
-    """One run from its metrics.json; ``OSError`` / ``json.JSONDecodeError`` / ``MalformedRecord``."""
-    data = json.loads(metrics_path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise MalformedRecord(f"a JSON object is expected, found {type(data).__name__}")
-    status = _expect(data, "status", str, "a string")
-    if status is None:
-        raise MalformedRecord("no 'status' (kdx-train writes ok, failed, ...)")
-    choices = _expect(data, "choices", dict, "a mapping of group choices") or {}
-    _expect(data, "config", dict, "the resolved config (a mapping)")
-    published = _expect(data, "published", dict, "a mapping or null")
-    tags = _expect(data, "tags", list, "a list of strings") or []
-    label = _expect(data, "label", str, "a string")
-    seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise MalformedRecord(f"'seed' should be an integer, not {seed!r:.60}")
-    names = {k: str(data.get(k) or choices.get(k) or "?") for k in (*NAME_KEYS, "method")}
+    """One run from its metrics.json; ``OSError`` / :class:`~kdx.record.RecordError`."""
+    record = read_record(metrics_path)
+    choices = record.choices or {}
+    names = {k: str(record.get(k) or choices.get(k) or "?") for k in (*NAME_KEYS, "method")}
     method = names.pop("method")
-    keys = {**names, "method": label or method}
-    keys.update({k: _by_value(data, k) for k in by})
+    keys = {**names, "method": record.label or method}
+    keys.update({k: _by_value(record, k) for k in by})
     metrics = {}
-    if status == "ok":
-        metrics = {k: v for k, _, _, _ in METRICS if (v := _number(data.get(k))) is not None}
-    error = data.get("error")
-    error_type = data.get("error_type")
+    if record.ok:
+        metrics = {k: v for k, _, _, _ in METRICS if (v := _number(record.get(k))) is not None}
     return Run(
         path=metrics_path.parent,
-        status=status,
+        status=record.status,
         keys=keys,
         method=method,
         metrics=metrics,
-        seed=seed,
-        published=published,
-        error=None if error is None else str(error),
-        error_type=None if error_type is None else str(error_type),
-        tags=tuple(str(t) for t in tags),
+        seed=record.seed,
+        published=record.published,
+        error=record.error,
+        error_type=record.error_type,
+        tags=tuple(str(t) for t in record.tags or ()),
     )
 
 
@@ -207,8 +184,8 @@ def search(paths: Iterable[str | Path], by: Sequence[str] = ()) -> Found:
             seen.add(run_dir)
             try:
                 found.runs.append(read_run(metrics_path, by))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, MalformedRecord) as err:
-                reason = f"{type(err).__name__}: {err}" if not isinstance(err, MalformedRecord) else str(err)
+            except (OSError, RecordError) as err:
+                reason = err.reason if isinstance(err, RecordError) else f"{type(err).__name__}: {err}"
                 log.warning("skipping %s: unreadable metrics.json (%s)", metrics_path.parent, reason)
                 found.skipped.append((metrics_path.parent, reason))
         if root.is_dir():
