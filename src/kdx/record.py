@@ -79,9 +79,7 @@ class RunRecord:
 
     status: str = field(metadata={"key": None, "types": TEXT[0], "what": TEXT[1], "always": EVERY})
     # provenance: what ran
-    seed: int | str | None = _key(
-        None, INTEGER, EVERY
-    )  # a string only in the record of a run that failed on it
+    seed: int | str | None = _key(None, ((int, str), "an integer"), EVERY)
     method: str | None = _key(None, TEXT, EVERY)
     label: str | None = _key(None, TEXT, EVERY)
     dataset: str | None = _key(None, TEXT, EVERY)
@@ -132,8 +130,8 @@ class RunRecord:
             raise RecordError("no 'status' (kdx-train writes ok, failed, ...)")
         for f, key in _FIELD_KEYS.items():
             _check(key, getattr(self, f.name), f.metadata)
-        if self.status == OK and isinstance(self.seed, str):
-            raise RecordError(f"'seed' should be an integer, not {self.seed!r:.60}")
+        if self.status == OK:  # only a run that failed on its seed records one that is not an integer
+            _check("seed", self.seed, {"types": int, "what": "an integer"})
         if not isinstance(self.extra, dict):
             raise RecordError(f"'extra' should be a mapping, not {type(self.extra).__name__}")
         clash = sorted(set(self.extra) & _RESERVED)
@@ -240,18 +238,10 @@ _FIELD_KEYS: dict[dataclasses.Field, str] = {
 _FIELD_OF_KEY: dict[str, str] = {key: f.name for f, key in _FIELD_KEYS.items()}
 # the keys extra may not hold: a field's key, or the version the writer stamps
 _RESERVED = frozenset(_FIELD_OF_KEY) | {"schema_version"}
-KEYS: tuple[str, ...] = tuple(_FIELD_OF_KEY)
 
 
 def _check(key: str, value: Any, metadata: Mapping[str, Any]) -> None:
-    if value is None:
-        return
-    types = metadata["types"]
-    wrong = isinstance(value, bool) or not isinstance(value, types)
-    if key == "seed":
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise RecordError(f"'seed' should be an integer, not {value!r:.60}")
-    elif wrong:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, metadata["types"])):
         raise RecordError(f"'{key}' should be {metadata['what']}, not {type(value).__name__} {value!r:.60}")
 
 
@@ -268,9 +258,10 @@ def _copy(value: Any) -> Any:
 
 
 def record_file(path: str | os.PathLike) -> Path:
-    """The metrics.json of ``path``: the file itself, or the one inside a run folder."""
+    """The record file of ``path``: ``path`` itself when it names a ``.json`` file, else the
+    metrics.json inside the run folder ``path``."""
     path = Path(path)
-    return path / RECORD_NAME if path.is_dir() and path.name != RECORD_NAME else path
+    return path if path.suffix == ".json" else path / RECORD_NAME
 
 
 def read_record(path: str | os.PathLike) -> RunRecord:

@@ -6,8 +6,9 @@
     kdx-table logs/mnist1d_table --versus none   # each row against the scratch run, Welch's t
 
 Every ``metrics.json`` under the given paths is one run (a run folder, a multirun folder, or a
-tree of them: the search is recursive). ``metrics.json`` is the only thing read — Hydra's
-``.hydra/`` folders may be deleted. What the table uses from a run's record:
+tree of them: the search is recursive). ``metrics.json`` is the only thing read, as a
+:class:`~kdx.record.RunRecord` — Hydra's ``.hydra/`` folders may be deleted. What the table uses
+from a run's record:
 
 - ``status`` (``ok`` | ``failed`` | ``diverged`` | ...), with ``error`` / ``error_type`` when not ok;
 - ``seed``, ``dataset``, ``teacher``, ``student``, ``method``: display names;
