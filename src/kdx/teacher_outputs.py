@@ -184,8 +184,9 @@ class TeacherOutputCache:
                 f"teacher.cache=views replays a data set's augmentation, and {type(datamodule).__name__} "
                 "has none to replay (no replayable_views()); use teacher.cache=exact for deterministic data"
             )
-        views = ViewReplayDataset(source.base, source.indices, source.replay, self.views, self.seed)
-        return views, source.replay.describe(), views
+        base, indices, replay = source
+        views = ViewReplayDataset(base, indices, replay, self.views, self.seed)
+        return views, replay.describe(), views
 
     # -- filling -----------------------------------------------------------------------------
     def bind(self, datamodule: KDDataModule) -> None:
