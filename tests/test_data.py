@@ -363,3 +363,198 @@ def test_package_exports_are_lazy():
     assert kdx.data.CIFAR100DataModule is CIFAR100DataModule
     with pytest.raises(AttributeError):
         kdx.data.NoSuchModule  # noqa: B018
+
+
+# ---------------------------------------------------------------- the data protocol
+
+
+def _construct(tmp_path: Path) -> dict:
+    """One instance of every data module class kdx ships, built without touching any file."""
+    from kdx.data.glue import GLUEDataModule
+    from kdx.data.synthetic_text import SyntheticTextDataModule
+
+    return {
+        MNIST1DDataModule: lambda: MNIST1DDataModule(str(tmp_path)),
+        DigitsDataModule: DigitsDataModule,
+        SyntheticDataModule: SyntheticDataModule,
+        HierSyntheticDataModule: HierSyntheticDataModule,
+        CIFAR10DataModule: lambda: CIFAR10DataModule(str(tmp_path)),
+        CIFAR100DataModule: lambda: CIFAR100DataModule(str(tmp_path)),
+        ImageNetDataModule: lambda: ImageNetDataModule(str(tmp_path)),
+        GLUEDataModule: lambda: GLUEDataModule("sst2", str(tmp_path), str(tmp_path), "tokenizer"),
+        SyntheticTextDataModule: lambda: SyntheticTextDataModule(str(tmp_path)),
+    }
+
+
+def _data_module_classes() -> set[type]:
+    """Every public data module class defined in kdx.data's modules (bases without ``setup`` excluded)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import kdx.data
+    from kdx.data.base import KDDataModule
+
+    found = set()
+    for info in pkgutil.iter_modules(kdx.data.__path__):
+        module = importlib.import_module(f"kdx.data.{info.name}")
+        for name, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, KDDataModule)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+                and obj.setup is not KDDataModule.setup
+            ):
+                found.add(obj)
+    return found
+
+
+def test_every_data_module_class_is_covered_by_the_protocol_test(tmp_path):
+    assert _data_module_classes() == set(_construct(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    sorted(_data_module_classes(), key=lambda c: c.__name__),
+    ids=lambda c: c.__name__,
+)
+def test_data_module_declares_the_protocol(cls, tmp_path):
+    from kdx.data.base import KDDataModule
+    from kdx.data.text import TextDataModule
+
+    declared = set(KDDataModule.__annotations__) | set(vars(KDDataModule))
+    protocol = {
+        "num_classes", "input_shape", "name", "augment", "drop_last", "batch_size", "eval_batch_size",
+        "num_workers", "pin_memory", "collate_fn", "train_set", "val_set", "test_set", "replayed_views",
+        "train_dataloader", "val_dataloader", "test_dataloader", "train_eval_dataloader", "dataloader",
+        "train_targets", "replayable_views", "train_on_views", "true_class_similarity",
+    }  # fmt: skip
+    assert protocol <= declared
+    dm = _construct(tmp_path)[cls]()
+    assert isinstance(dm, KDDataModule)
+    assert isinstance(dm.num_classes, int) and dm.num_classes >= 2
+    assert dm.input_shape is None or (
+        isinstance(dm.input_shape, tuple) and all(isinstance(s, int) and s > 0 for s in dm.input_shape)
+    )
+    assert isinstance(dm.name, str) and dm.name != KDDataModule.name  # each names itself
+    assert isinstance(dm.augment, bool) and isinstance(dm.drop_last, bool)
+    assert isinstance(dm.batch_size, int) and isinstance(dm.eval_batch_size, int)
+    assert dm.train_set is dm.val_set is dm.test_set is dm.replayed_views is None  # built in setup
+    # the training loader is the base's, so train_on_views reaches every data module
+    assert cls.train_dataloader is KDDataModule.train_dataloader
+    assert cls.dataloader is KDDataModule.dataloader and cls.train_on_views is KDDataModule.train_on_views
+    with pytest.raises(ValueError, match="'valid' is not one of train, val, test, train_eval"):
+        dm.dataloader("valid")
+    if isinstance(dm, TextDataModule):
+        assert dm.input_shape == (dm.max_length,) and dm.collate_fn is not None
+        assert "" in dm.tokenizers and all(isinstance(v, str) for v in dm.tokenizers.values())
+    assert not any(tmp_path.iterdir())
+
+
+def _batches(loader) -> list:
+    return [tuple(part.clone() for part in batch) for batch in loader]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_dataloader_of_a_split_is_that_splits_loader(drop_last):
+    from kdx.data.base import SPLITS
+
+    dm = SyntheticDataModule(num_train=50, num_val=20, num_test=30, batch_size=8, drop_last=drop_last)
+    dm.setup("fit")
+    named = {
+        "train": dm.train_dataloader,
+        "val": dm.val_dataloader,
+        "test": dm.test_dataloader,
+        "train_eval": dm.train_eval_dataloader,
+    }
+    assert set(SPLITS) == set(named)
+    for split, make in named.items():
+        mine, theirs = dm.dataloader(split), make()
+        assert mine.dataset is theirs.dataset and mine.drop_last == theirs.drop_last, split
+        if split == "train":
+            mine.sampler.set_epoch(3), theirs.sampler.set_epoch(3)
+        a, b = _batches(mine), _batches(theirs)
+        assert len(a) == len(b) > 0, split
+        for x, y in zip(a, b):
+            assert all(torch.equal(p, q) for p, q in zip(x, y)), split
+    assert len(_batches(dm.dataloader("train"))) == (6 if drop_last else 7)  # 50 = 6 × 8 + 2
+    assert [int(i) for b in _batches(dm.dataloader("train_eval")) for i in b[2]] == list(range(50))
+
+
+def _labels_through_the_items(dataset) -> list[int]:
+    labels = []
+    for i in range(len(dataset)):
+        _, y, index = dataset[i]
+        assert index == i
+        labels.append(int(y))
+    return labels
+
+
+@pytest.mark.parametrize("name", ["synthetic", "hier_synthetic", "digits", "mnist1d", "cifar", "imagenet"])
+def test_train_targets_are_the_training_labels_in_index_order(name, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    if name == "cifar":
+        write_cifar10(tmp_path)
+        trust_written_files(monkeypatch, torchvision.datasets.CIFAR10, tmp_path)
+        dm = CIFAR10DataModule(str(tmp_path), val_fraction=0.25, seed=2)  # train: a shuffled subset
+    elif name == "imagenet":
+        write_image_folder(tmp_path)
+        dm = ImageNetDataModule(str(tmp_path), num_classes=2, image_size=32, resize_size=36)
+    else:
+        dm = {
+            "synthetic": lambda: SyntheticDataModule(num_train=60, num_classes=7),
+            "hier_synthetic": lambda: HierSyntheticDataModule(num_train=60),
+            "digits": DigitsDataModule,
+            "mnist1d": lambda: MNIST1DDataModule(str(tmp_path), num_samples=200),
+        }[name]()
+    with pytest.raises(RuntimeError, match="setup"):
+        dm.train_targets()
+    dm.setup("fit")
+    expected = _labels_through_the_items(dm.train_set)
+    targets = dm.train_targets()
+    assert targets.dtype == torch.int64 and targets.tolist() == expected
+    assert len(set(expected)) > 1
+    if name in ("cifar", "imagenet"):  # read from the label arrays: no image is decoded
+        inner = dm.train_set.base
+        monkeypatch.setattr(type(inner), "__getitem__", lambda *a: pytest.fail("an image was decoded"))
+        assert dm.train_targets().tolist() == expected
+
+
+def test_cifar_trains_on_replayed_views_that_are_crops_and_flips_of_its_images(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from kdx.data.replay import ViewReplayDataset, view_of
+
+    write_cifar10(tmp_path)
+    trust_written_files(monkeypatch, torchvision.datasets.CIFAR10, tmp_path)
+    assert CIFAR10DataModule(str(tmp_path), augment=False).replayable_views() is None  # nothing to replay
+    dm = CIFAR10DataModule(str(tmp_path), val_fraction=0.25, seed=2, batch_size=4)
+    dm.setup("fit")
+    source = dm.replayable_views()
+    assert source is not None and len(source.indices) == len(dm.train_set) == 15
+    seed, views, epoch = 11, 3, 2
+    dm.train_on_views(ViewReplayDataset(*source, views=views, seed=seed))
+    loader = dm.dataloader("train")
+    loader.sampler.set_epoch(epoch)
+    plain = dm.train_eval_dataloader().dataset  # example i, normalised, not augmented
+    # the padding is zeros before normalisation: (0 - mean) / std in the normalised image
+    pad = (-torch.tensor(dm.mean) / torch.tensor(dm.std)).view(3, 1, 1)
+    seen = []
+    for x, y, index in loader:
+        for row, i in enumerate(index.tolist()):
+            view = int(view_of(seed, epoch, i, views))
+            top, left, flip = source.replay.params(seed, i, view)
+            padded = pad.expand(3, 40, 40).clone()
+            padded[:, 4:36, 4:36] = plain[i][0]
+            window = padded[:, top : top + 32, left : left + 32]
+            torch.testing.assert_close(x[row], window.flip(-1) if flip else window, atol=1e-6, rtol=0)
+            assert int(y[row]) == int(plain[i][1])
+            seen.append(i)
+    assert sorted(seen) == list(range(15))  # each example once per epoch
+    # in the order of the plain training loader, and back to it with train_on_views(None)
+    dm.train_on_views(None)
+    augmented = dm.train_dataloader()
+    augmented.sampler.set_epoch(epoch)
+    assert augmented.dataset is dm.train_set and list(augmented.sampler) == seen

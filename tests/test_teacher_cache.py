@@ -13,19 +13,14 @@ from torch.utils.data import Dataset
 
 from conftest import compose_train, run_train
 from kdx.data.base import IndexedDataset, KDDataModule, tensor_dataset
+from kdx.data.replay import CropFlipReplay, ViewReplayDataset, view_of
+from kdx.data.sampling import ViewSampler
 from kdx.errors import KDXError
 from kdx.methods.base import METHODS
 from kdx.models.base import EMBEDDING, LOGITS, STAGES
 from kdx.models.small import CNN1D
 from kdx.module import DistillationModule
-from kdx.teacher_outputs import (
-    CropFlipReplay,
-    TeacherOutputCache,
-    ViewReplayDataset,
-    ViewSampler,
-    topk_reconstruct,
-    view_of,
-)
+from kdx.teacher_outputs import TeacherOutputCache, topk_reconstruct
 
 SHORT = [
     "debug=limit",

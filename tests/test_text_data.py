@@ -193,3 +193,18 @@ def test_synthetic_text_module_caches_data_and_tokenizer(tmp_path):
     again.setup("fit")
     assert torch.equal(again.train_set.encodings["input_ids"], dm.train_set.encodings["input_ids"])
     assert len(dm.val_set) == 10 and dm.input_shape == (64,)
+
+
+def test_text_train_targets_are_the_training_labels_in_index_order(tokenizers, tmp_path):
+    write_tsv(tmp_path / "glue", "mnli")
+    glue = GLUEDataModule("mnli", str(tmp_path / "glue"), str(tmp_path / "c"), *tokenizers)
+    generated = SyntheticTextDataModule(str(tmp_path), num_train=40, num_val=10, num_test=10, vocab_size=90)
+    assert glue.tokenizers == {"": tokenizers[0], "teacher.": tokenizers[1]}
+    assert generated.tokenizers == {"": str(generated.tokenizer_dir)}
+    for dm in (glue, generated):
+        dm.setup("fit")
+        items = [dm.train_set[i] for i in range(len(dm.train_set))]
+        assert [index for _, _, index in items] == list(range(len(items)))
+        targets = dm.train_targets()
+        assert targets.dtype == torch.int64 and targets.tolist() == [int(y) for _, y, _ in items]
+        assert len(set(targets.tolist())) > 1

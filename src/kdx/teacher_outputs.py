@@ -9,10 +9,11 @@ can read them instead of computing them, provided the input really is the same. 
   ``.npy`` files. A data set whose training items change from one read to the next is refused.
 * ``views``: for random augmentation (CIFAR's RandomCrop(32, padding=4) + horizontal flip). Each
   example gets a fixed number of augmented views (``teacher.cache_views``) whose augmentation
-  parameters are drawn from ``(seed, index, view)`` and replayed exactly; the teacher's outputs are
-  stored per view. In epoch ``e`` example ``i`` is shown as view ``view_of(seed, e, i)``. What this
-  changes: the student sees ``V`` distinct augmentations of each example instead of a fresh one every
-  epoch (docs/performance.md). ``teacher.cache_topk=k`` keeps only the top-k logits per row (many
+  parameters are drawn from ``(seed, index, view)`` and replayed exactly (:mod:`kdx.data.replay`);
+  the teacher's outputs are stored per view, and the data module trains on the same views
+  (``KDDataModule.train_on_views``). In epoch ``e`` example ``i`` is shown as view
+  ``view_of(seed, e, i)``. What this changes: the student sees ``V`` distinct augmentations of each
+  example instead of a fresh one every epoch (docs/performance.md). ``teacher.cache_topk=k`` keeps only the top-k logits per row (many
   classes); the KL this adds at T = 1 is measured during filling and reported.
 
 Filling is a pre-pass over the training set at fit start (in the training set's order, under the
@@ -36,15 +37,17 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from kdx.data.base import KDDataModule
+from kdx.data.replay import ViewReplayDataset, view_of
 from kdx.errors import KDXError
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
 from kdx.utils import atomic_write_json, stable_hash
@@ -53,116 +56,6 @@ log = logging.getLogger(__name__)
 
 CACHE_MODES = ("off", "exact", "views", "auto")
 FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Reproducible draws from (seed, a, b): a SplitMix64 mix, vectorised in numpy and the same per item.
-
-_MASK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
-
-
-def mix(seed: int, a: int | np.ndarray, b: int | np.ndarray, salt: int = 0) -> np.ndarray:
-    """A 64-bit hash of ``(seed, a, b, salt)``; ``a``/``b`` may be arrays (broadcast)."""
-    h = _splitmix(np.asarray(seed, dtype=np.uint64) ^ np.uint64(salt))
-    h = _splitmix(h ^ np.asarray(a, dtype=np.int64).astype(np.uint64))
-    return _splitmix(h ^ np.asarray(b, dtype=np.int64).astype(np.uint64))
-
-
-def view_of(seed: int, epoch: int, index: int | np.ndarray, views: int) -> np.ndarray:
-    """Which of the ``views`` stored views example ``index`` is shown as in ``epoch``."""
-    return (mix(seed, epoch, index, salt=1) % np.uint64(views)).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# View replay for CIFAR's augmentation
-
-
-class CropFlipReplay:
-    """RandomCrop(size, padding) + horizontal flip whose parameters come from ``(seed, index, view)``.
-
-    ``params`` gives ``(top, left, flip)``; ``__call__`` applies them to a PIL image or a ``(C, H, W)``
-    uint8 tensor and normalises like :func:`kdx.data.cifar.image_transform`, so view ``v`` of
-    example ``i`` is the same tensor, bit for bit, whenever it is built.
-    """
-
-    def __init__(
-        self, size: int, padding: int, mean: Sequence[float], std: Sequence[float], flip: bool = True
-    ):
-        self.size, self.padding, self.flip = int(size), int(padding), bool(flip)
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "replay": "crop_flip",
-            "size": self.size,
-            "padding": self.padding,
-            "flip": self.flip,
-            "mean": self.mean,
-            "std": self.std,
-        }
-
-    def params(self, seed: int, index: int, view: int) -> tuple[int, int, bool]:
-        h = int(mix(seed, index, view, salt=2))
-        span = 2 * self.padding + 1  # crop offsets 0 .. 2·padding in the padded image
-        return (h % span, (h // span) % span, self.flip and bool((h // (span * span)) & 1))
-
-    def __call__(self, image: Any, params: tuple[int, int, bool]) -> Tensor:
-        from torchvision.transforms import v2
-        from torchvision.transforms.v2 import functional as TF
-
-        top, left, flip = params
-        x = TF.to_image(image) if not isinstance(image, Tensor) else image
-        x = TF.pad(x, [self.padding])  # zero padding, as v2.RandomCrop(padding=p)
-        x = TF.crop(x, top, left, self.size, self.size)
-        if flip:
-            x = TF.horizontal_flip(x)
-        x = v2.functional.to_dtype(x, torch.float32, scale=True)
-        return TF.normalize(x, list(self.mean), list(self.std)).as_subclass(Tensor)
-
-
-class ViewReplayDataset(Dataset):
-    """Items keyed by ``index * views + view``: ``(view `view` of example `index`, y, index)``."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int], replay: CropFlipReplay, views: int, seed: int):
-        self.base, self.indices, self.replay = base, list(indices), replay
-        self.views, self.seed = int(views), int(seed)
-
-    def __len__(self) -> int:
-        return len(self.indices) * self.views
-
-    def item(self, index: int, view: int) -> tuple[Tensor, int, int]:
-        image, y = self.base[self.indices[index]][:2]
-        return self.replay(image, self.replay.params(self.seed, index, view)), y, index
-
-    def __getitem__(self, key: int):
-        return self.item(*divmod(int(key), self.views))
-
-
-class ViewSampler(Sampler[int]):
-    """The order of :class:`~kdx.data.base.EpochSeededSampler` (seed, epoch), each example as its epoch's view."""
-
-    def __init__(self, size: int, views: int, seed: int, order_seed: int):
-        self.size, self.views, self.seed, self.order_seed, self.epoch = size, views, seed, order_seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.order_seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).numpy()
-        keys = order * self.views + view_of(self.seed, self.epoch, order, self.views)
-        return iter(keys.tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +126,7 @@ class TeacherOutputCache:
         self.stage_count = 0
         self.num_classes = 0
         self.info: dict[str, Any] = {}
+        self._datamodule: KDDataModule | None = None
 
     @property
     def active(self) -> bool:
@@ -253,16 +147,15 @@ class TeacherOutputCache:
             )
 
     def _train_source(
-        self, datamodule: Any
-    ) -> tuple[Dataset, dict[str, Any], Callable[[], DataLoader] | None]:
+        self, datamodule: KDDataModule
+    ) -> tuple[Dataset, dict[str, Any], ViewReplayDataset | None]:
         """The training items the cache is built over, what describes their transform, and (views)
-        the loader that replays the stored views."""
-        train_set = getattr(datamodule, "train_set", None)
+        the stored views the training loader replays."""
+        train_set = datamodule.train_set
         if train_set is None:
             train_set = datamodule.train_dataloader().dataset
         if self.mode == "auto":  # views where the data replays its augmentation, else exact
-            random_views = getattr(datamodule, "augment", False) and hasattr(datamodule, "replayable_views")
-            if random_views:
+            if datamodule.augment and datamodule.replayable_views() is not None:
                 self.mode, self.views = "views", self._views_asked
             elif _is_deterministic(train_set):
                 self.mode = "exact"
@@ -272,7 +165,7 @@ class TeacherOutputCache:
             if self.mode == "off":
                 return train_set, {}, None
         if self.mode == "exact":
-            if getattr(datamodule, "augment", False) or not _is_deterministic(train_set):
+            if datamodule.augment or not _is_deterministic(train_set):
                 raise KDXError(
                     f"teacher.cache=exact needs a deterministic training view, but {type(datamodule).__name__}'s "
                     "training items change from one read to the next (random augmentation); use "
@@ -280,54 +173,42 @@ class TeacherOutputCache:
                 )
             transform = getattr(getattr(train_set, "base", None), "transform", None)
             return train_set, {"transform": repr(transform) if transform is not None else None}, None
-        if getattr(datamodule, "augment", True) is False:
+        source = datamodule.replayable_views()
+        if source is None and not datamodule.augment:
             raise KDXError(
                 f"teacher.cache=views replays random augmentation, but {type(datamodule).__name__} has "
                 "augment=false (a deterministic training view): use teacher.cache=exact"
             )
-        hook = getattr(datamodule, "replayable_views", None)
-        if hook is None:
+        if source is None:
             raise KDXError(
                 f"teacher.cache=views replays a data set's augmentation, and {type(datamodule).__name__} "
                 "has none to replay (no replayable_views()); use teacher.cache=exact for deterministic data"
             )
-        base, indices, replay = hook()
+        base, indices, replay = source
         views = ViewReplayDataset(base, indices, replay, self.views, self.seed)
-
-        def loader() -> DataLoader:
-            return DataLoader(
-                views,
-                batch_size=datamodule.batch_size,
-                sampler=ViewSampler(len(indices), self.views, self.seed, torch.initial_seed()),
-                drop_last=getattr(datamodule, "drop_last", False),
-                num_workers=datamodule.num_workers,
-                pin_memory=datamodule.pin_memory,
-                persistent_workers=datamodule.num_workers > 0,
-            )
-
-        return views, replay.describe(), loader
+        return views, replay.describe(), views
 
     # -- filling -----------------------------------------------------------------------------
-    def bind(self, datamodule: Any) -> None:
-        """Check the training data and, in view mode, make its training loader replay the stored views.
+    def bind(self, datamodule: KDDataModule) -> None:
+        """Check the training data and, in view mode, have the data module train on the stored views.
 
         Called from the module's ``setup("fit")``: before Lightning first builds the training loader
         (a scheduler's horizon may ask for it before ``on_fit_start``)."""
         self._datamodule = datamodule
-        self._dataset, self._transform, replay_loader = self._train_source(datamodule)
-        if self.mode == "off":
-            return
-        if replay_loader is not None:
-            datamodule.train_dataloader = replay_loader  # the training loader replays the stored views
+        self._dataset, self._transform, views = self._train_source(datamodule)
+        if views is not None:
+            datamodule.train_on_views(views)
 
     def prepare(
-        self, teacher: torch.nn.Module, reads: frozenset[str], datamodule: Any = None, forward_context=None
+        self,
+        teacher: torch.nn.Module,
+        reads: frozenset[str],
+        datamodule: KDDataModule | None = None,
+        forward_context=None,
     ) -> None:
         """Open the cache for this run, filling it first if no job has (under a file lock); binds
         ``datamodule`` first unless :meth:`bind` did."""
-        from filelock import FileLock
-
-        if datamodule is not None and getattr(self, "_datamodule", None) is not datamodule:
+        if datamodule is not None and self._datamodule is not datamodule:
             self.bind(datamodule)
         dataset, transform = self._dataset, self._transform
         key = {
@@ -363,7 +244,7 @@ class TeacherOutputCache:
             device = next(teacher.parameters()).device
             was_training = teacher.training
             teacher.eval()
-            collate = getattr(getattr(self, "_datamodule", None), "collate_fn", None)
+            collate = self._datamodule.collate_fn if self._datamodule is not None else None
             loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
             n = len(dataset) // self.views  # type: ignore[arg-type]
             arrays: dict[str, np.ndarray] = {}

@@ -1,5 +1,9 @@
 """kdx data modules; every batch is ``(x, y, index)``.
 
+Every data module subclasses :class:`kdx.data.base.KDDataModule`, which declares what the rest of
+kdx reads from it (the data protocol); :mod:`kdx.data.replay` replays augmented views for the
+teacher-output cache.
+
 Configs name the full path (``kdx.data.cifar.CIFAR100DataModule``); the names below are loaded on
 first use so that importing ``kdx.data`` does not import torchvision, scikit-learn or mnist1d.
 """

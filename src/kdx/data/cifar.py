@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
-from kdx.data.base import IndexedDataset, KDDataModule
+from kdx.data.base import IndexedDataset, KDDataModule, dataset_targets
+from kdx.data.replay import CropFlipReplay, ReplayableViews
 from kdx.errors import DatasetNotFoundError
 
 
@@ -35,10 +37,14 @@ class TransformedSubset(Dataset):
         x, y = self.base[self.indices[i]]
         return self.transform(x), y
 
+    @property
+    def targets(self) -> Tensor:
+        return dataset_targets(self.base)[torch.as_tensor(self.indices, dtype=torch.long)]
+
 
 def image_transform(mean: Sequence[float], std: Sequence[float], *augment: Callable) -> Callable:
     """PIL image → normalised float tensor, after the given (PIL or uint8) augmentations."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # torchvision on use: importing kdx.data must not need it
 
     return v2.Compose(
         [
@@ -85,7 +91,7 @@ class _CIFARDataModule(KDDataModule):
         self.augment = augment
 
     def _dataset_class(self):
-        import torchvision.datasets
+        import torchvision.datasets  # torchvision on use: importing kdx.data must not need it
 
         return getattr(torchvision.datasets, self.torchvision_class)
 
@@ -123,7 +129,7 @@ class _CIFARDataModule(KDDataModule):
             return
         self._check_files()
         train, test = self._load(train=True), self._load(train=False)
-        from torchvision.transforms import v2
+        from torchvision.transforms import v2  # torchvision on use: importing kdx.data must not need it
 
         augment = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if self.augment else []
         train_tf, eval_tf = (
@@ -140,13 +146,13 @@ class _CIFARDataModule(KDDataModule):
             self.train_set = IndexedDataset(TransformedSubset(train, None, train_tf))
             self.val_set = self.test_set
 
-    def replayable_views(self):
-        """``teacher.cache=views``: the training split's raw items (base, indices) and the replayable
-        form of its augmentation (:class:`kdx.teacher_outputs.CropFlipReplay`)."""
-        from kdx.teacher_outputs import CropFlipReplay
-
-        subset: TransformedSubset = self.train_set.base  # type: ignore[union-attr, assignment]
-        return subset.base, subset.indices, CropFlipReplay(32, 4 if self.augment else 0, self.mean, self.std)
+    def replayable_views(self) -> ReplayableViews | None:
+        """``teacher.cache=views``: the training split's raw items and RandomCrop(32, padding=4) + flip
+        in replayable form; None without augmentation (a deterministic view: ``teacher.cache=exact``)."""
+        if not self.augment:
+            return None
+        subset: TransformedSubset = self._built(self.train_set).base  # type: ignore[attr-defined]
+        return ReplayableViews(subset.base, subset.indices, CropFlipReplay(32, 4, self.mean, self.std))
 
     def train_eval_dataloader(self):
         """The training split in order and without augmentation (for PCA, class centres...)."""

@@ -37,6 +37,7 @@ class DigitsDataModule(KDDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        # scikit-learn on use: only this data set needs it
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

@@ -45,6 +45,7 @@ from kdx.data.text import (
     widen,
 )
 from kdx.errors import KDXError
+from kdx.models.hf import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def find_split(root: Path, task: str, split: str) -> tuple[str, list[Path]]:
 
 def read_split(task: str, layout: str, files: list[Path]) -> tuple[list[str], list[str] | None, list[int]]:
     """Sentences (one or two lists) and integer labels of one split's files."""
-    import pandas as pd
+    import pandas as pd  # pandas on use: only GLUE's files need it
 
     spec = TASKS[task]
     if layout == "parquet":
@@ -221,8 +222,6 @@ class GLUEDataModule(TextDataModule):
         self.max_train_samples = max_train_samples
 
     def _encoded(self, split: str) -> dict:
-        from kdx.models.hf import load_tokenizer
-
         layout, files = find_split(self.root, self.task, split)
         tokenizers = {prefix: load_tokenizer(path) for prefix, path in self.tokenizers.items()}
         key = self.cache_key(

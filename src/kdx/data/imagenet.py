@@ -26,6 +26,7 @@ class ImageNetDataModule(KDDataModule):
     """
 
     name = "imagenet"
+    augment = True  # RandomResizedCrop + flip, which kdx cannot replay: no teacher.cache=views
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class ImageNetDataModule(KDDataModule):
         )
 
     def _folder(self, split: str, transform):
+        # torchvision on use: importing kdx.data must not need it
         from torchvision.datasets import ImageFolder
 
         folder = self.root / split
@@ -67,7 +69,7 @@ class ImageNetDataModule(KDDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from torchvision.transforms import v2
+        from torchvision.transforms import v2  # torchvision on use: importing kdx.data must not need it
 
         train_tf = image_transform(
             IMAGENET_MEAN, IMAGENET_STD, v2.RandomResizedCrop(self.image_size), v2.RandomHorizontalFlip()
@@ -88,7 +90,7 @@ class ImageNetDataModule(KDDataModule):
         self.val_set = self.test_set = IndexedDataset(val)
 
     def _eval_transform(self):
-        from torchvision.transforms import v2
+        from torchvision.transforms import v2  # torchvision on use: importing kdx.data must not need it
 
         return image_transform(
             IMAGENET_MEAN, IMAGENET_STD, v2.Resize(self.resize_size), v2.CenterCrop(self.image_size)

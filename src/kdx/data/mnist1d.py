@@ -51,7 +51,7 @@ class MNIST1DDataModule(KDDataModule):
         self.generator_args = dict(generator_args or {})
 
     def _args(self):
-        from mnist1d.data import get_dataset_args
+        from mnist1d.data import get_dataset_args  # mnist1d on use: importing kdx.data must not need it
 
         args = get_dataset_args()
         for key, value in {**self.generator_args, "num_samples": self.num_samples, "seed": self.seed}.items():
@@ -70,7 +70,7 @@ class MNIST1DDataModule(KDDataModule):
         path = self.cache_path
         if path.exists():
             return
-        import mnist1d.data
+        import mnist1d.data  # mnist1d on use: importing kdx.data must not need it
 
         args = self._args()
         # make_dataset reseeds the global `random` and numpy generators; put them back so that

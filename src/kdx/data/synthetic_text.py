@@ -135,6 +135,7 @@ class SyntheticTextDataModule(TextDataModule):
         self.label_noise = label_noise
         self.vocab_size = vocab_size
         self.seed = seed
+        self.tokenizers = {"": str(self.tokenizer_dir)}  # trained on the training reviews in setup
 
     @property
     def folder(self) -> Path:

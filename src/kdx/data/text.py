@@ -44,6 +44,10 @@ class TextDataset(Dataset):
     def __getitem__(self, index: int):
         return {k: v[index] for k, v in self.encodings.items()}, self.labels[index], index
 
+    @property
+    def targets(self) -> Tensor:
+        return self.labels
+
 
 def trim_padding(samples: list) -> Any:
     """Default collate, then cut every tokenisation to the longest row of the batch (right padding)."""
@@ -96,6 +100,7 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str | Path) 
     Returns a ``transformers.PreTrainedTokenizerFast`` that ``AutoTokenizer.from_pretrained(out_dir)``
     loads again. Used for the synthetic-text language and for tests' stand-in checkpoints.
     """
+    # tokenizers and transformers on use: optional (the text extra)
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -125,7 +130,17 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str | Path) 
 
 
 class TextDataModule(KDDataModule):
-    """A data module of :class:`TextDataset` splits; ``input_shape`` is ``(max_length,)``."""
+    """A data module of :class:`TextDataset` splits; ``input_shape`` is ``(max_length,)``.
+
+    Besides the data protocol, a text data module declares how its splits are tokenised.
+    """
+
+    max_length: int
+    """The length every split is padded (and truncated) to; batches are trimmed to their longest row."""
+
+    tokenizers: dict[str, str]
+    """Tokenizer folder per key prefix of the batch's ``x``: ``""`` the student's tokenisation,
+    ``"teacher."`` the teacher's when it differs (:data:`TEACHER_PREFIX`)."""
 
     def __init__(self, max_length: int = 128, **loader_kwargs: Any):
         super().__init__(**loader_kwargs)
@@ -134,6 +149,7 @@ class TextDataModule(KDDataModule):
         self.max_length = max_length
         self.input_shape = (max_length,)
         self.collate_fn = trim_padding
+        self.tokenizers = {}
 
     @staticmethod
     def cache_key(*parts: Any) -> str:
