@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, run_train
 from kdx.context import StepContext
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.errors import KDXError
@@ -306,7 +305,6 @@ def test_gradient_flow_main_phase(name):
     assert torch.isfinite(terms["loss"]) and terms[name].item() > 0
     torch.testing.assert_close(terms["loss"], terms["ce"] + method.weight * terms[name])
     terms["loss"].backward()
-    assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.model.layer1.parameters())
     learned = {n: p for n, p in method.named_parameters()}
     frozen_in_main = ("paraphraser.",)  # FT's paraphraser is trained only in its init phase
@@ -427,18 +425,6 @@ def test_bad_hyper_parameters_are_rejected():
         METHODS["fitnet"](hint_layer=7).setup(*_pair("fitnet"), _shaped(INPUT))
 
 
-def test_connectors_survive_a_state_dict_round_trip():
-    student, teacher = _pair("vid")
-    method = _method("vid")
-    method.setup(student, teacher, _shaped(INPUT))
-    with torch.no_grad():
-        method.regressors[0].log_scale.fill_(0.25)
-    fresh = _method("vid")
-    fresh.setup(student, teacher, _shaped(INPUT))
-    fresh.load_state_dict(method.state_dict())
-    torch.testing.assert_close(fresh.regressors[0].log_scale, method.regressors[0].log_scale)
-
-
 def test_a_checkpoint_loads_into_a_method_that_was_not_set_up():
     # kdx-eval builds the method without fit's setup(): the stored connectors are skipped, not an error
     student, teacher = _pair("fitnet")
@@ -451,24 +437,3 @@ def test_a_checkpoint_loads_into_a_method_that_was_not_set_up():
     assert fresh.regressor is None
     with pytest.raises(RuntimeError, match="Unexpected key"):  # a set-up method still loads strictly
         method.load_state_dict({**state, "regressor.extra": torch.zeros(1)})
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end: one fast_dev_run per method on the CRD row resnet32x4 -> resnet8x4.
-
-TINY_CIFAR = [
-    "experiment=crd_cifar100/resnet32x4_resnet8x4",
-    "dataset=synthetic_cifar",
-    "dataset.input_shape=[3,16,16]",  # the zoo pools adaptively; a quarter of the 32×32 cost
-    "dataset.datamodule.num_train=16",
-    "dataset.datamodule.num_val=8",
-    "dataset.datamodule.num_test=8",
-    "dataset.datamodule.batch_size=8",
-]
-
-
-@pytest.mark.parametrize("name", FEATURE_METHODS)
-def test_fast_dev_run_on_the_crd_row(name, tmp_path, cache_dir):
-    metrics = run_train([*TINY_CIFAR, *FAST, f"method={name}"], tmp_path, cache_dir)
-    assert metrics["status"] == "ok" and metrics["method"] == name
-    assert 0.0 <= metrics["student/acc_best"] <= 1.0

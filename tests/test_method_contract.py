@@ -137,6 +137,7 @@ def _fit(name: str, fits: dict, tmp_path_factory, monkeypatch) -> dict:
         teacher=teacher,
     )
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
     recorder = StepRecorder(reads)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -159,6 +160,7 @@ def _fit(name: str, fits: dict, tmp_path_factory, monkeypatch) -> dict:
     fits[name] = {
         "module": module,
         "teacher_before": teacher_before,
+        "student_before": student_before,
         "recorder": recorder,
         "host_reads": list(reads.calls),
         "optimised": {n for n, p in module.named_parameters() if id(p) in optimised},
@@ -209,10 +211,12 @@ def test_gradients_reach_only_what_the_method_trains(fitted):
 
 
 @pytest.mark.parametrize("fitted", NAMES, indirect=True)
-def test_a_frozen_teacher_is_bit_identical_after_the_fit(fitted):
+def test_a_frozen_teacher_is_bit_identical_after_the_fit_and_the_student_moved(fitted):
     module, before = fitted["module"], fitted["teacher_before"]
     unchanged = all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
     assert unchanged != (module.method.teacher_use is TeacherUse.TRAINED)
+    moved = fitted["student_before"]
+    assert any(not torch.equal(v, moved[k]) for k, v in module.student.state_dict().items())
 
 
 @pytest.mark.parametrize("fitted", NAMES, indirect=True)
