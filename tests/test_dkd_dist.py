@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdx.context import StepContext
 from kdx.methods.base import kd_loss
 from kdx.methods.dist import DIST, inter_class_relation, intra_class_relation, pearson_rows
 from kdx.methods.dkd import DKD, dkd_terms, warmup_factor
@@ -72,11 +73,7 @@ def test_dkd_warm_up_ramps_the_weight_from_the_first_epoch():
     torch.manual_seed(2)
     s, t, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
     method = DKD(warmup=20)
-
-    class Host:
-        current_epoch = 9
-
-    method.on_train_epoch_start(Host())
+    method.on_train_epoch_start(StepContext(student=None, epoch=9))
     terms = method.loss(ModelOutput(s), ModelOutput(t), y, torch.arange(3))
     assert terms["dkd"].item() == pytest.approx(0.5 * (terms["tckd"] + 8 * terms["nckd"]).item(), rel=1e-6)
 
