@@ -9,8 +9,9 @@ import csv
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -97,6 +98,14 @@ def test_enabled_resolution():
         TangDiagnostics(enabled="sometimes")
 
 
+@dataclass
+class TrainerState:
+    """The two things the callback's ``setup`` and instance-level figures read from the trainer."""
+
+    datamodule: Any
+    default_root_dir: str
+
+
 def _measure(method_name: str, tmp_path: Path, **method_kwargs):
     """The callback's instance-level figures for a 4-class student whose logits are all 0."""
     dm = HierSyntheticDataModule(
@@ -114,7 +123,7 @@ def _measure(method_name: str, tmp_path: Path, **method_kwargs):
         optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
         teacher=MLP(4, (8,), hidden=(32,)),
     )
-    trainer = SimpleNamespace(datamodule=dm, default_root_dir=str(tmp_path))
+    trainer = TrainerState(datamodule=dm, default_root_dir=str(tmp_path))
     diag = TangDiagnostics(enabled="auto", max_samples=64)
     diag.setup(trainer, module, "fit")
     return diag, diag._instance_level(trainer, module)
@@ -150,7 +159,7 @@ def test_a_method_without_temperature_fails_loudly(tmp_path):
         optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
         teacher=MLP(4, (8,), hidden=(32,)),
     )
-    trainer = SimpleNamespace(datamodule=None, default_root_dir=str(tmp_path))
+    trainer = TrainerState(datamodule=None, default_root_dir=str(tmp_path))
     with pytest.raises(AttributeError, match="temperature"):
         TangDiagnostics(enabled="auto").setup(trainer, module, "fit")
     with pytest.raises(AttributeError, match="temperature"):

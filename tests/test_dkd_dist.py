@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, run_train
+from kdx.context import StepContext
 from kdx.methods.base import kd_loss
 from kdx.methods.dist import DIST, inter_class_relation, intra_class_relation, pearson_rows
 from kdx.methods.dkd import DKD, dkd_terms, warmup_factor
 from kdx.models.base import ModelOutput
-from test_crd import TINY_CIFAR
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
@@ -74,22 +73,9 @@ def test_dkd_warm_up_ramps_the_weight_from_the_first_epoch():
     torch.manual_seed(2)
     s, t, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
     method = DKD(warmup=20)
-
-    class Host:
-        current_epoch = 9
-
-    method.on_train_epoch_start(Host())
+    method.on_train_epoch_start(StepContext(student=None, epoch=9))
     terms = method.loss(ModelOutput(s), ModelOutput(t), y, torch.arange(3))
     assert terms["dkd"].item() == pytest.approx(0.5 * (terms["tckd"] + 8 * terms["nckd"]).item(), rel=1e-6)
-
-
-def test_dkd_gradient_reaches_the_student_only():
-    s = torch.randn(3, 4, requires_grad=True)
-    t = torch.randn(3, 4)
-    DKD(warmup=0).loss(ModelOutput(s), ModelOutput(t), torch.tensor([0, 1, 2]), torch.arange(3))[
-        "loss"
-    ].backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
 
 
 def test_dkd_bad_hyper_parameters():
@@ -145,12 +131,6 @@ def test_dist_identities():
     assert a["loss"].item() == pytest.approx(4 * b["loss"].item(), rel=1e-5)
 
 
-def test_dist_gradient_reaches_the_student_only():
-    s, t = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
-    DIST().loss(ModelOutput(s), ModelOutput(t), torch.tensor([0, 1, 2, 3]), None)["loss"].backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
-
-
 def test_dist_bad_hyper_parameters():
     with pytest.raises(ValueError, match="temperature"):
         DIST(temperature=-1.0)
@@ -160,12 +140,6 @@ def test_dist_bad_hyper_parameters():
 
 # ---------------------------------------------------------------------------------------------
 # End to end on the CRD row (synthetic CIFAR)
-
-
-@pytest.mark.parametrize("name", ["dkd", "dist"])
-def test_fast_dev_run_end_to_end(name, tmp_path, cache_dir):
-    metrics = run_train([*TINY_CIFAR, *FAST, f"method={name}"], tmp_path, cache_dir)
-    assert metrics["status"] == "ok" and metrics["method"] == name
 
 
 def test_dkd_on_two_classes_stays_finite():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from conftest import CONF_DIR, FAST, compose_train, run_train
+from kdx.context import StepContext
 from kdx.methods.prokt import ProKT, teacher_kl
 from kdx.models.adapter import as_feature_model
 from kdx.models.small import CNN1D, MLP
@@ -23,28 +25,30 @@ from kdx.teacher import load_weights
 LN2, LN3 = math.log(2), math.log(3)
 
 
-class Host:
-    """The part of the LightningModule that ProKT's steps use, with plain PyTorch behind it."""
+@dataclass
+class RecordingContext(StepContext):
+    """A step context over plain PyTorch (SGD on each model) that records each forward's model and mode."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, method: ProKT, lr: float = 1.0):
-        self.student, self.teacher = as_feature_model(student), as_feature_model(teacher)
-        self.student_opt = torch.optim.SGD(self.student.parameters(), lr=lr)
-        self.teacher_opt = torch.optim.SGD(self.teacher.parameters(), lr=lr)
-        self.method = method
-        self.calls: list[tuple[str, bool]] = []
+    lr: float = 1.0
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.student, self.teacher = as_feature_model(self.student), as_feature_model(self.teacher)
+        self.student_opt = torch.optim.SGD(self.student.parameters(), lr=self.lr)
+        self.teacher_opt = torch.optim.SGD(self.teacher.parameters(), lr=self.lr)
+        self.optimizers = lambda: [self.student_opt, self.teacher_opt]
+        self.clip_gradients = self._clip_by_norm
         self.student.register_forward_pre_hook(lambda m, a: self.calls.append(("student", m.training)))
         self.teacher.register_forward_pre_hook(lambda m, a: self.calls.append(("teacher", m.training)))
 
-    def optimizers(self):
-        return [self.student_opt, self.teacher_opt]
-
-    def manual_backward(self, loss):
-        loss.backward()
-
-    def clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
+    def _clip_by_norm(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
         assert gradient_clip_algorithm == "norm"
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+
+def recording_context(student: nn.Module, teacher: nn.Module, lr: float = 1.0) -> RecordingContext:
+    return RecordingContext(student=student, teacher=teacher, lr=lr)
 
 
 def bias_only(bias) -> nn.Module:
@@ -73,14 +77,14 @@ def bias_only(bias) -> nn.Module:
 
 def test_golden_teacher_then_student_step():
     method = ProKT(move_back_weight=0.4, alpha=0.5, temperature=1.0)
-    host = Host(bias_only([0.0, 0.0]), bias_only([LN3, 0.0]), method)
+    ctx = recording_context(bias_only([0.0, 0.0]), bias_only([LN3, 0.0]))
     x, y = torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0])
-    terms = method.training_step((x, y, torch.tensor([0])), host)
+    terms = method.training_step((x, y, torch.tensor([0])), ctx)
 
     assert terms["teacher/ce"].item() == pytest.approx(2 * LN2 - LN3, rel=1e-9)
     assert terms["teacher/kl"].item() == pytest.approx(LN2 - LN3 / 2, rel=1e-9)
     assert terms["teacher/loss"].item() == pytest.approx(1.6 * LN2 - 0.8 * LN3, rel=1e-9)
-    teacher_bias = host.teacher.model[0].bias.detach()
+    teacher_bias = ctx.teacher.model[0].bias.detach()
     torch.testing.assert_close(teacher_bias, torch.tensor([LN3 + 0.05, -0.05], dtype=torch.float64))
 
     p = 3 * math.exp(0.1) / (3 * math.exp(0.1) + 1)
@@ -88,12 +92,12 @@ def test_golden_teacher_then_student_step():
     assert terms["ce"].item() == pytest.approx(LN2, rel=1e-9)
     assert terms["kd"].item() == pytest.approx(kl, rel=1e-9)
     assert terms["loss"].item() == pytest.approx(0.5 * LN2 + 0.5 * kl, rel=1e-9)
-    student_bias = host.student.model[0].bias.detach()
+    student_bias = ctx.student.model[0].bias.detach()
     torch.testing.assert_close(student_bias, torch.tensor([p / 2, -p / 2], dtype=torch.float64))
 
     # the official order and modes: student snapshot (eval), teacher step (train),
     # teacher snapshot (eval), student step (train)
-    assert host.calls == [("student", False), ("teacher", True), ("teacher", False), ("student", True)]
+    assert ctx.calls == [("student", False), ("teacher", True), ("teacher", False), ("student", True)]
 
 
 def test_golden_student_loss_temperature():
@@ -111,11 +115,11 @@ def test_golden_student_loss_temperature():
 def test_teacher_gradient_clipping():
     # same set-up as the golden test; the teacher gradient (−0.05, 0.05) clipped to norm 0.01
     method = ProKT(move_back_weight=0.4, alpha=0.5, temperature=1.0, teacher_max_grad_norm=0.01)
-    host = Host(bias_only([0.0, 0.0]), bias_only([LN3, 0.0]), method)
-    method.training_step((torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]), torch.tensor([0])), host)
+    ctx = recording_context(bias_only([0.0, 0.0]), bias_only([LN3, 0.0]))
+    method.training_step((torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]), torch.tensor([0])), ctx)
     step = 0.01 / math.sqrt(2)
     torch.testing.assert_close(
-        host.teacher.model[0].bias.detach(), torch.tensor([LN3 + step, -step], dtype=torch.float64)
+        ctx.teacher.model[0].bias.detach(), torch.tensor([LN3 + step, -step], dtype=torch.float64)
     )
 
 
@@ -129,39 +133,39 @@ def _pair(dropout: float = 0.0) -> tuple[nn.Module, nn.Module]:
 
 def test_each_step_touches_only_its_own_model():
     method = ProKT()
-    host = Host(*_pair(), method, lr=0.1)
+    ctx = recording_context(*_pair(), lr=0.1)
     x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
-    student_before = copy.deepcopy(host.student.state_dict())
-    teacher_before = copy.deepcopy(host.teacher.state_dict())
+    student_before = copy.deepcopy(ctx.student.state_dict())
+    teacher_before = copy.deepcopy(ctx.teacher.state_dict())
 
-    z_s = method.student_snapshot(host, x)
-    method.teacher_step(host, x, y, z_s, host.teacher_opt)
-    assert all(p.grad is None for p in host.student.parameters()), "the teacher step reached the student"
-    assert all(p.grad is not None for p in host.teacher.parameters())
-    assert all(torch.equal(v, student_before[k]) for k, v in host.student.state_dict().items())
-    assert any(not torch.equal(v, teacher_before[k]) for k, v in host.teacher.state_dict().items())
+    z_s = method.student_snapshot(ctx, x)
+    method.teacher_step(ctx, x, y, z_s, ctx.teacher_opt)
+    assert all(p.grad is None for p in ctx.student.parameters()), "the teacher step reached the student"
+    assert all(p.grad is not None for p in ctx.teacher.parameters())
+    assert all(torch.equal(v, student_before[k]) for k, v in ctx.student.state_dict().items())
+    assert any(not torch.equal(v, teacher_before[k]) for k, v in ctx.teacher.state_dict().items())
 
-    host.teacher_opt.zero_grad(set_to_none=True)
-    teacher_after = copy.deepcopy(host.teacher.state_dict())
-    z_t = method.teacher_snapshot(host, x)
-    method.student_step(host, x, y, z_t, host.student_opt)
-    assert all(p.grad is None for p in host.teacher.parameters()), "the student step reached the teacher"
-    assert all(p.grad is not None for p in host.student.parameters())
-    assert all(torch.equal(v, teacher_after[k]) for k, v in host.teacher.state_dict().items())
-    assert any(not torch.equal(v, student_before[k]) for k, v in host.student.state_dict().items())
+    ctx.teacher_opt.zero_grad(set_to_none=True)
+    teacher_after = copy.deepcopy(ctx.teacher.state_dict())
+    z_t = method.teacher_snapshot(ctx, x)
+    method.student_step(ctx, x, y, z_t, ctx.student_opt)
+    assert all(p.grad is None for p in ctx.teacher.parameters()), "the student step reached the teacher"
+    assert all(p.grad is not None for p in ctx.student.parameters())
+    assert all(torch.equal(v, teacher_after[k]) for k, v in ctx.teacher.state_dict().items())
+    assert any(not torch.equal(v, student_before[k]) for k, v in ctx.student.state_dict().items())
 
 
 def test_snapshots_are_eval_mode_and_detached():
     method = ProKT()
-    host = Host(*_pair(dropout=0.5), method)
-    host.student.train(), host.teacher.train()
+    ctx = recording_context(*_pair(dropout=0.5))
+    ctx.student.train(), ctx.teacher.train()
     x = torch.randn(8, 1, 40)
-    a, b = method.student_snapshot(host, x), method.student_snapshot(host, x)
+    a, b = method.student_snapshot(ctx, x), method.student_snapshot(ctx, x)
     assert torch.equal(a, b) and not a.requires_grad  # no dropout: eval
-    assert host.student.training and host.teacher.training  # modes restored
-    running = host.teacher.model.stages[0][1].running_mean.clone()
-    method.teacher_snapshot(host, x)
-    assert torch.equal(host.teacher.model.stages[0][1].running_mean, running)  # eval BN: stats untouched
+    assert ctx.student.training and ctx.teacher.training  # modes restored
+    running = ctx.teacher.model.stages[0][1].running_mean.clone()
+    method.teacher_snapshot(ctx, x)
+    assert torch.equal(ctx.teacher.model.stages[0][1].running_mean, running)  # eval BN: stats untouched
 
 
 def test_kl_direction_gradient_only_to_the_teacher():
@@ -179,19 +183,19 @@ def test_kl_direction_gradient_only_to_the_teacher():
 
 def test_lambda_zero_is_plain_cross_entropy():
     method = ProKT(move_back_weight=0.0, teacher_max_grad_norm=0.0)
-    host = Host(*_pair(), method, lr=0.1)
-    reference = copy.deepcopy(host.teacher)
+    ctx = recording_context(*_pair(), lr=0.1)
+    reference = copy.deepcopy(ctx.teacher)
     x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
-    terms = method.training_step((x, y, torch.arange(16)), host)
-    assert host.calls[0] == ("teacher", True)  # no student snapshot when λ = 0
-    assert [c for c in host.calls if c[0] == "student"] == [("student", True)]
+    terms = method.training_step((x, y, torch.arange(16)), ctx)
+    assert ctx.calls[0] == ("teacher", True)  # no student snapshot when λ = 0
+    assert [c for c in ctx.calls if c[0] == "student"] == [("student", True)]
     assert terms["teacher/loss"] == terms["teacher/ce"] and "teacher/kl" not in terms
     # the same update as plain CE fine-tuning of a copy
     reference.train()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     F.cross_entropy(reference(x).logits, y).backward()
     opt.step()
-    for (name, p), q in zip(host.teacher.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(ctx.teacher.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, msg=name)
 
 
@@ -244,11 +248,11 @@ def test_teacher_snapshot_mode_and_untouched_statistics(snapshot):
     # logits differ from the eval-mode ones), and neither snapshot moves the running statistics
     torch.manual_seed(0)
     teacher = as_feature_model(CNN1D(10, (1, 40), channels=(8, 8, 8)))
-    host = type("H", (), {"teacher": teacher})()
+    ctx = StepContext(student=teacher, teacher=teacher)
     x = torch.randn(16, 1, 40) * 2 + 1
     buffers = {k: v.clone() for k, v in teacher.named_buffers()}
     teacher.train()
-    logits = ProKT(teacher_snapshot=snapshot).teacher_snapshot(host, x)
+    logits = ProKT(teacher_snapshot=snapshot).teacher_snapshot(ctx, x)
     assert teacher.training  # the mode is restored
     assert all(torch.equal(v, buffers[k]) for k, v in teacher.named_buffers())
     with torch.no_grad():

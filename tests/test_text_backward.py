@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.backward import PERTURBATIONS, BackwardPassKD
 from kdx.methods.backward_embedding import EmbeddingPerturbation
@@ -115,13 +116,6 @@ def test_refuses_models_without_word_embeddings_and_same_prefix():
         perturb.setup(TableModel([[0, 0]]), TableModel([[0, 0]]))
 
 
-class Host:
-    """The parts of the LightningModule backward-pass KD uses."""
-
-    def __init__(self, student, teacher):
-        self.student, self.teacher = student, teacher
-
-
 def tiny_pair():
     config = dict(
         model_type="bert", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
@@ -137,10 +131,10 @@ def test_real_models_move_uphill_and_the_teacher_gets_no_gradient():
     student, teacher = tiny_pair()
     method = BackwardPassKD(space="embedding", step_size=0.05, temperature=1.0)
     method.setup(student, teacher, None)
-    host = Host(student, teacher)
+    ctx = StepContext(student=student, teacher=teacher)
     x = {"input_ids": torch.randint(1, 40, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     x["attention_mask"][0, 4:] = 0
-    aux = method.generate(host, x)
+    aux = method.generate(ctx, x)
     assert all(p.grad is None for p in student.parameters())  # generation touches no parameter
     assert (aux["__embedding_delta__"][0, 4:] == 0).all()  # no move on padding
     with torch.no_grad():
@@ -151,7 +145,7 @@ def test_real_models_move_uphill_and_the_teacher_gets_no_gradient():
         d = divergence(student(joined).logits, teacher(joined).logits, 1.0)
     assert (d[4:] > d[:4]).all()  # every sample's divergence grew along the gradient
     student.train()
-    terms = method.training_step((x, torch.tensor([0, 1, 2, 0]), torch.arange(4)), host)
+    terms = method.training_step((x, torch.tensor([0, 1, 2, 0]), torch.arange(4)), ctx)
     terms["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student.input_embeddings().weight.grad is not None  # the lookups of both parts are the student's

@@ -74,27 +74,29 @@ def test_recipe_is_the_official_one(prokt_cfg):
 
 def test_step_order_and_zero_initialised_heads(prokt_cfg, monkeypatch):
     module, datamodule, info = build(prokt_cfg)
-    assert module.method.trains_teacher and info["teacher/source"].startswith("pre-trained weights of")
+    assert module.method.teacher_use.trains_teacher and info["teacher/source"].startswith(
+        "pre-trained weights of"
+    )
     events: list[str] = []
     original_teacher_step, original_student_step = ProKT.teacher_step, ProKT.student_step
 
-    def teacher_step(self, host, x, y, student_logits, optimizer):
+    def teacher_step(self, ctx, x, y, student_logits, optimizer):
         if not events:  # the first step: both heads are still all zeros, so the snapshot is uniform
-            for model in (host.student, host.teacher):
+            for model in (ctx.student, ctx.teacher):
                 assert model.classifier.weight.abs().sum() == 0 and model.classifier.bias.abs().sum() == 0
             torch.testing.assert_close(student_logits, torch.zeros_like(student_logits))
-        before = [p.detach().clone() for p in host.teacher.parameters()]
-        terms = original_teacher_step(self, host, x, y, student_logits, optimizer)
-        assert any(not torch.equal(a, p) for a, p in zip(before, host.teacher.parameters(), strict=True))
+        before = [p.detach().clone() for p in ctx.teacher.parameters()]
+        terms = original_teacher_step(self, ctx, x, y, student_logits, optimizer)
+        assert any(not torch.equal(a, p) for a, p in zip(before, ctx.teacher.parameters(), strict=True))
         events.append("teacher")
         return terms
 
-    def student_step(self, host, x, y, teacher_logits, optimizer):
+    def student_step(self, ctx, x, y, teacher_logits, optimizer):
         # the target is the UPDATED teacher's eval-mode prediction on this batch
-        with torch.no_grad(), train_mode(host.teacher, False):
-            torch.testing.assert_close(teacher_logits, host.teacher(x).logits)
+        with torch.no_grad(), train_mode(ctx.teacher, False):
+            torch.testing.assert_close(teacher_logits, ctx.teacher(x).logits)
         events.append("student")
-        return original_student_step(self, host, x, y, teacher_logits, optimizer)
+        return original_student_step(self, ctx, x, y, teacher_logits, optimizer)
 
     monkeypatch.setattr(ProKT, "teacher_step", teacher_step)
     monkeypatch.setattr(ProKT, "student_step", student_step)
