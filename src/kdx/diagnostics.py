@@ -296,9 +296,8 @@ class TangDiagnostics(L.Callback, ReportsMetrics):
     # -- instance level -----------------------------------------------------------------------
     def _train_loader(self, trainer: L.Trainer):
         if self._loader is None:
-            dm = getattr(trainer, "datamodule", None)
-            make = getattr(dm, "train_eval_dataloader", None) or getattr(dm, "train_dataloader", None)
-            self._loader = make() if make is not None else None
+            datamodule = trainer.datamodule
+            self._loader = None if datamodule is None else datamodule.train_eval_dataloader()
         return self._loader
 
     @torch.no_grad()
@@ -375,8 +374,9 @@ class TangDiagnostics(L.Callback, ReportsMetrics):
         return weight(pl_module.student, "student"), weight(pl_module.teacher, "teacher")
 
     def _true_similarity(self, trainer: L.Trainer) -> Tensor | None:
-        fn = getattr(getattr(trainer, "datamodule", None), "true_class_similarity", None)
-        return None if fn is None else fn().detach().float().cpu()
+        datamodule = trainer.datamodule
+        similarity = None if datamodule is None else datamodule.true_class_similarity()
+        return None if similarity is None else similarity.detach().float().cpu()
 
     def _domain_level(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         ws, wt = self._weights(pl_module)

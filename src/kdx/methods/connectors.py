@@ -322,7 +322,7 @@ class RepDistillerMethod(DistillationMethod):
         """The feature lists of a zero batch through both models (shapes only)."""
         if teacher is None:
             raise KDXError(f"method {self.name} needs a teacher; pick one (e.g. teacher=cnn1d)")
-        input_shape = getattr(datamodule, "input_shape", None)
+        input_shape = None if datamodule is None else datamodule.input_shape
         if input_shape is None:
             raise KDXError(
                 f"method {self.name} sizes its connectors by probing the models: "

@@ -259,7 +259,7 @@ class CRD(DistillationMethod):
             self.embed_student = EmbedHead(dim_s, self.feat_dim).to(self.normalizers.device)
         if self.embed_teacher is None or self.embed_teacher.linear.in_features != dim_t:
             self.embed_teacher = EmbedHead(dim_t, self.feat_dim).to(self.normalizers.device)
-        train_set = getattr(datamodule, "train_set", None)
+        train_set = None if datamodule is None else datamodule.train_set
         if train_set is not None:
             self.prepare_data(train_set)
 

@@ -340,7 +340,7 @@ class KDA(DistillationMethod):
         return []
 
     def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        input_shape = getattr(datamodule, "input_shape", None)
+        input_shape = None if datamodule is None else datamodule.input_shape
         if teacher is None or input_shape is None:
             return  # sized lazily at the first batch
         s, t = student.probe(tuple(input_shape), self.reads), teacher.probe(tuple(input_shape), self.reads)

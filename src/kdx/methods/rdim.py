@@ -393,7 +393,7 @@ class RdimKD(DistillationMethod):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
-        input_shape = getattr(datamodule, "input_shape", None)
+        input_shape = None if datamodule is None else datamodule.input_shape
         if teacher is None:
             raise ValueError("rdim needs a teacher")
         if input_shape is None:
