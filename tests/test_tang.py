@@ -301,7 +301,7 @@ def test_configs_compose_with_defaults(tmp_path, cache_dir):
         method = instantiate(cfg.method)
         assert method.name == name and method.alpha == 0.9 and method.temperature == 4.0
         assert method.soft_target().diagnostics_by_default
-        assert method.needs_teacher == (name != "ls")
+        assert method.teacher_use.needs_teacher == (name != "ls")
 
 
 def _datasets() -> list[str]:

@@ -74,7 +74,7 @@ def test_recipe_is_the_official_one(prokt_cfg):
 
 def test_step_order_and_zero_initialised_heads(prokt_cfg, monkeypatch):
     module, datamodule, info = build(prokt_cfg)
-    assert module.method.trains_teacher and info["teacher/source"].startswith("pre-trained weights of")
+    assert module.method.teacher_use.trains_teacher and info["teacher/source"].startswith("pre-trained weights of")
     events: list[str] = []
     original_teacher_step, original_student_step = ProKT.teacher_step, ProKT.student_step
 

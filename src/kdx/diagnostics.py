@@ -234,7 +234,7 @@ class TangDiagnostics(L.Callback, ReportsMetrics):
                 )
             self._target, self._temperature = declared, float(declared.temperature)
             self._target_name = f"{method.name} (declared by the method)"
-            self._target_needs_teacher = method.needs_teacher
+            self._target_needs_teacher = method.teacher_use.needs_teacher
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

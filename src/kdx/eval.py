@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict:
         method = instantiate(cfg.method)
         teacher = None
         if cfg.teacher.get("model") is not None and not (
-            method.trains_teacher and not method.uses_teacher_weights()
+            method.teacher_use.trains_teacher and not method.uses_teacher_weights()
         ):
             teacher, _ = provide_teacher(cfg)
         elif cfg.teacher.get("model") is not None:

@@ -6,7 +6,9 @@ returns to device-side sums: ``train/<term>_epoch`` (their epoch means) is logge
 ``self.log`` nor waits for the device; the NaN check reads the same sums every
 ``nonfinite_check_every`` steps (docs/performance.md). Validation and test measure the student, the
 teacher and the distance between them (:mod:`kdx.metrics`). The teacher stays in ``eval()`` with
-gradients off and out of every optimizer unless the method declares ``trains_teacher``.
+gradients off and out of every optimizer unless the method's ``teacher_use`` is ``TRAINED``. The
+method sees the run only through the :class:`~kdx.context.StepContext` the module builds for each
+step and hook.
 
 Speed switches: ``teacher_cache`` (:mod:`kdx.teacher_outputs`: training batches read the teacher's
 stored outputs, moved with the batch), ``channels_last`` and ``compile`` (in place).
@@ -25,13 +27,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kdx.errors import KDXError, NonFiniteLossError
+from kdx.context import StepContext
+from kdx.errors import KDXError, NonFiniteLossError, NonFiniteSources
 from kdx.methods.base import DistillationMethod
 from kdx.metrics import FidelityMetrics
 from kdx.models.adapter import as_feature_model
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 from kdx.teacher_outputs import TeacherOutputCache
-from kdx.validate import NonFiniteSources
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,17 @@ class DistillationModule(L.LightningModule):
         self._scheduler = scheduler
         self._scheduler_interval = scheduler_interval
         self.automatic_optimization = not method.manual_optimization
-        if method.needs_teacher and self.teacher is None:
+        use = method.teacher_use
+        if use.needs_teacher and self.teacher is None:
             raise ValueError(
                 f"method '{method.name}' needs a teacher, but teacher=none; "
                 "pick a teacher (e.g. teacher=cnn1d) or method=none"
             )
         if self.teacher is not None:
-            self.teacher.requires_grad_(method.trains_teacher)
-            self.teacher.train(method.trains_teacher)
+            self.teacher.requires_grad_(use.trains_teacher)
+            self.teacher.train(use.trains_teacher)
         has_teacher = self.teacher is not None
-        # names a NaN's source (kdx.validate.NonFiniteSources.message): the sums of the training inputs
+        # names a NaN's source (kdx.errors.NonFiniteSources.message): the sums of the training inputs
         # and of the teacher's logits ride along with the loss sums, so naming it costs no extra sync
         self._teacher_sum: Tensor | None = None
         self._step_loss: Tensor | None = None
@@ -90,17 +93,21 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.register_forward_hook(self._watch_teacher)
         self.teacher_cache = teacher_cache if teacher_cache is not None and teacher_cache.active else None
-        if self.teacher_cache is not None and not method.needs_teacher:
+        if self.teacher_cache is not None and not use.needs_teacher:
             log.info("teacher.cache: method %s reads no teacher outputs; nothing to cache", method.name)
             self.teacher_cache = None
         if self.teacher_cache is not None and self.teacher_cache.mode == "auto":
-            if not has_teacher or not TeacherOutputCache.usable_by(method):  # auto: off where it cannot be on
+            if not has_teacher or not use.cacheable:  # auto: off where it cannot be on
                 log.info("teacher.cache=auto: off for method %s (needs the live teacher)", method.name)
                 self.teacher_cache = None
         if self.teacher_cache is not None:
             if not has_teacher:
                 raise KDXError("teacher.cache is set but the run has no teacher; set teacher.cache=off")
-            TeacherOutputCache.check_method(method)
+            if not use.cacheable:
+                raise KDXError(
+                    f"method={method.name} cannot train from cached teacher outputs: {method.live_reason}; "
+                    "set teacher.cache=off for this method"
+                )
         self._cached_for: Any = None  # the training input whose teacher outputs came from the cache
         self._cached_out: ModelOutput | None = None
         self._cached_rows: dict[str, Tensor] | None = None
@@ -114,7 +121,7 @@ class DistillationModule(L.LightningModule):
             # `compile` is True (torch's default backend, inductor) or a backend's name
             options = {} if compile is True else {"backend": str(compile)}
             self.student.compile(**options)
-            if self.teacher is not None and not method.trains_teacher:
+            if self.teacher is not None and not use.trains_teacher:
                 self.teacher.compile(**options)
         self.val_metrics = FidelityMetrics(num_classes, has_teacher)
         self.test_metrics = FidelityMetrics(num_classes, has_teacher)
@@ -122,7 +129,7 @@ class DistillationModule(L.LightningModule):
     # -- modes --------------------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None and not self.method.trains_teacher:
+        if self.teacher is not None and not self.method.teacher_use.trains_teacher:
             self.teacher.eval()  # BN statistics and dropout of a fixed teacher never change
         return self
 
@@ -134,16 +141,42 @@ class DistillationModule(L.LightningModule):
                 self.teacher_cache.bind(self.trainer.datamodule)
                 if not self.teacher_cache.active:  # auto found nothing it can cache
                     self.teacher_cache = None
-            self.method.setup(self.student, self.teacher, getattr(self.trainer, "datamodule", None))
+            self.method.setup(self.student, self.teacher, self.trainer.datamodule)
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        terms = self.method.training_step(batch, self)
+        terms = self.method.training_step(batch, self.step_context())
         loss = terms["loss"]
         self._accumulate(terms, batch[0], batch[1].shape[0])  # y is always a tensor; x may be a mapping
         # logged in on_train_batch_end, on the steps the loggers write (every log_every_n_steps)
         self._step_loss = loss.detach() if self._logs_this_step() else None
         return loss if self.automatic_optimization else None
+
+    def step_context(self) -> StepContext:
+        """What the method may use now (:mod:`kdx.context`), read from the trainer this module runs in."""
+        trainer = self.trainer
+        strategy = trainer.strategy
+        # Lightning keeps DDP's constructor options private; ProKT needs one of them, as a plain bool
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        return StepContext(
+            student=self.student,
+            teacher=self.teacher,
+            datamodule=trainer.datamodule,
+            train_dataloader=trainer.train_dataloader,
+            epoch=self.current_epoch,
+            step=self.global_step,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            device=self.device,
+            ddp_find_unused_parameters=(
+                None if ddp_kwargs is None else bool(ddp_kwargs.get("find_unused_parameters", False))
+            ),
+            cached_teacher=self.cached_teacher,
+            optimizers=self.optimizers,
+            lr_scheduler_configs=trainer.lr_scheduler_configs,
+            manual_backward=self.manual_backward,
+            clip_gradients=self.clip_gradients,
+        )
 
     def _watch_teacher(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", output)
@@ -239,7 +272,7 @@ class DistillationModule(L.LightningModule):
             self.teacher_cache.prepare(
                 self.teacher, self.method.reads, forward_context=self.trainer.precision_plugin.forward_context
             )
-        self.method.on_fit_start(self)
+        self.method.on_fit_start(self.step_context())
 
     # -- batches: cached teacher outputs and memory format, without a device sync ------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -266,17 +299,17 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._term_sums = {}
-        self.method.on_train_epoch_start(self)
+        self.method.on_train_epoch_start(self.step_context())
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()
         self._log_epoch_terms()
-        self.method.on_train_epoch_end(self)
+        self.method.on_train_epoch_end(self.step_context())
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a frozen teacher is provided again by teacher.ckpt at load time: don't copy it into every file
-        if self.teacher is not None and not self.method.trains_teacher:
+        if self.teacher is not None and not self.method.teacher_use.trains_teacher:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
@@ -314,7 +347,7 @@ class DistillationModule(L.LightningModule):
         self.log("val/student/acc", accuracy, prog_bar=True, sync_dist=True)
         self.log_dict(values, sync_dist=True)
         self.val_metrics.reset()
-        self.method.on_validation_epoch_end(self)
+        self.method.on_validation_epoch_end(self.step_context())
 
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()}, sync_dist=True)
@@ -330,7 +363,7 @@ class DistillationModule(L.LightningModule):
                 "scheduler": self._build_scheduler(self._scheduler, optimizer),
                 "interval": self._scheduler_interval,
             }
-        if self.method.trains_teacher and self.teacher is not None:
+        if self.method.teacher_use.trains_teacher and self.teacher is not None:
             configs += self.method.teacher_optimizers(self.teacher, self._build_scheduler)
         return configs[0] if len(configs) == 1 else configs
 

@@ -241,12 +241,12 @@ class TeacherOutputCache:
     # -- checks and key ----------------------------------------------------------------------
     @staticmethod
     def usable_by(method: Any) -> bool:
-        return not method.trains_teacher and getattr(method, "cacheable_teacher", True)
+        return method.teacher_use.cacheable
 
     @staticmethod
     def check_method(method: Any) -> None:
-        if method.trains_teacher or not getattr(method, "cacheable_teacher", True):
-            why = getattr(method, "cache_refusal", "") or "it trains the teacher"
+        if not method.teacher_use.cacheable:
+            why = method.live_reason
             raise KDXError(
                 f"method={method.name} cannot train from cached teacher outputs: {why}; "
                 "set teacher.cache=off for this method"

@@ -200,13 +200,13 @@ def build(cfg: DictConfig) -> tuple[DistillationModule, L.LightningDataModule, d
     _check_reads_input(student, input_shape, "student", cfg)
     info: dict[str, Any] = {}
     teacher = None
-    if method.needs_teacher or cfg.teacher.get("model") is not None:
-        if method.needs_teacher and cfg.teacher.get("model") is None:
+    if method.teacher_use.needs_teacher or cfg.teacher.get("model") is not None:
+        if method.teacher_use.needs_teacher and cfg.teacher.get("model") is None:
             raise KDXError(
                 f"method={method.name} needs a teacher but teacher=none; pick one, e.g. teacher=cnn1d"
             )
         _check_reads_input(instantiate(cfg.teacher.model), input_shape, "teacher", cfg)
-        if method.trains_teacher and not method.uses_teacher_weights():
+        if method.teacher_use.trains_teacher and not method.uses_teacher_weights():
             pretrained = cfg.teacher.model.get("name_or_path")  # e.g. a Hugging Face checkpoint folder
             source = f"pre-trained weights of {pretrained}" if pretrained else "random init"
             teacher, info = instantiate(cfg.teacher.model), {"teacher/source": source}

@@ -445,38 +445,3 @@ def _derived_name(group: str, choice: str | None) -> bool:
     name = raw._get_node("name") if "name" in raw else None
     text = str(name._value()) if name is not None else ""
     return "${" in text and "model" in text
-
-
-# ---------------------------------------------------------------------------------------------
-# During training: where a NaN came from
-
-
-class NonFiniteSources:
-    """What a non-finite training step is blamed on, and the one message for it.
-
-    :class:`kdx.module.DistillationModule` keeps device-side sums of the loss, of the training
-    inputs and of the teacher's logits next to its loss-term sums and reads them together in its
-    NaN check (every ``nonfinite_check_every`` steps, reduced over the ranks: no host sync of their
-    own, the same message on every rank). The sources found non-finite are named in :attr:`NAMES`
-    order; the message blames the earliest cause: the inputs, then the teacher, then the loss.
-    """
-
-    NAMES = ("loss", "inputs", "teacher outputs")
-
-    @staticmethod
-    def message(sources: list[str], epoch: int, step: int) -> str:
-        where = f"at epoch {epoch} (seen by global step {step}, on at least one device)"
-        if "inputs" in sources:
-            return (
-                f"the training inputs hold NaN or infinite values {where}: the data, not the optimiser — "
-                "check the data set's files and preprocessing (normalisation by a zero std?)"
-            )
-        if "teacher outputs" in sources:
-            return (
-                f"the teacher's outputs became NaN or infinite {where} on finite inputs: check the teacher's "
-                "weights (teacher.ckpt) and its precision (trainer.precision)"
-            )
-        return (
-            f"the training loss became NaN or infinite {where}; lower optim.optimizer.lr, set "
-            "trainer.gradient_clip_val, or check the method's loss weights"
-        )

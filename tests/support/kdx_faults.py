@@ -14,15 +14,15 @@ from kdx.methods.kd import KD
 class BugInStep(KD):
     """A programming error (not a user error) at the first training step."""
 
-    def training_step(self, batch, host):
+    def training_step(self, batch, ctx):
         raise RuntimeError("injected bug: this is not a KDXError")
 
 
 class NaNOnRankOne(KD):
     """The loss turns NaN on DDP rank 1 only, from its second step on; rank 0 stays finite."""
 
-    def training_step(self, batch, host):
-        terms = super().training_step(batch, host)
-        if host.trainer.global_rank == 1 and host.global_step >= 1:
+    def training_step(self, batch, ctx):
+        terms = super().training_step(batch, ctx)
+        if ctx.rank == 1 and ctx.step >= 1:
             terms["loss"] = terms["loss"] * torch.tensor(float("nan"))
         return terms

@@ -90,8 +90,10 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import (
+    TeacherUse,
     DistillationMethod,
     SoftTarget,
     Terms,
@@ -263,18 +265,10 @@ class InputGradientAscent(Perturbation):
 PERTURBATIONS: dict[str, type[Perturbation]] = {"input": InputGradientAscent}
 
 
-def _trainer(host: Any) -> Any:
-    """``host.trainer``, or None when the host is not attached to one (Lightning raises then)."""
-    try:
-        return getattr(host, "trainer", None)
-    except RuntimeError:
-        return None
-
-
 @register_method("backward")
 class BackwardPassKD(DistillationMethod):
-    cacheable_teacher = False
-    cache_refusal = (
+    teacher_use = TeacherUse.LIVE
+    live_reason = (
         "it back-propagates through the teacher to its input and reads the teacher on generated "
         "inputs, which no stored output covers"
     )
@@ -371,33 +365,33 @@ class BackwardPassKD(DistillationMethod):
             return l2_divergence(student_logits, teacher_logits)
         return divergence(student_logits, teacher_logits, self.temperature)
 
-    def generate(self, host: Any, x: Tensor) -> Tensor:
+    def generate(self, ctx: StepContext, x: Tensor) -> Tensor:
         """Auxiliary inputs for ``x``: the teacher's parameters stay frozen, the student's get no
         gradient, and both models' BatchNorm statistics and modes are left as they were."""
 
         def d(inputs: Tensor) -> Tensor:
-            z_s = host.student(inputs, self.reads).logits
-            z_t = host.teacher(inputs, self.reads).logits
+            z_s = ctx.student(inputs, self.reads).logits
+            z_t = ctx.teacher(inputs, self.reads).logits
             return self.sample_divergence(z_s, z_t)
 
-        with train_mode(host.student, False), train_mode(host.teacher, False):
+        with train_mode(ctx.student, False), train_mode(ctx.teacher, False):
             return self.perturb(x, d)
 
     # -- the step -----------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
         x, y, _ = batch
         if self.mode == "offline":
-            x_aux, teacher_aux = self._next_aux_batch(host, x.shape[0])
+            x_aux, teacher_aux = self._next_aux_batch(ctx, x.shape[0])
             x_aux = x_aux.to(x.device, non_blocking=True)
             with torch.no_grad():
-                teacher_clean = host.teacher(x, self.reads).logits
+                teacher_clean = ctx.teacher(x, self.reads).logits
             teacher_aux = teacher_aux.to(x.device, teacher_clean.dtype, non_blocking=True)
             teacher_logits = torch.cat([teacher_clean, teacher_aux])
         else:
-            x_aux = self.generate(host, x)
+            x_aux = self.generate(ctx, x)
             with torch.no_grad():
-                teacher_logits = host.teacher(self.perturb.join(x, x_aux), self.reads).logits
-        student_logits = host.student(self.perturb.join(x, x_aux), self.reads).logits
+                teacher_logits = ctx.teacher(self.perturb.join(x, x_aux), self.reads).logits
+        student_logits = ctx.student(self.perturb.join(x, x_aux), self.reads).logits
         n = y.shape[0]  # x may be a mapping of tensors (text)
         terms = self.terms(student_logits[:n], teacher_logits[:n], y, student_logits[n:], teacher_logits[n:])
         if self.mode == "online":
@@ -421,23 +415,19 @@ class BackwardPassKD(DistillationMethod):
         return {"loss": loss, "ce": ce, "kd": kd, "aux_kd": aux_kd, "aux/kl_gain": gain}
 
     # -- offline mode -------------------------------------------------------------------------
-    def on_train_epoch_start(self, host: Any) -> None:
+    def on_train_epoch_start(self, ctx: StepContext) -> None:
         if self.mode != "offline":
             return
-        epoch = int(getattr(host, "current_epoch", 0) or 0)
-        if self._aux_x is None or epoch % self.regenerate_every == 0:
-            self.build_aux_set(host)
+        if self._aux_x is None or ctx.epoch % self.regenerate_every == 0:
+            self.build_aux_set(ctx)
 
-    def build_aux_set(self, host: Any) -> None:
+    def build_aux_set(self, ctx: StepContext) -> None:
         """Generate a round of auxiliary samples from the un-augmented training split; it replaces
         the set, or is appended to it with ``cumulative``."""
-        datamodule = getattr(_trainer(host), "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "train_eval_dataloader"):
-            raise RuntimeError(
-                "method.mode=offline needs a kdx data module (train_eval_dataloader()) on the trainer"
-            )
-        loader: DataLoader = datamodule.train_eval_dataloader()
-        self._aux_rng = self._generator(host)
+        if ctx.datamodule is None:
+            raise RuntimeError("method.mode=offline needs a kdx data module (train_eval_dataloader())")
+        loader: DataLoader = ctx.datamodule.train_eval_dataloader()
+        self._aux_rng = self._generator(ctx)
         if self.offline_size:
             n = len(loader.dataset)  # type: ignore[arg-type]
             picked = torch.randperm(n, generator=self._aux_rng)[: min(self.offline_size, n)]
@@ -449,13 +439,13 @@ class BackwardPassKD(DistillationMethod):
                 collate_fn=loader.collate_fn,
                 pin_memory=loader.pin_memory,
             )
-        device = next(host.student.parameters()).device
+        device = ctx.device
         xs, zs = [], []
         for batch in loader:
             x = move_data_to_device(batch[0], device)
-            x_aux = self.generate(host, x)
-            with torch.no_grad(), train_mode(host.teacher, False):
-                zs.append(host.teacher(x_aux, self.reads).logits.float().cpu())
+            x_aux = self.generate(ctx, x)
+            with torch.no_grad(), train_mode(ctx.teacher, False):
+                zs.append(ctx.teacher(x_aux, self.reads).logits.float().cpu())
             xs.append(x_aux.cpu())
         new_x, new_z = torch.cat(xs), torch.cat(zs)
         if self.cumulative and self._aux_x is not None:
@@ -466,20 +456,18 @@ class BackwardPassKD(DistillationMethod):
         log.info(
             "method=backward: %d auxiliary samples at epoch %d",
             len(self._aux_x),
-            getattr(host, "current_epoch", 0),
+            ctx.epoch,
         )
 
-    def _generator(self, host: Any) -> torch.Generator:
+    def _generator(self, ctx: StepContext) -> torch.Generator:
         """Reproducible per (run seed, epoch, rank): independent of how much global RNG was used,
         and different on each DDP rank."""
-        rank = int(getattr(_trainer(host), "global_rank", 0) or 0)
-        epoch = int(getattr(host, "current_epoch", 0) or 0)
-        seed = (torch.initial_seed() + 1_000_003 * epoch + 7_919 * rank) % (2**63 - 1)
+        seed = (torch.initial_seed() + 1_000_003 * ctx.epoch + 7_919 * ctx.rank) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
-    def _next_aux_batch(self, host: Any, size: int) -> tuple[Tensor, Tensor]:
+    def _next_aux_batch(self, ctx: StepContext, size: int) -> tuple[Tensor, Tensor]:
         if self._aux_x is None:  # the epoch hook did not run (e.g. the method is driven by hand)
-            self.build_aux_set(host)
+            self.build_aux_set(ctx)
         assert self._aux_x is not None and self._aux_teacher is not None and self._aux_order is not None
         picked = []
         while size > 0:

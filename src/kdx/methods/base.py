@@ -1,25 +1,24 @@
 """The method contract: a distillation method is a strategy object the module hands each batch to.
 
 ``DistillationModule.training_step`` knows no method by name. It calls
-``method.training_step(batch, host)`` and logs the dict of named loss terms it gets back
-(``"loss"`` is the one that is optimised). ``host`` is the LightningModule; a method may use only
-``host.student`` / ``host.teacher`` (:class:`~kdx.models.adapter.FeatureModel`), ``host.current_epoch``,
-``host.global_step``, ``host.trainer``, ``host.log_dict`` and, for manual optimization,
-``host.optimizers()``, ``host.lr_schedulers()``, ``host.manual_backward`` and ``host.clip_gradients``.
-A method never imports the module or an entry point.
+``method.training_step(batch, ctx)`` and logs the dict of named loss terms it gets back
+(``"loss"`` is the one that is optimised, every term a scalar tensor). ``ctx`` is a
+:class:`~kdx.context.StepContext`, the only thing a method may use while it trains: the
+student and teacher (:class:`~kdx.models.adapter.FeatureModel`), cached teacher outputs, the epoch,
+step, rank and device, the data module, and for manual optimization the optimizers, their schedulers,
+``manual_backward`` and ``clip_gradients``. A method never imports the module or an entry point.
 
 What a method declares (class attributes):
 
 * ``reads``: which parts of :class:`~kdx.models.base.ModelOutput` it needs from student and
   teacher (``logits``, ``embedding``, ``stages``). The adapters compute nothing else.
-* ``needs_teacher``: ``none`` trains the student alone; every other method needs a teacher.
-* ``trains_teacher``: the teacher gets gradients and an optimizer (ProKT). Otherwise the module
-  keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
+* ``teacher_use`` (:class:`TeacherUse`): ``NONE`` trains the student alone; ``FROZEN`` reads a
+  frozen teacher's outputs on the batch's input only through :meth:`teacher_forward`, so
+  ``teacher.cache=exact|views`` may serve stored outputs (``ctx.cached_teacher``); ``LIVE`` keeps the
+  teacher frozen but needs it running (input gradients through it, generated inputs), ``live_reason``
+  says why; ``TRAINED`` gives the teacher gradients and an optimizer (ProKT). Unless ``TRAINED`` the
+  module keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
 * ``manual_optimization``: the method runs its own optimizer steps inside ``training_step``.
-* ``cacheable_teacher``: the method reads the teacher only through :meth:`teacher_forward` on the
-  batch's input, so ``teacher.cache=exact|views`` may serve stored outputs (``host.cached_teacher``);
-  ``False`` (with ``cache_refusal``, the reason) for methods that need input gradients through the
-  teacher or train it.
 * ``soft_target()``: the temperature and the target builder ``q`` of its distillation term
   (:class:`SoftTarget`), or ``None``. Tang et al.'s diagnostics read nothing else from a method.
 
@@ -37,9 +36,9 @@ How the five seed methods plug in:
 
 * **KDA** (kernel transfer with Nyström landmarks): ``reads={"logits","embedding"}``. Class
   centres of student and teacher are buffers; ``training_step`` calls the common step and
-  accumulates per-class feature sums and counts; ``on_train_epoch_end(host)`` all-reduces them
+  accumulates per-class feature sums and counts; ``on_train_epoch_end(ctx)`` all-reduces them
   (``torch.distributed`` when initialised) and turns them into next epoch's centres. The loss is
-  switched on from epoch ``warm`` via ``host.current_epoch``.
+  switched on from epoch ``warm`` via ``ctx.epoch``.
 * **Backward-pass KD**: overrides ``training_step``: common terms, then generates auxiliary inputs
   by gradient ascent on the teacher–student divergence w.r.t. the input (teacher parameters stay
   frozen, input gradients flow through both models, BN statistics untouched) and adds the KL term
@@ -50,7 +49,7 @@ How the five seed methods plug in:
 * **RdimKD**: ``reads={"logits","stages"}`` (or ``embedding``); ``setup(student, teacher,
   datamodule)`` probes shapes to size the student adapter and fits the projection (random
   orthogonal, PCA or an autoencoder over ``datamodule.train_eval_dataloader()``), stored as a buffer.
-* **ProKT**: ``trains_teacher=True`` and ``manual_optimization=True``; ``teacher_optimizers``
+* **ProKT**: ``teacher_use=TeacherUse.TRAINED`` and ``manual_optimization=True``; ``teacher_optimizers``
   returns the teacher's optimizer and scheduler (the module appends them after the student's), and
   ``training_step`` runs the official order: student snapshot → teacher step → teacher snapshot →
   student step.
@@ -59,6 +58,7 @@ How the five seed methods plug in:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import typing
 from collections.abc import Callable, Iterable
@@ -69,41 +69,60 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.models.base import LOGITS, ModelOutput, train_mode  # noqa: F401 - train_mode re-exported for methods
 
 Terms = dict[str, Tensor]
 METHODS: dict[str, type[DistillationMethod]] = {}
 
 
+class TeacherUse(enum.Enum):
+    """How a method uses its teacher: the one declaration the module, the teacher-output cache and
+    the pipeline read."""
+
+    NONE = "none"  # trains the student alone
+    FROZEN = "frozen"  # reads a frozen teacher's outputs on the batch's input (a cache may serve them)
+    LIVE = "live"  # frozen, but needs the live teacher (input gradients...); the method says why
+    TRAINED = "trained"  # trains the teacher
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self is not TeacherUse.NONE
+
+    @property
+    def trains_teacher(self) -> bool:
+        return self is TeacherUse.TRAINED
+
+    @property
+    def cacheable(self) -> bool:
+        return self is TeacherUse.FROZEN
+
+
 class DistillationMethod(nn.Module):
     reads: ClassVar[frozenset[str]] = frozenset({LOGITS})
-    needs_teacher: ClassVar[bool] = True
-    trains_teacher: ClassVar[bool] = False
+    teacher_use: ClassVar[TeacherUse] = TeacherUse.FROZEN
+    # why a LIVE or TRAINED method cannot train from stored teacher outputs (the cache's error says it)
+    live_reason: ClassVar[str] = ""
     manual_optimization: ClassVar[bool] = False
-    # teacher.cache=exact|views may replace the teacher forward of `teacher_forward` by stored outputs
-    # (kdx.teacher_outputs); a method that needs more than the teacher's outputs on the batch's input
-    # (input gradients, a trained teacher) sets this False and says why in `cache_refusal`
-    cacheable_teacher: ClassVar[bool] = True
-    cache_refusal: ClassVar[str] = ""
     name: ClassVar[str] = "method"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
         """Called once before training, after the teacher is ready (probe shapes, fit projections)."""
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
         x, y, index = batch
-        student_out = host.student(x, self.reads)
-        teacher_out = self.teacher_forward(host, x)
+        student_out = ctx.student(x, self.reads)
+        teacher_out = self.teacher_forward(ctx, x)
         return self.loss(student_out, teacher_out, y, index)
 
-    def teacher_forward(self, host: Any, x: Tensor) -> ModelOutput | None:
-        if not self.needs_teacher or host.teacher is None:
+    def teacher_forward(self, ctx: StepContext, x: Tensor) -> ModelOutput | None:
+        if not self.teacher_use.needs_teacher or ctx.teacher is None:
             return None
-        cached = host.cached_teacher(x) if hasattr(host, "cached_teacher") else None
+        cached = ctx.cached_teacher(x)
         if cached is not None:  # teacher.cache: the stored outputs of this very input
             return cached
         with torch.no_grad():
-            return host.teacher(x, self.reads)
+            return ctx.teacher(x, self.reads)
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         raise NotImplementedError
@@ -132,10 +151,10 @@ class DistillationMethod(nn.Module):
         return None
 
     # Hooks the module forwards; the defaults do nothing.
-    def on_fit_start(self, host: Any) -> None: ...
-    def on_train_epoch_start(self, host: Any) -> None: ...
-    def on_train_epoch_end(self, host: Any) -> None: ...
-    def on_validation_epoch_end(self, host: Any) -> None: ...
+    def on_fit_start(self, ctx: StepContext) -> None: ...
+    def on_train_epoch_start(self, ctx: StepContext) -> None: ...
+    def on_train_epoch_end(self, ctx: StepContext) -> None: ...
+    def on_validation_epoch_end(self, ctx: StepContext) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import DistillationMethod, Terms, kd_loss
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
@@ -381,16 +382,16 @@ class RepDistillerMethod(DistillationMethod):
     def in_init_phase(self, epoch: int) -> bool:
         return epoch < self.init_epochs
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
-        if not self.in_init_phase(int(host.current_epoch)):
-            return super().training_step(batch, host)
-        term = self.init_step(batch[0], host)
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
+        if not self.in_init_phase(ctx.epoch):
+            return super().training_step(batch, ctx)
+        term = self.init_step(batch[0], ctx)
         loss = term if self.init_loss_scale == 1.0 else self.init_loss_scale * term
         return {"loss": loss, f"{self.name}_init": term, "init_phase": term.new_ones(())}
 
-    def init_step(self, x: Tensor, host: Any) -> Tensor:
+    def init_step(self, x: Tensor, ctx: StepContext) -> Tensor:
         """The pre-training loss of one batch (default: both models' features into :meth:`init_term`)."""
-        return self.init_term(host.student(x, self.reads), self.teacher_forward(host, x))
+        return self.init_term(ctx.student(x, self.reads), self.teacher_forward(ctx, x))
 
     def init_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         raise NotImplementedError(f"{self.name} has no pre-training phase")

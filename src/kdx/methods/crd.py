@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.errors import HyperParameterError, KDXError
 from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method
 from kdx.methods.connectors import distributed
@@ -303,23 +304,23 @@ class CRD(DistillationMethod):
         # no device sync per step)
         self._distinct_negatives = self.nce_k <= labels.shape[0] - int(counts.max())
 
-    def on_train_epoch_end(self, host: Any) -> None:
+    def on_train_epoch_end(self, ctx: StepContext) -> None:
         self.flush_bank_update()
 
-    def on_train_epoch_start(self, host: Any) -> None:
+    def on_train_epoch_start(self, ctx: StepContext) -> None:
         if self.memory_student.shape[0] == 0 or (
             self.negatives == "other_class" and self.labels.numel() == 0
         ):
-            loader = host.trainer.train_dataloader
+            loader = ctx.train_dataloader
             dataset = getattr(loader, "dataset", None)
             if dataset is None:
                 raise KDXError("crd sizes its memory banks by the training set: set method.num_data")
             self.prepare_data(dataset)
 
     # -- negatives -----------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
-        self._draw_key = (self.seed, int(host.global_step), int(host.global_rank))
-        return super().training_step(batch, host)
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
+        self._draw_key = (self.seed, ctx.step, ctx.rank)
+        return super().training_step(batch, ctx)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded by (seed, step, rank) in training: negatives are the same after a resume

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdx.context import StepContext
 from kdx.errors import HyperParameterError
 from kdx.methods.base import DistillationMethod, Terms, register_method
 from kdx.models.base import ModelOutput
@@ -84,8 +85,8 @@ class DKD(DistillationMethod):
         self.ce_weight, self.warmup = ce_weight, warmup
         self.epoch = 0  # set by on_train_epoch_start
 
-    def on_train_epoch_start(self, host: Any) -> None:
-        self.epoch = int(host.current_epoch)
+    def on_train_epoch_start(self, ctx: StepContext) -> None:
+        self.epoch = ctx.epoch
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, y: Tensor, index: Tensor) -> Terms:
         ce = F.cross_entropy(student.logits, y)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import register_method
 from kdx.methods.connectors import (
@@ -164,10 +165,10 @@ class FT(RepDistillerMethod):
             self._shapes = shapes
         self._ready = True
 
-    def init_step(self, x: Tensor, host: Any) -> Tensor:
+    def init_step(self, x: Tensor, ctx: StepContext) -> Tensor:
         # the paraphraser learns from the teacher alone: no student forward in this phase
         self.check_ready()
-        teacher = self.teacher_forward(host, x)
+        teacher = self.teacher_forward(ctx, x)
         return self.init_term(None, teacher)
 
     def init_term(self, student: ModelOutput | None, teacher: ModelOutput) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdx.context import StepContext
 from kdx.methods.base import register_method
 from kdx.methods.tang import TeacherSimilarity, check_tau, similarity_rest_target, similarity_target
 
@@ -39,7 +40,7 @@ class KDSimilarity(TeacherSimilarity):
         self.sim_temperature = sim_temperature
         self.true_mass = true_mass
 
-    def teacher_forward(self, host, x):
+    def teacher_forward(self, ctx: StepContext, x: Tensor) -> None:
         return None  # the targets depend on the label only
 
     def targets(self, y: Tensor, teacher_logits: Tensor | None, num_classes: int) -> Tensor:

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, kd_loss, register_method
 from kdx.methods.connectors import LazyBuffers, distributed
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
@@ -345,10 +346,10 @@ class KDA(DistillationMethod):
         s, t = student.probe(tuple(input_shape), self.reads), teacher.probe(tuple(input_shape), self.reads)
         self._size_from(s, t)
 
-    def on_train_epoch_start(self, host: Any) -> None:
-        self._roll(int(host.current_epoch))
+    def on_train_epoch_start(self, ctx: StepContext) -> None:
+        self._roll(ctx.epoch)
 
-    def on_train_epoch_end(self, host: Any) -> None:
+    def on_train_epoch_end(self, ctx: StepContext) -> None:
         self.finalise_centres()
 
     def _roll(self, epoch: int) -> None:
@@ -366,15 +367,15 @@ class KDA(DistillationMethod):
             centres.finalise()
 
     # -- step ----------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
         x, y, index = batch
-        epoch = int(host.current_epoch)
+        epoch = ctx.epoch
         if epoch != self._epoch or any(
             c._count is not None and c._sum_epoch != epoch for c in self.centres.values()
         ):
             self._roll(epoch)
-        student_out = host.student(x, self.reads)
-        teacher_out = self.teacher_forward(host, x)
+        student_out = ctx.student(x, self.reads)
+        teacher_out = self.teacher_forward(ctx, x)
         terms = self.loss(student_out, teacher_out, y, index)
         for name, centres in self.centres.items():
             centres.accumulate(

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdx.methods.base import register_method
+from kdx.methods.base import TeacherUse, register_method
 from kdx.methods.tang import SyntheticTargetKD, label_smoothing_target
 
 
 @register_method("ls")
 class LabelSmoothing(SyntheticTargetKD):
-    needs_teacher = False
+    teacher_use = TeacherUse.NONE
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0, epsilon: float = 0.1):
         super().__init__(alpha, temperature)

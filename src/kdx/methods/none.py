@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.methods.base import DistillationMethod, Terms, register_method
+from kdx.methods.base import DistillationMethod, TeacherUse, Terms, register_method
 from kdx.models.base import ModelOutput
 
 
 @register_method("none")
 class NoDistillation(DistillationMethod):
-    needs_teacher = False
+    teacher_use = TeacherUse.NONE
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()

@@ -5,7 +5,7 @@ See docs/methods.md §5.
 A converged teacher is a hard target for a small student. ProKT trains the teacher *with* the
 student and makes each teacher update a local target the student can follow (an approximate
 mirror-descent step): the teacher is pulled back towards the student while it learns the task.
-The teacher is the one kdx trains (``trains_teacher``) and is checkpointed with the run.
+The teacher is the one kdx trains (``TeacherUse.TRAINED``) and is checkpointed with the run.
 
 Each training step, in the official code's order (manual optimization, two optimizers):
 
@@ -73,8 +73,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import (
+    TeacherUse,
     DistillationMethod,
     SoftTarget,
     Terms,
@@ -113,10 +115,9 @@ def running_statistics_kept(model: nn.Module) -> Iterator[None]:
 
 @register_method("prokt")
 class ProKT(DistillationMethod):
-    trains_teacher = True
+    teacher_use = TeacherUse.TRAINED
     manual_optimization = True
-    cacheable_teacher = False
-    cache_refusal = "it trains the teacher, whose outputs change every step"
+    live_reason = "it trains the teacher, whose outputs change every step"
 
     def __init__(
         self,
@@ -190,9 +191,8 @@ class ProKT(DistillationMethod):
             }
         return [config]
 
-    def on_fit_start(self, host: Any) -> None:
-        trainer = host.trainer
-        for config in trainer.lr_scheduler_configs:
+    def on_fit_start(self, ctx: StepContext) -> None:
+        for config in ctx.lr_scheduler_configs:
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 raise KDXError(
                     "method=prokt steps its schedulers itself and does not support ReduceLROnPlateau; "
@@ -203,8 +203,7 @@ class ProKT(DistillationMethod):
                     f"method=prokt steps schedulers every {config.interval}; frequency "
                     f"{config.frequency} is not supported"
                 )
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-        if trainer.world_size > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters"):
+        if ctx.world_size > 1 and ctx.ddp_find_unused_parameters is False:
             raise KDXError(
                 "method=prokt under DDP makes two backward passes per step over disjoint parameter "
                 "sets; use trainer.strategy=ddp_find_unused_parameters_true "
@@ -216,24 +215,24 @@ class ProKT(DistillationMethod):
             )
 
     # -- the step -----------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], host: Any) -> Terms:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
         x, y, _ = batch
-        student_opt, teacher_opt = self._optimizers(host)
-        student_logits = self.student_snapshot(host, x) if self.move_back_weight > 0 else None
-        teacher_terms = self.teacher_step(host, x, y, student_logits, teacher_opt)
-        teacher_logits = self.teacher_snapshot(host, x)
-        terms = self.student_step(host, x, y, teacher_logits, student_opt)
-        self.step_schedulers(host, "step")
+        student_opt, teacher_opt = self._optimizers(ctx)
+        student_logits = self.student_snapshot(ctx, x) if self.move_back_weight > 0 else None
+        teacher_terms = self.teacher_step(ctx, x, y, student_logits, teacher_opt)
+        teacher_logits = self.teacher_snapshot(ctx, x)
+        terms = self.student_step(ctx, x, y, teacher_logits, student_opt)
+        self.step_schedulers(ctx, "step")
         return {**terms, **{f"teacher/{k}": v for k, v in teacher_terms.items()}}
 
-    def student_snapshot(self, host: Any, x: Tensor) -> Tensor:
-        with torch.no_grad(), train_mode(host.student, False):
-            return host.student(x, self.reads).logits.detach()
+    def student_snapshot(self, ctx: StepContext, x: Tensor) -> Tensor:
+        with torch.no_grad(), train_mode(ctx.student, False):
+            return ctx.student(x, self.reads).logits.detach()
 
-    def teacher_snapshot(self, host: Any, x: Tensor) -> Tensor:
+    def teacher_snapshot(self, ctx: StepContext, x: Tensor) -> Tensor:
         training = self.teacher_snapshot_mode == "train"
-        with torch.no_grad(), train_mode(host.teacher, training), running_statistics_kept(host.teacher):
-            return host.teacher(x, self.reads).logits.detach()
+        with torch.no_grad(), train_mode(ctx.teacher, training), running_statistics_kept(ctx.teacher):
+            return ctx.teacher(x, self.reads).logits.detach()
 
     def teacher_loss(self, teacher_logits: Tensor, y: Tensor, student_logits: Tensor | None) -> Terms:
         ce = F.cross_entropy(teacher_logits, y)
@@ -248,32 +247,32 @@ class ProKT(DistillationMethod):
         return {"loss": (1 - self.alpha) * ce + self.alpha * kd, "ce": ce, "kd": kd}
 
     def teacher_step(
-        self, host: Any, x: Tensor, y: Tensor, student_logits: Tensor | None, optimizer: Any
+        self, ctx: StepContext, x: Tensor, y: Tensor, student_logits: Tensor | None, optimizer: Any
     ) -> Terms:
         """One update of the teacher towards the labels and back towards the student snapshot."""
-        with train_mode(host.teacher, True):
-            terms = self.teacher_loss(host.teacher(x, self.reads).logits, y, student_logits)
-            self._update(host, optimizer, terms["loss"], self.teacher_max_grad_norm)
+        with train_mode(ctx.teacher, True):
+            terms = self.teacher_loss(ctx.teacher(x, self.reads).logits, y, student_logits)
+            self._update(ctx, optimizer, terms["loss"], self.teacher_max_grad_norm)
         return {k: v.detach() for k, v in terms.items()}
 
-    def student_step(self, host: Any, x: Tensor, y: Tensor, teacher_logits: Tensor, optimizer: Any) -> Terms:
+    def student_step(self, ctx: StepContext, x: Tensor, y: Tensor, teacher_logits: Tensor, optimizer: Any) -> Terms:
         """One KD update of the student towards the updated teacher's snapshot."""
-        with train_mode(host.student, True):
-            terms = self.student_loss(host.student(x, self.reads).logits, y, teacher_logits)
-            self._update(host, optimizer, terms["loss"], self.student_max_grad_norm)
+        with train_mode(ctx.student, True):
+            terms = self.student_loss(ctx.student(x, self.reads).logits, y, teacher_logits)
+            self._update(ctx, optimizer, terms["loss"], self.student_max_grad_norm)
         return {k: v.detach() for k, v in terms.items()}
 
     @staticmethod
-    def _update(host: Any, optimizer: Any, loss: Tensor, max_grad_norm: float) -> None:
+    def _update(ctx: StepContext, optimizer: Any, loss: Tensor, max_grad_norm: float) -> None:
         optimizer.zero_grad()
-        host.manual_backward(loss)
+        ctx.manual_backward(loss)
         if max_grad_norm and max_grad_norm > 0:
-            host.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            ctx.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
 
     @staticmethod
-    def _optimizers(host: Any) -> tuple[Any, Any]:
-        optimizers = host.optimizers()
+    def _optimizers(ctx: StepContext) -> tuple[Any, Any]:
+        optimizers = ctx.optimizers()
         if not isinstance(optimizers, (list, tuple)) or len(optimizers) != 2:
             raise RuntimeError(
                 "method=prokt needs two optimizers (student, teacher); the module gave "
@@ -282,16 +281,12 @@ class ProKT(DistillationMethod):
         return optimizers[0], optimizers[1]
 
     # -- schedulers ---------------------------------------------------------------------------
-    def on_train_epoch_end(self, host: Any) -> None:
-        self.step_schedulers(host, "epoch")
+    def on_train_epoch_end(self, ctx: StepContext) -> None:
+        self.step_schedulers(ctx, "epoch")
 
     @staticmethod
-    def step_schedulers(host: Any, interval: str) -> None:
+    def step_schedulers(ctx: StepContext, interval: str) -> None:
         """Step the schedulers of the given interval (manual optimization: Lightning does not)."""
-        try:
-            trainer = getattr(host, "trainer", None)
-        except RuntimeError:  # a LightningModule not attached to a trainer
-            return
-        for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        for config in ctx.lr_scheduler_configs:
             if config.interval == interval:
                 config.scheduler.step()

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
+from kdx.context import StepContext
 from kdx.methods.base import (
     DistillationMethod,
     SoftTarget,
@@ -419,13 +420,13 @@ class RdimKD(DistillationMethod):
                 part.projection_matrix.copy_(random_orthogonal(channels, dim, self.seed + i))
                 part.mark_fitted(True)  # needs no data
 
-    def on_fit_start(self, host: Any) -> None:
+    def on_fit_start(self, ctx: StepContext) -> None:
         if self._fitted:
             return  # fitted earlier or restored from a checkpoint
-        datamodule = self._datamodule or getattr(host.trainer, "datamodule", None)
+        datamodule = self._datamodule or ctx.datamodule
         if datamodule is None:
             raise ValueError("rdim fits its projection on the training split: it needs a datamodule")
-        self.fit(host.teacher, datamodule.train_eval_dataloader(), host.device)
+        self.fit(ctx.teacher, datamodule.train_eval_dataloader(), ctx.device)
 
     @torch.no_grad()
     def fit(self, teacher: Any, loader: Any, device: torch.device | str | None = None) -> None:
