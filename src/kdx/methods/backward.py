@@ -93,9 +93,9 @@ from torch.utils.data import DataLoader, Subset
 from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import (
-    TeacherUse,
     DistillationMethod,
     SoftTarget,
+    TeacherUse,
     Terms,
     check_kd_weights,
     hinton_target,

@@ -25,8 +25,6 @@ probabilities (mdistiller: log of the same sums, unclamped).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

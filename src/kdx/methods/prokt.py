@@ -76,9 +76,9 @@ from torch import Tensor, nn
 from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import (
-    TeacherUse,
     DistillationMethod,
     SoftTarget,
+    TeacherUse,
     Terms,
     check_kd_weights,
     hinton_target,
@@ -255,7 +255,9 @@ class ProKT(DistillationMethod):
             self._update(ctx, optimizer, terms["loss"], self.teacher_max_grad_norm)
         return {k: v.detach() for k, v in terms.items()}
 
-    def student_step(self, ctx: StepContext, x: Tensor, y: Tensor, teacher_logits: Tensor, optimizer: Any) -> Terms:
+    def student_step(
+        self, ctx: StepContext, x: Tensor, y: Tensor, teacher_logits: Tensor, optimizer: Any
+    ) -> Terms:
         """One KD update of the student towards the updated teacher's snapshot."""
         with train_mode(ctx.student, True):
             terms = self.student_loss(ctx.student(x, self.reads).logits, y, teacher_logits)

@@ -21,7 +21,6 @@ import re
 import warnings
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from kdx.errors import StageNameError

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 import kdx.models.cifar  # noqa: F401 - the zoo registers its models on import
-from kdx.models.catalog import MODELS, register_model
+from kdx.models.catalog import MODELS
 
 NO_DOWNLOADS = "no downloads in kdx; pass teacher.ckpt=<path>"
 
