@@ -1,6 +1,6 @@
 """No silent success, no poisoned cache (issue 14): every case of the fault-injection pass, one test each.
 
-Most cases fail in :func:`kdx.validate.validate_config`, before any data or teacher work: they run
+Most cases fail in :func:`kdx.pipeline.validate.validate_config`, before any data or teacher work: they run
 in-process against an empty cache (which must stay empty). The CLI path (exit code, one stderr
 line, metrics.json) is run as a subprocess once. The multirun case (a failing job, exit 1 after the
 others finished) is tests/test_runs.py::test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on.
@@ -23,10 +23,10 @@ from kdx.callbacks import DivergenceMonitor
 from kdx.errors import DivergenceError, KDXError, NonFiniteLossError
 from kdx.models.small import CNN1D
 from kdx.models.weights import AtomicCheckpointIO, load_weights
-from kdx.teacher import teacher_cache_path
-from kdx.train import failure_record
+from kdx.pipeline.record import failure_record
+from kdx.pipeline.validate import validate_config
+from kdx.teacher import cached_teacher_path
 from kdx.utils import atomic_write_json
-from kdx.validate import validate_config
 from test_runs import kdx
 
 # a short real run without a teacher: the cheapest run that trains
@@ -92,7 +92,7 @@ def test_a_bad_seed_still_gets_a_failure_record(tmp_path):
     cfg = compose_train([*FAST, "seed=abc"], tmp_path, tmp_path / "cache")
     with pytest.raises(KDXError) as err:
         validate_config(cfg)
-    atomic_write_json(tmp_path / "metrics.json", failure_record(cfg, err.value))
+    atomic_write_json(tmp_path / "metrics.json", failure_record(cfg, err.value).to_dict())
     record = strict_json(tmp_path / "metrics.json")
     assert record["status"] == "failed" and record["seed"] == "abc"
     assert record["error"].startswith("seed='abc' is not an integer")
@@ -223,7 +223,7 @@ def test_a_diverging_loss_stops_the_run_as_diverged(tmp_path):
         DivergenceError, match=r"the training loss diverged: .* over 1000x its first value"
     ) as err:
         run(cfg)
-    record = failure_record(cfg, err.value)
+    record = failure_record(cfg, err.value).to_dict()
     assert record["status"] == "diverged" and "lower optim.optimizer.lr" in record["error"]
 
 
@@ -319,7 +319,7 @@ def test_a_nan_teacher_weight_is_named(tmp_path):
 def test_failure_record_keeps_the_full_message(tmp_path):
     cfg = compose_train(FAST, tmp_path, tmp_path / "cache")
     message = "teacher checkpoint x.pt does not fit:\n  missing: a.weight\n  unexpected: b.weight"
-    record = failure_record(cfg, KDXError(message))
+    record = failure_record(cfg, KDXError(message)).to_dict()
     assert record["error"] == message and record["status"] == "failed"
 
 
@@ -331,11 +331,13 @@ def test_a_cached_teacher_is_reused_read_only_and_a_truncated_one_retrained(
 ):
     overrides = [*FAST, "teacher.train.seed=21"]
     assert run_train(overrides, tmp_path / "a", cache_dir)["teacher/source"] == "trained"
-    path = teacher_cache_path(compose_train(overrides, tmp_path, cache_dir))
+    path = cached_teacher_path(compose_train(overrides, tmp_path, cache_dir))
     # reuse only reads: no lock taken, nothing written (so a read-only cache holding it works)
     before = {p: p.stat().st_mtime_ns for p in path.parent.rglob("*")}
     with monkeypatch.context() as patch:
-        patch.setattr("kdx.teacher._lock", lambda path: pytest.fail(f"a lock was taken for cached {path}"))
+        patch.setattr(
+            "kdx.teacher.auto._lock", lambda path: pytest.fail(f"a lock was taken for cached {path}")
+        )
         assert run_train(overrides, tmp_path / "b", cache_dir)["teacher/source"] == "cache"
     assert {p: p.stat().st_mtime_ns for p in path.parent.rglob("*")} == before
     # a truncated entry at the right key: moved aside, said why, retrained
@@ -353,7 +355,7 @@ def test_a_cached_teacher_is_reused_read_only_and_a_truncated_one_retrained(
 def test_a_stale_cached_teacher_from_other_model_code_is_retrained(tmp_path, cache_dir):
     overrides = [*FAST, "teacher.train.seed=22"]
     run_train(overrides, tmp_path / "a", cache_dir)
-    record_path = teacher_cache_path(compose_train(overrides, tmp_path, cache_dir)).with_suffix(".json")
+    record_path = cached_teacher_path(compose_train(overrides, tmp_path, cache_dir)).with_suffix(".json")
     record = json.loads(record_path.read_text())
     record["key"]["model_code"] = "0123456789ab"  # as written by a kdx whose CNN1D code differed
     record_path.write_text(json.dumps(record))
@@ -389,7 +391,7 @@ def test_checkpoints_are_written_in_their_own_folder(tmp_path, monkeypatch):
     cfg = compose_train(FAST, tmp_path, tmp_path / "cache")
     with open_dict(cfg):
         cfg.trainer.default_root_dir = str(tmp_path)
-    from kdx.factory import build_trainer
+    from kdx.pipeline.build import make_trainer
 
-    trainer = build_trainer(cfg.trainer, logger=False, callbacks=[])
+    trainer = make_trainer(cfg.trainer, logger=False, callbacks=[])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

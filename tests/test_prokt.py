@@ -274,7 +274,7 @@ def test_fast_dev_run_mnist1d(tmp_path, cache_dir):
 
 
 def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path, cache_dir):
-    from kdx.train import build
+    from kdx.pipeline.build import build
 
     cfg = compose_train(
         [
@@ -292,7 +292,8 @@ def test_checkpoint_holds_the_trained_teacher_and_both_schedulers_step(tmp_path,
         tmp_path,
         cache_dir,
     )
-    module, datamodule, info = build(cfg)
+    parts = build(cfg)
+    module, datamodule, info = parts.module, parts.datamodule, parts.teacher_info
     assert info["teacher/source"] == "random init"
     initial = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     trainer = instantiate(

@@ -16,7 +16,7 @@ import torch
 
 from conftest import FAST, compose_train, run_cli, run_train
 from kdx.table import make_table
-from kdx.teacher import teacher_cache_path
+from kdx.teacher import cached_teacher_path
 
 BIN = Path(sys.executable).parent
 SMALL = ["debug=limit", "dataset=synthetic", "dataset.input_shape=[1,40]", "trainer.max_epochs=1"]
@@ -177,7 +177,7 @@ def test_teacher_recipe_is_a_kdx_run_and_keyed_by_itself_alone(tmp_path, cache_d
     first = run_train(overrides, tmp_path / "a", cache_dir)
     second = run_train(overrides, tmp_path / "b", cache_dir)
     assert (first["teacher/source"], second["teacher/source"]) == ("trained", "cache")
-    path = teacher_cache_path(compose_train(overrides, tmp_path, cache_dir))
+    path = cached_teacher_path(compose_train(overrides, tmp_path, cache_dir))
     teacher_run = json.loads((path.with_suffix("") / "metrics.json").read_text())
     assert teacher_run["status"] == "ok" and teacher_run["method"] == "ls"
     assert (
@@ -189,11 +189,11 @@ def test_teacher_recipe_is_a_kdx_run_and_keyed_by_itself_alone(tmp_path, cache_d
         ["trainer.gradient_clip_val=0.5"],
         ["trainer=ddp_sim"],
     ):
-        assert teacher_cache_path(compose_train([*overrides, *student_side], tmp_path, cache_dir)) == path
+        assert cached_teacher_path(compose_train([*overrides, *student_side], tmp_path, cache_dir)) == path
     recipe_side = compose_train(
         [*overrides, "teacher.train.trainer.gradient_clip_val=1.0"], tmp_path, cache_dir
     )
-    assert teacher_cache_path(recipe_side) != path
+    assert cached_teacher_path(recipe_side) != path
 
 
 @pytest.mark.slow
@@ -267,10 +267,10 @@ def test_checkpoints_hold_the_frozen_teacher_only_when_it_is_trained(tmp_path, c
     assert not any(k.startswith("teacher.") for k in last["state_dict"])
     assert any(k.startswith("student.") for k in last["state_dict"])
     # an old checkpoint that still carries the teacher loads too
-    from kdx.train import build
+    from kdx.pipeline.build import build
 
     cfg = compose_train([*FAST, "debug=limit"], tmp_path / "again", cache_dir)
-    module, _, _ = build(cfg)
+    module = build(cfg).module
     old = dict(last)
     old["state_dict"] = {
         **last["state_dict"],

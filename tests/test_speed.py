@@ -194,7 +194,7 @@ def test_compile_keeps_outputs_checkpoints_and_resume(tmp_path, cache_dir):
 
 def test_unknown_compile_backend_is_one_clear_error():
     from kdx.errors import KDXError
-    from kdx.factory import compile_switch
+    from kdx.pipeline.switches import compile_switch
 
     assert compile_switch("false") is False and compile_switch(True) is True
     assert compile_switch("aot_eager") == "aot_eager"
@@ -260,8 +260,9 @@ def test_channels_last_auto_picks_the_layout_per_device_and_model():
     """auto: channels_last on a CPU and at 16-bit on a GPU, contiguous at 32-bit on a GPU; only
     models with Conv2d layers change; a misspelt value is one clear error."""
     from kdx.errors import KDXError
-    from kdx.factory import build_module, channels_last_switch
     from kdx.models.cifar.resnet import resnet8
+    from kdx.pipeline.build import make_module
+    from kdx.pipeline.switches import channels_last_switch
 
     assert channels_last_switch("auto", "cpu", "32-true") is True
     assert channels_last_switch("auto", "cuda", "32-true") is False
@@ -281,10 +282,10 @@ def test_channels_last_auto_picks_the_layout_per_device_and_model():
             "teacher": {"cache": "off"},
         }
     )
-    conv = build_module(cfg, resnet8(num_classes=10), KD(), resnet8(num_classes=10))
+    conv = make_module(cfg, resnet8(num_classes=10), KD(), resnet8(num_classes=10))
     assert conv.channels_last
     for model in (conv.student, conv.teacher):
         weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    vector = build_module(cfg, MLP(10, (1, 40)), KD(), CNN1D(10, (1, 40)))
+    vector = make_module(cfg, MLP(10, (1, 40)), KD(), CNN1D(10, (1, 40)))
     assert not vector.channels_last  # no Conv2d: nothing to change, and the cache key stays as it was

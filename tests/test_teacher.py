@@ -10,7 +10,7 @@ import torch
 from conftest import FAST, compose_train, run_train
 from kdx.errors import KDXError
 from kdx.models.small import CNN1D, MLP
-from kdx.teacher import load_weights, teacher_cache_path
+from kdx.teacher import cached_teacher_path, load_weights
 
 
 def test_auto_teacher_is_trained_once_then_reused(tmp_path, cache_dir):
@@ -20,11 +20,11 @@ def test_auto_teacher_is_trained_once_then_reused(tmp_path, cache_dir):
     assert second["teacher/source"] == "cache"
     assert first["teacher/sha256"] == second["teacher/sha256"]
     cfg = compose_train([*FAST, "teacher.train.seed=7"], tmp_path, cache_dir)
-    assert teacher_cache_path(cfg).is_file()
-    assert json.loads(teacher_cache_path(cfg).with_suffix(".json").read_text())["config"]["name"] == "cnn1d"
+    assert cached_teacher_path(cfg).is_file()
+    assert json.loads(cached_teacher_path(cfg).with_suffix(".json").read_text())["config"]["name"] == "cnn1d"
     # a different recipe is a different teacher
     other = compose_train([*FAST, "teacher.train.seed=8"], tmp_path, cache_dir)
-    assert teacher_cache_path(other) != teacher_cache_path(cfg)
+    assert cached_teacher_path(other) != cached_teacher_path(cfg)
 
 
 def test_teacher_from_a_kdx_lightning_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from conftest import compose_train
 from kdx.data.text import train_wordpiece
 from kdx.methods.base import train_mode
 from kdx.methods.prokt import ProKT
-from kdx.train import build
+from kdx.pipeline.build import build
 
 SENTENCES = ["a good film", "a bad film", "not good at all", "truly great", "awful and dull", "fine work"]
 
@@ -73,7 +73,8 @@ def test_recipe_is_the_official_one(prokt_cfg):
 
 
 def test_step_order_and_zero_initialised_heads(prokt_cfg, monkeypatch):
-    module, datamodule, info = build(prokt_cfg)
+    parts = build(prokt_cfg)
+    module, datamodule, info = parts.module, parts.datamodule, parts.teacher_info
     assert module.method.teacher_use.trains_teacher and info["teacher/source"].startswith(
         "pre-trained weights of"
     )

@@ -42,17 +42,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
-from kdx.data.base import tensor_dataset
-from kdx.factory import build_module, resolve_channels_last
+from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
-from kdx.module import DistillationModule
+from kdx.pipeline.build import make_module
+from kdx.pipeline.compose import CONFIG_DIR
+from kdx.pipeline.switches import resolve_channels_last
 from kdx.teacher_outputs import TeacherOutputCache
-from kdx.train import CONFIG_DIR
 from kdx.utils import json_safe
 
 VARIANTS = ("cache", "channels_last", "compile", "bf16")
@@ -139,16 +139,19 @@ def _data(seed: int, n: int, input_shape, num_classes: int):
     return tensor_dataset(x, y)
 
 
-def _datamodule(dataset, batch_size: int, input_shape) -> L.LightningDataModule:
-    """A data module over ``dataset`` in order; methods that probe shapes read ``input_shape`` and the
-    teacher-output cache reads ``train_set``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
-    datamodule = L.LightningDataModule()
-    datamodule.input_shape = tuple(input_shape)
-    datamodule.train_set = dataset
-    datamodule.batch_size = batch_size
-    datamodule.train_dataloader = lambda: loader
-    return datamodule
+class RandomBatches(KDDataModule):
+    """The bench's fixed random batches as a kdx data module: training only, in order, full batches
+    (the plain loop's batches, one for one); a deterministic view, which ``teacher.cache=exact`` reads."""
+
+    def __init__(self, dataset, batch_size: int, input_shape, num_classes: int):
+        super().__init__(batch_size=batch_size, drop_last=True)
+        self.dataset, self.input_shape, self.num_classes = dataset, tuple(input_shape), int(num_classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self.dataset
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
 
 
 def _trainer(cfg, callback: L.Callback, max_epochs: int, precision: str | None = None) -> L.Trainer:
@@ -174,16 +177,15 @@ def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache
     method = instantiate(cfg.method)
     vcfg = copy.deepcopy(cfg)
     with open_dict(vcfg):
-        vcfg.teacher.cache = "off"  # the cache is the `cache` variant's alone (set below)
+        # the cache is the `cache` variant's alone; the bench's random batches are a deterministic
+        # training view: exact mode, in this bench's own temporary cache folder
+        vcfg.teacher.cache = "exact" if variant == "cache" else "off"
+        vcfg.paths.cache_dir = cache_dir
         if variant in ("channels_last", "compile"):
             vcfg[variant] = True
-    module = build_module(vcfg, student, method, teacher)
     if variant == "cache":
-        # the bench's random batches are a deterministic training view: exact mode
-        module.teacher_cache = TeacherOutputCache(
-            "exact", cache_dir, {"teacher": cfg.teacher.name, "bench": True}
-        )
         TeacherOutputCache.check_method(method)
+    module = make_module(vcfg, student, method, teacher)
     dataset = _data(
         cfg.seed, cfg.batch_size * (cfg.warmup_steps + cfg.steps), cfg.input_shape, cfg.num_classes
     )
@@ -191,7 +193,7 @@ def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache
     timer = _StepTimer(cfg.warmup_steps, device, loss_timer, epoch=cfg.warmup_epochs)
     precision = "bf16-mixed" if variant == "bf16" else None
     trainer = _trainer(cfg, timer, cfg.warmup_epochs + 1, precision)
-    trainer.fit(module, datamodule=_datamodule(dataset, cfg.batch_size, cfg.input_shape))
+    trainer.fit(module, datamodule=RandomBatches(dataset, cfg.batch_size, cfg.input_shape, cfg.num_classes))
     seconds = timer.end - timer.start
     return timer.samples / seconds, loss_timer.seconds / seconds
 
@@ -269,6 +271,10 @@ def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     student0, teacher0 = MLP(classes, shape), CNN1D(classes, shape)
     dataset = _data(cfg.seed, batch * (ocfg.warmup_steps + ocfg.steps), shape, classes)
     optimizer = instantiate(cfg.optim.optimizer)
+    # kdx's module as the builder makes it: KD, this optimizer, no scheduler, contiguous, not compiled
+    kdx_cfg = OmegaConf.create(
+        {"dataset": {"num_classes": classes}, "student": {}, "teacher": {"cache": "off"}}
+    )
     times: dict[str, list[float]] = {"plain": [], "lightning": [], "kdx": []}
     sides = list(times)
     for round_ in range(int(ocfg.rounds)):
@@ -284,9 +290,17 @@ def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
             if side == "lightning":
                 module: L.LightningModule = BareKD(student, teacher, optimizer)
             else:
-                module = DistillationModule(student, KD(), classes, optimizer, teacher=teacher)
+                module = make_module(
+                    kdx_cfg,
+                    student,
+                    KD(),
+                    teacher,
+                    optim=OmegaConf.create({"optimizer": cfg.optim.optimizer}),
+                )
             timer = _StepTimer(int(ocfg.warmup_steps), device)
-            _trainer(cfg, timer, 1, "32-true").fit(module, datamodule=_datamodule(dataset, batch, shape))
+            _trainer(cfg, timer, 1, "32-true").fit(
+                module, datamodule=RandomBatches(dataset, batch, shape, classes)
+            )
             times[side].append(timer.step_ms())
     median = {side: statistics.median(values) for side, values in times.items()}
     paired = lambda other: statistics.median(k - o for k, o in zip(times["kdx"], times[other]))  # noqa: E731

@@ -11,6 +11,9 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
+
+from kdx.errors import DivergenceError
 
 
 class ReportsMetrics:
@@ -108,8 +111,6 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        import torch
-
         if self._validations or self._seen:
             return  # this run's own state wins: Lightning also restores callbacks for test(ckpt_path=best)
         if state_dict.get("reference") is not None:
@@ -122,14 +123,10 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
 
     @staticmethod
     def _step_loss(outputs: Any) -> Any:
-        import torch
-
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         return loss.detach().float().reshape(()) if isinstance(loss, torch.Tensor) else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import torch
-
         loss = self._step_loss(outputs)
         if loss is None:
             return
@@ -162,8 +159,6 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
         self._raise_if_diverged(trainer, peak, reference, "step")
 
     def _raise_if_diverged(self, trainer, loss: float, reference: float, what: str) -> None:
-        from kdx.errors import DivergenceError
-
         threshold = self.loss_factor * max(abs(reference), 1.0)
         if trainer.strategy.reduce_boolean_decision(loss > threshold, all=False):
             raise DivergenceError(

@@ -1,6 +1,6 @@
 """The errors a user sees as a single line: bad input that names the problem and the fix.
 
-Anything else that escapes a run is a bug: the run wrapper (:func:`kdx.train.main`) prints its full
+Anything else that escapes a run is a bug: the run wrapper (:func:`kdx.pipeline.run.run_job`) prints its full
 traceback to stderr and the run's log and exits 1, where a :class:`KDXError` exits 2 with one line.
 """
 

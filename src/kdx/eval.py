@@ -23,13 +23,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.errors import KDXError
-from kdx.factory import build_module, build_trainer
 from kdx.methods.base import METHODS
-from kdx.teacher import load_weights, provide_teacher
-from kdx.train import CONFIG_DIR, _test_metrics
+from kdx.models.weights import load_weights
+from kdx.pipeline.build import build, make_module, make_trainer
+from kdx.pipeline.compose import CONFIG_DIR
+from kdx.pipeline.evaluate import test_metrics
+from kdx.pipeline.run import run
 from kdx.utils import atomic_write_json
 
-_SPLITS = {"test": "test_dataloader", "val": "val_dataloader", "train": "train_eval_dataloader"}
+# kdx-eval's split names -> the data protocol's loaders (``train``: the training split un-augmented)
+_SPLITS = {"test": "test", "val": "val", "train": "train_eval"}
 _RUN_KEYS = ("dataset", "student", "teacher", "method", "optim", "trainer", "seed", "label")
 
 
@@ -74,22 +77,12 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = run_config_of(ckpt)
     if run_cfg is not None:
         cfg = _with_run_config(cfg, run_cfg)
-    datamodule = instantiate(cfg.dataset.datamodule)
     if cfg.split not in _SPLITS:
         raise KDXError(f"split={cfg.split}: choose one of {', '.join(_SPLITS)}")
-    trainer = build_trainer(
-        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, devices=1, strategy="auto"
-    )
     if run_cfg is not None:  # the whole run: student, its teacher, its method
-        method = instantiate(cfg.method)
-        teacher = None
-        if cfg.teacher.get("model") is not None and not (
-            method.teacher_use.trains_teacher and not method.uses_teacher_weights()
-        ):
-            teacher, _ = provide_teacher(cfg)
-        elif cfg.teacher.get("model") is not None:
-            teacher = instantiate(cfg.teacher.model)  # ProKT: its trained teacher is in the checkpoint
-        module = build_module(cfg, instantiate(cfg.student.model), method, teacher)
+        # a ProKT teacher is trained along with the student: its weights come from the checkpoint
+        parts = build(cfg, train_teacher=run, for_training=False)
+        datamodule, module = parts.datamodule, parts.module
         ckpt_arg, what = str(ckpt), "student"
     else:  # a plain set of weights for one model
         if cfg.model not in ("student", "teacher"):
@@ -97,15 +90,19 @@ def evaluate(cfg: DictConfig) -> dict:
         model_cfg = cfg[cfg.model]
         if model_cfg.get("model") is None:
             raise KDXError(f"{cfg.model}={model_cfg.name} has no model to evaluate")
+        datamodule = instantiate(cfg.dataset.datamodule)
         network = instantiate(model_cfg.model)
         load_weights(network, ckpt, what=cfg.model)
-        module = build_module(cfg, network, METHODS["none"](), optim=OmegaConf.create({}))
+        module = make_module(cfg, network, METHODS["none"](), optim=OmegaConf.create({}))
         ckpt_arg, what = None, cfg.model
+    trainer = make_trainer(
+        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, devices=1, strategy="auto"
+    )
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
-    loader = getattr(datamodule, _SPLITS[cfg.split])()
-    results = _test_metrics(
+    loader = datamodule.dataloader(_SPLITS[cfg.split])
+    results = test_metrics(
         trainer.test(module, dataloaders=loader, ckpt_path=ckpt_arg, verbose=False, weights_only=True)
     )
     out = {"split": cfg.split, "model": what, "ckpt": str(ckpt), "run_config": run_cfg is not None, **results}

@@ -60,7 +60,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    import torch
+    import torch  # heavy: kdx-table imports this module and never saves tensors
 
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 

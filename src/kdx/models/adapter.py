@@ -21,41 +21,12 @@ import re
 import warnings
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from kdx.errors import StageNameError
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput, train_mode
-
-
-class FeatureModel(nn.Module):
-    """Wraps a classifier so that ``forward(x, reads)`` returns a :class:`ModelOutput`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.training = model.training  # a wrapper starts in its model's mode (``probe`` restores it)
-
-    @property
-    def num_classes(self) -> int:
-        return self.classifier.out_features
-
-    @property
-    def classifier(self) -> nn.Linear:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def probe(
-        self, input_shape: tuple[int, ...], reads: Iterable[str] = (LOGITS, EMBEDDING, STAGES)
-    ) -> ModelOutput:
-        """Forward a zero batch of two in eval mode, to read output shapes."""
-        with train_mode(self, False):
-            param = next(self.parameters(), None)
-            device = param.device if param is not None else torch.device("cpu")
-            return self(torch.zeros(2, *input_shape, device=device), reads)
+from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput
+from kdx.models.feature import FeatureModel
+from kdx.models.hf import is_transformers_classifier, wrap_transformers_model
 
 
 class NativeFeatureModel(FeatureModel):
@@ -243,8 +214,6 @@ def as_feature_model(
     if callable(getattr(model, "feature_model", None)) and not stage_names:
         return model.feature_model()  # a model that brings its own adapter (kdx.models.hf)
     if type(model).__module__.startswith("transformers.") and not stage_names:
-        from kdx.models.hf import is_transformers_classifier, wrap_transformers_model
-
         if is_transformers_classifier(model):
             return wrap_transformers_model(model)
     if isinstance(model, KDModel) and not stage_names:

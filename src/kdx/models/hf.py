@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from kdx.errors import KDXError
-from kdx.models.adapter import FeatureModel
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput, train_mode
+from kdx.models.feature import FeatureModel
 
 TEACHER_PREFIX = "teacher."
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")

@@ -10,53 +10,35 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
+import kdx.models.cifar  # noqa: F401 - the zoo registers its models on import
+from kdx.models.catalog import MODELS
+
 NO_DOWNLOADS = "no downloads in kdx; pass teacher.ckpt=<path>"
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a factory under its function name (``fn(num_classes) -> nn.Module``)."""
-    name = fn.__name__
-    if name in _MODELS and _MODELS[name] is not fn:
-        raise ValueError(
-            f"model '{name}' is registered twice ({_MODELS[name].__module__} and {fn.__module__})"
-        )
-    _MODELS[name] = fn
-    return fn
-
-
-def _load_zoo() -> None:
-    # Imported here, not at the top: the zoo modules import this one to register themselves.
-    import kdx.models.cifar  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of kdx's own models matching a shell-style ``pattern``."""
-    _load_zoo()
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in MODELS if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
-    _load_zoo()
-    return name in _MODELS
+    return name in MODELS
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build kdx model ``name``; an unknown name is an error that suggests close ones."""
-    _load_zoo()
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"unknown kdx model '{name}'.{hint} Known: {', '.join(sorted(_MODELS))}. "
+            f"unknown kdx model '{name}'.{hint} Known: {', '.join(sorted(MODELS))}. "
             "For timm / torchvision models use student=timm / student=torchvision."
         )
-    return _MODELS[name](num_classes=num_classes, **kwargs)
+    return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def timm_model(
@@ -68,7 +50,7 @@ def timm_model(
     """
     if pretrained:
         raise ValueError(NO_DOWNLOADS)
-    import timm
+    import timm  # heavy: imported only when a timm model is asked for
 
     if input_shape is not None and len(input_shape) == 3:
         kwargs.setdefault("in_chans", int(input_shape[0]))
@@ -87,6 +69,6 @@ def torchvision_model(name: str, num_classes: int, weights: str | None = None, *
     """Any torchvision classification model by name, randomly initialised (``weights=None``)."""
     if weights is not None or kwargs.pop("pretrained", False):
         raise ValueError(NO_DOWNLOADS)
-    import torchvision
+    import torchvision  # heavy: imported only when a torchvision model is asked for
 
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

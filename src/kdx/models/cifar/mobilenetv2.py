@@ -14,8 +14,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdx.models.base import KDModel
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import init_weights
-from kdx.models.registry import register_model
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdx.models.base import KDModel, run_stages
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import init_weights
-from kdx.models.registry import register_model
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:

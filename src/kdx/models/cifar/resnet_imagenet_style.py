@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdx.models.base import KDModel, run_stages
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import init_weights
-from kdx.models.registry import register_model
 
 
 def _projection(c_in: int, c_out: int, stride: int) -> nn.Sequential:

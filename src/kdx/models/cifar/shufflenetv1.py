@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdx.models.base import KDModel, run_stages
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import ChannelShuffle
-from kdx.models.registry import register_model
 
 
 class ShuffleUnit(nn.Module):

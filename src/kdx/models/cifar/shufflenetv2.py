@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdx.models.base import KDModel, run_stages
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import ChannelShuffle
-from kdx.models.registry import register_model
 
 
 def _conv(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, depthwise: bool = False) -> nn.Conv2d:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from kdx.models.base import KDModel
+from kdx.models.catalog import register_model
 from kdx.models.cifar.common import init_weights
-from kdx.models.registry import register_model
 
 # conv widths per block; vgg8 is RepDistiller's configuration "S"
 _CFGS = {

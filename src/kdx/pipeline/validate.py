@@ -1,6 +1,6 @@
 """Check a composed run config before any work: no data generated, no teacher trained, on a bad value.
 
-:func:`validate_config` is the first thing :func:`kdx.train.run` does. Everything that can be judged
+:func:`validate_config` is the first step of :func:`kdx.pipeline.run.run`. Everything that can be judged
 from the config alone is judged here, and the first problems found become one
 :class:`~kdx.errors.KDXError` line that names the key and the fix:
 
@@ -36,9 +36,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import timm
+import torchvision
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+import kdx.conf
 from kdx.errors import KDXError
+from kdx.models.registry import list_models
+from kdx.pipeline.switches import channels_last_switch, compile_switch
 
 # Hydra's instantiate keys: read by Hydra, never passed to the target
 _INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
@@ -109,10 +118,7 @@ def _value_problems(cfg: DictConfig) -> Iterator[str]:
 
 
 def _switch_problems(cfg: DictConfig) -> Iterator[str]:
-    """The speed switches, judged by the factory's own parsers (so the two cannot disagree). Imported
-    here: the factory imports kdx.module, which imports this module."""
-    from kdx.factory import channels_last_switch, compile_switch
-
+    """The speed switches, judged by the builder's own parsers (so the two cannot disagree)."""
     trainer = cfg.get("trainer") or {}
     checks = (
         lambda: channels_last_switch(
@@ -245,15 +251,9 @@ def _model_name_problems(cfg: DictConfig) -> Iterator[str]:
 
 def _registry(target: str) -> tuple[list[str], str]:
     if target == _ZOO_FACTORY:
-        from kdx.models.registry import list_models
-
         return list_models(), "kdx zoo (docs/zoo.md)"
     if target == _TIMM_FACTORY:
-        import timm
-
         return timm.list_models(), "timm (timm.list_models())"
-    import torchvision
-
     return torchvision.models.list_models(), "torchvision (torchvision.models.list_models())"
 
 
@@ -364,8 +364,6 @@ def _instantiable_collection(node: Any) -> bool:
 
 def _added_keys(overrides: list[str]) -> list[str]:
     """Keys (not config groups) that ``+key=value`` overrides add."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     return [
         o.key_or_group for o in parsed if o.is_add() and o.package is None and not _is_group(o.key_or_group)
@@ -374,19 +372,13 @@ def _added_keys(overrides: list[str]) -> list[str]:
 
 def _is_group(key: str) -> bool:
     try:
-        from hydra.core.global_hydra import GlobalHydra
-
         return bool(GlobalHydra.instance().config_loader().repository.group_exists(key.replace(".", "/")))
     except Exception:  # noqa: BLE001 - outside a Hydra app: kdx's own config folder decides
-        import kdx.conf
-
         return (Path(kdx.conf.__file__).parent / key.replace(".", "/")).is_dir()
 
 
 def _hydra_overrides_and_reference() -> tuple[list[str], DictConfig | None]:
     """The command line's task overrides and the config composed without its ``+key`` ones."""
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # not inside a Hydra app (tests, library use): nothing was added on a command line
@@ -395,9 +387,6 @@ def _hydra_overrides_and_reference() -> tuple[list[str], DictConfig | None]:
     added = set(_added_keys(overrides))
     if not added:
         return overrides, None
-    from hydra import compose
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     kept = [
         text
@@ -408,8 +397,6 @@ def _hydra_overrides_and_reference() -> tuple[list[str], DictConfig | None]:
 
 
 def _display_name_problems(cfg: DictConfig, overrides: list[str]) -> Iterator[str]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     set_keys = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(list(overrides))}
     for role in ("student", "teacher"):
         override = set_keys.get(f"{role}.name")
@@ -423,8 +410,6 @@ def _display_name_problems(cfg: DictConfig, overrides: list[str]) -> Iterator[st
 
 
 def _group_choice(group: str, overrides: list[str]) -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         return HydraConfig.get().runtime.choices.get(group)
     except ValueError:
@@ -434,8 +419,6 @@ def _group_choice(group: str, overrides: list[str]) -> str | None:
 
 def _derived_name(group: str, choice: str | None) -> bool:
     """Whether the group option's own file makes ``name`` an interpolation of its model's name."""
-    import kdx.conf
-
     if not choice:
         return False
     path = Path(kdx.conf.__file__).parent / group / f"{choice}.yaml"

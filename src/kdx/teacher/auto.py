@@ -1,95 +1,54 @@
-"""Provide a teacher: load its weights safely, or train and cache it (``ckpt: auto``), then check it.
+"""``teacher.ckpt=auto``: the teacher is an ordinary kdx run of its own, trained once and cached.
 
-* ``teacher.ckpt=<path>``: a plain ``state_dict``, a Lightning checkpoint (kdx's own, whose student
-  or teacher weights are taken, or any whose keys match after a ``model.`` prefix), or
-  RepDistiller's ``{'model': ...}`` files.
-* ``teacher.ckpt=auto``: the teacher is an ordinary kdx run of its own. Its config is composed from
-  the recipe ``teacher.train`` alone (the teacher's model as the student, ``train.method`` as the
-  method — ``none`` by default, ``ls`` for a label-smoothed teacher —, ``train.optim``,
-  ``train.trainer``, ``train.epochs``, ``train.seed``) and run by :func:`kdx.train.run` into
-  ``<cache_dir>/teachers/<name>-<key>/`` (logs, checkpoints, ``metrics.json``); its best-validation
-  weights become ``<cache_dir>/teachers/<name>-<key>.pt``. The key hashes that recipe, the model
-  config, the model's source code and the data — not the student's trainer settings — so a changed
-  recipe trains a new teacher and a student-side change reuses the cached one. A file lock makes
-  parallel jobs train it once; a waiting job says so until the lock is free.
-* A cache entry is verified on every reuse: its ``.json`` record holds the same key (and so the
-  same model-code fingerprint), and the weights load and fit the model (no NaN). A bad entry
-  (truncated, stale, written by an older kdx) is moved aside to ``<name>.bad-<time>.pt`` with a
-  message saying why, and retrained. Reuse only reads: a read-only cache holding the teacher works
-  (the lock file is only made when training is needed).
+Its config is composed from the recipe ``teacher.train`` alone (the teacher's model as the student,
+``train.method`` as the method — ``none`` by default, ``ls`` for a label-smoothed teacher —,
+``train.optim``, ``train.trainer``, ``train.epochs``, ``train.seed``) and run by the pipeline's
+``run``, which the caller passes in (this package imports no entry point), into
+``<cache_dir>/teachers/<name>-<key>/`` (logs, checkpoints, ``metrics.json``); its best-validation
+weights become ``<cache_dir>/teachers/<name>-<key>.pt``. The key (:mod:`kdx.teacher.key`) hashes
+that recipe, the model config, the model's source code and the data — not the student's trainer
+settings — so a changed recipe trains a new teacher and a student-side change reuses the cached one.
+A file lock makes parallel jobs train it once; a waiting job says so until the lock is free.
 
-Weights are always read with ``torch.load(..., weights_only=True)``. Any mismatch is one
-:class:`~kdx.errors.KDXError` line that names the file and what did not fit.
+A cache entry is verified on every reuse: its ``.json`` record holds the same key (and so the same
+model-code fingerprint), and the weights load and fit the model (no NaN). A bad entry (truncated,
+stale, written by an older kdx) is moved aside to ``<name>.bad-<time>.pt`` with a message saying
+why, and retrained. Reuse only reads: a read-only cache holding the teacher works (the lock file is
+only made when training is needed).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
+from filelock import FileLock, Timeout
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdx.errors import KDXError
 from kdx.models.weights import load_weights
-from kdx.utils import atomic_torch_save, atomic_write_json, sha256_file, stable_hash
+from kdx.teacher.key import cached_teacher_path, teacher_key
+from kdx.utils import atomic_torch_save, atomic_write_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kdx.teacher")
 
-# data-module arguments that say where or how fast data is read, not what it is
-_DATA_KEY_EXCLUDED = ("num_workers", "pin_memory", "cache_dir", "root", "eval_batch_size")
-
-
-def model_code_fingerprint(model: nn.Module) -> str:
-    """Hash of the source file that defines ``model``'s class (a changed architecture is a new key)."""
-    try:
-        source = Path(inspect.getsourcefile(type(model)) or "").read_bytes()
-    except (TypeError, OSError):
-        source = type(model).__qualname__.encode()
-    return hashlib.sha256(source).hexdigest()[:12]
-
-
-def teacher_key(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """Everything that decides which weights an auto-trained teacher ends up with."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    datamodule = {k: v for k, v in dataset.pop("datamodule").items() if k not in _DATA_KEY_EXCLUDED}
-    return {
-        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-        "model_code": model_code_fingerprint(model),
-        "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
-        "dataset": {**dataset, "datamodule": datamodule},
-    }
-
-
-def teacher_cache_path(cfg: DictConfig, model: nn.Module | None = None) -> Path:
-    model = instantiate(cfg.teacher.model) if model is None else model
-    return (
-        Path(cfg.paths.cache_dir)
-        / "teachers"
-        / f"{cfg.teacher.name}-{stable_hash(teacher_key(cfg, model))}.pt"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher run
+RunFn = Callable[[DictConfig], dict[str, Any]]
+"""The pipeline's ``run``: one kdx run of a composed config, returning its metrics.json figures."""
 
 
 def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """The teacher's own run config (conf/teacher_run.yaml + the recipe); the student run leaks nothing."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     recipe = cfg.teacher.train
     overrides = [f"method={recipe.get('method', 'none')}"]
     overrides += [f"method.{k}={v}" for k, v in (recipe.get("method_args") or {}).items()]
@@ -128,10 +87,9 @@ def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return tcfg
 
 
-def _train_teacher(cfg: DictConfig, path: Path) -> dict[str, Any]:
-    """Run the teacher's own kdx run next to ``path`` and store its best weights at ``path``."""
-    from kdx.train import run  # the entry point's own run, kept out of import time
-
+def train_teacher(cfg: DictConfig, path: Path, run: RunFn) -> dict[str, Any]:
+    """Run the teacher's own kdx run (``run``: the pipeline's) next to ``path`` and store its best
+    weights at ``path``."""
     run_dir = path.with_suffix("")
     tcfg = teacher_run_config(cfg, run_dir)
     log.info(
@@ -160,16 +118,12 @@ def _train_teacher(cfg: DictConfig, path: Path) -> dict[str, Any]:
     return metrics
 
 
-def _lock(path: Path):
-    from filelock import FileLock
-
+def _lock(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock")
 
 
 def _wait_for_lock(lock, name: str, path: Path) -> None:
     """Acquire ``lock``, saying every ``KDX_LOCK_NOTICE_S`` seconds (30) who is being waited for."""
-    from filelock import Timeout
-
     started = time.monotonic()
     while True:
         try:
@@ -254,16 +208,22 @@ def _move_aside(path: Path, why: str) -> Path:
     return aside
 
 
-def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Path:
-    """The cached teacher's path, its weights loaded into ``model``; trained (or retrained) when
-    missing or bad. The lock (a file in the cache) is taken only when training is needed."""
+def auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any], run: RunFn | None) -> Path:
+    """The cached teacher's path, its weights loaded into ``model``; trained (or retrained) with
+    ``run`` when missing or bad (``run=None``: a tool that trains no teacher, an error then). The lock
+    (a file in the cache) is taken only when training is needed."""
     key = teacher_key(cfg, model)
-    path = Path(cfg.paths.cache_dir) / "teachers" / f"{cfg.teacher.name}-{stable_hash(key)}.pt"
+    path = cached_teacher_path(cfg, model)
     problem = _entry_problem(path, key, model) if path.is_file() else None
     if path.is_file() and problem is None:
         log.info("Reusing cached teacher %s", path)
         info["teacher/source"] = "cache"
         return path
+    if run is None:
+        raise KDXError(
+            f"teacher {path} is {'unusable: ' + problem if problem else 'not in the cache'}; train it "
+            "with kdx-train (teacher.ckpt=auto) first, or pass teacher.ckpt=<path>"
+        )
     if rank_zero_only.rank != 0:
         raise KDXError(
             f"teacher {path} is not usable in the cache on rank {rank_zero_only.rank}"
@@ -290,7 +250,7 @@ def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Pa
                 return path
             info["teacher/retrained_because"] = problem
             _move_aside(path, problem)
-        metrics = _train_teacher(cfg, path)
+        metrics = train_teacher(cfg, path, run)
         atomic_write_json(
             path.with_suffix(".json"),
             {
@@ -306,76 +266,3 @@ def _auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any]) -> Pa
         return path
     finally:
         lock.release()
-
-
-def provide_teacher(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
-    """Build the teacher of ``cfg.teacher`` and give it weights; ``(None, {})`` when there is none."""
-    tcfg = cfg.teacher
-    if tcfg.get("model") is None:
-        return None, {}
-    # the teacher's initial weights belong to its recipe, not to whichever job builds it first
-    if tcfg.get("train") is not None:
-        L.seed_everything(tcfg.train.seed, workers=True, verbose=False)
-    model: nn.Module = instantiate(tcfg.model)
-    ckpt = tcfg.get("ckpt")
-    info: dict[str, Any] = {"teacher/name": tcfg.name}
-    if ckpt is None:
-        raise KDXError(f"teacher={tcfg.name} has no weights: set teacher.ckpt=<path> or teacher.ckpt=auto")
-    if str(ckpt) == "auto":
-        path = _auto_teacher(cfg, model, info)  # verified and loaded
-    else:
-        path = Path(str(ckpt)).expanduser()
-        info["teacher/source"] = "file"
-        load_weights(model, path)
-    info["teacher/ckpt"] = str(path)
-    info["teacher/sha256"] = sha256_file(path)
-    return model, info
-
-
-def check_teacher(cfg: DictConfig, model: nn.Module) -> float | None:
-    """Validation accuracy of the teacher (``trainer.validate`` on the run's accelerator, one device);
-    stops the run below ``teacher.min_acc``. Ranks other than 0 trust rank 0's check."""
-    from kdx.factory import build_module, build_trainer
-    from kdx.methods.base import METHODS
-    from kdx.models.adapter import as_feature_model
-    from kdx.models.base import LOGITS
-
-    if rank_zero_only.rank != 0:
-        return None
-    name, num_classes = cfg.teacher.name, int(cfg.dataset.num_classes)
-    input_shape = cfg.dataset.get("input_shape")
-    if input_shape is not None:
-        logits = as_feature_model(model).probe(tuple(input_shape), (LOGITS,)).logits
-        if logits.shape[-1] != num_classes:
-            raise KDXError(
-                f"teacher={name} outputs {logits.shape[-1]} classes but the data set has {num_classes}; "
-                "set the teacher's num_classes to the data set's"
-            )
-    module = build_module(
-        OmegaConf.create({"dataset": {"num_classes": num_classes}, "student": {"stage_names": None}}),
-        model,
-        METHODS["none"](),
-    )
-    trainer = build_trainer(
-        OmegaConf.create({"_target_": "lightning.Trainer"}),
-        accelerator=cfg.trainer.get("accelerator", "auto"),
-        devices=1,
-        num_nodes=1,
-        strategy="auto",
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    was_training = model.training
-    results = trainer.validate(module, datamodule=instantiate(cfg.dataset.datamodule), verbose=False)
-    model.train(was_training).cpu()
-    acc = float(results[0]["val/student/acc"])
-    if acc < float(cfg.teacher.min_acc):
-        raise KDXError(
-            f"teacher={name} has validation accuracy {acc:.4f} < teacher.min_acc={cfg.teacher.min_acc}; "
-            "train it longer (teacher.train.epochs), pass a better teacher.ckpt, or lower teacher.min_acc"
-        )
-    log.info("Teacher %s: validation accuracy %.2f %%", name, 100 * acc)
-    return acc

@@ -1,0 +1,57 @@
+"""The speed switches ``channels_last`` and ``compile``: parsed once, for the config check
+(:mod:`kdx.pipeline.validate`) and for the builder (:mod:`kdx.pipeline.build`) alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kdx.errors import KDXError
+
+
+def channels_last_switch(value: Any, accelerator: str, precision: str) -> bool:
+    """``channels_last``: true / false, or ``auto``: on where it is the faster layout for conv models
+    — on a CPU (oneDNN's native layout: every zoo student's step is 1.09–1.5× faster,
+    docs/performance.md) and on a GPU at 16-bit precision (tensor cores); off on a GPU at 32 bits,
+    where it was not measured. It only changes models with ``Conv2d`` layers (the builder checks)."""
+    if value in (True, "true", "True"):
+        return True
+    if value in (None, False, "false", "False"):
+        return False
+    if value != "auto":
+        raise KDXError(f"channels_last={value!r}: choose auto, true or false")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "16" in precision
+    return accelerator in ("cpu", "auto")  # mps and others: off
+
+
+def resolve_channels_last(cfg: DictConfig, *models: nn.Module | None) -> bool:
+    """The memory format ``cfg`` gives ``models``: ``channels_last`` judged for the run's accelerator
+    and precision (``trainer.*``, or the top-level keys of kdx-bench's config), and only where a
+    model has a ``Conv2d`` layer (elsewhere it would change nothing but the teacher-cache key)."""
+    trainer = cfg.get("trainer") or {}
+    switch = channels_last_switch(
+        cfg.get("channels_last", False),
+        str(trainer.get("accelerator", cfg.get("accelerator", "auto"))),
+        str(trainer.get("precision", cfg.get("precision", "32-true"))),
+    )
+    return switch and any(
+        isinstance(m, nn.Conv2d) for model in models if model is not None for m in model.modules()
+    )
+
+
+def compile_switch(value: Any) -> bool | str:
+    """``compile``: false, true (torch.compile's default backend) or a backend name (``aot_eager``...)."""
+    if value in (None, False, "false", "False"):
+        return False
+    if value in (True, "true", "True"):
+        return True
+    if str(value) not in torch._dynamo.list_backends(exclude_tags=()):
+        raise KDXError(
+            f"compile={value!r} is neither true/false nor a torch.compile backend "
+            f"({', '.join(torch._dynamo.list_backends())})"
+        )
+    return str(value)
