@@ -31,6 +31,7 @@ from kdx.pipeline.compose import is_multirun
 from kdx.pipeline.evaluate import evaluate
 from kdx.pipeline.fit import finish_loggers, fit, log_hparams, make_callbacks, make_loggers, run_name
 from kdx.pipeline.validate import validate_config
+from kdx.record import RunRecord
 
 log = logging.getLogger("kdx")
 
@@ -80,44 +81,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-SUMMARY_PERCENT = (
-    "student/acc",
-    "student/acc_best",
-    "teacher/acc",
-    "fidelity/agreement",
-    "student/ece",
-    "teacher/ece",
-)
-SUMMARY_PLAIN = (
-    "fidelity/kl",
-    "fidelity/kernel_gap",
-    "fidelity/cka",
-    "time/fit_s",
-    "throughput/train_samples_per_s",
-)
-
-
-def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+def print_summary(result: RunRecord, output_dir: Path) -> None:
     # rich is imported only when a summary is printed: the run itself never needs it
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        title=f"kdx · {metrics['label'] or metrics['method']} · {metrics['teacher']} → {metrics['student']} "
-        f"on {metrics['dataset']} · seed {metrics['seed']}"
-    )
+    table = Table(title=f"kdx · {result.title()}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in SUMMARY_PERCENT:
-        if metrics.get(key) is not None:
-            table.add_row(key, f"{100 * metrics[key]:.2f} %")
-    for key in SUMMARY_PLAIN:
-        if metrics.get(key) is not None:
-            table.add_row(key, f"{metrics[key]:.4g}")
-    if metrics.get("teacher/source"):
-        table.add_row("teacher", f"{metrics['teacher/source']}: {metrics.get('teacher/ckpt')}")
+    for key, value in result.summary_rows():
+        table.add_row(key, value)
     Console().print(table)
-    for warning in metrics.get("warnings") or []:
+    for warning in result.warnings or []:
         Console().print(f"[yellow]warning:[/yellow] {warning}")
     Console().print(f"metrics: {output_dir / 'metrics.json'}")
 
@@ -149,6 +124,6 @@ def run_job(cfg: DictConfig) -> float:
         traceback.print_exception(err, file=sys.stderr)
         sys.exit(1)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
-        print_summary(metrics, output_dir)
+        print_summary(RunRecord.from_dict(metrics), output_dir)
     value = metrics.get("monitor/best")
     return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)

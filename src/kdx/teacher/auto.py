@@ -38,6 +38,7 @@ from torch import nn
 
 from kdx.errors import KDXError
 from kdx.models.weights import load_weights
+from kdx.record import RunRecord
 from kdx.teacher.key import cached_teacher_path, teacher_key
 from kdx.utils import atomic_torch_save, atomic_write_json
 
@@ -87,7 +88,7 @@ def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return tcfg
 
 
-def train_teacher(cfg: DictConfig, path: Path, run: RunFn) -> dict[str, Any]:
+def train_teacher(cfg: DictConfig, path: Path, run: RunFn) -> RunRecord:
     """Run the teacher's own kdx run (``run``: the pipeline's) next to ``path`` and store its best
     weights at ``path``."""
     run_dir = path.with_suffix("")
@@ -99,10 +100,10 @@ def train_teacher(cfg: DictConfig, path: Path, run: RunFn) -> dict[str, Any]:
         tcfg.trainer.max_epochs,
         run_dir,
     )
-    metrics = run(tcfg)
-    if metrics.get("status") != "ok":
-        raise KDXError(f"teacher run {run_dir} ended with status {metrics.get('status')}; see {run_dir}")
-    best = metrics.get("student/best_ckpt") or str(run_dir / "checkpoints" / "best.ckpt")
+    result = RunRecord.from_dict(run(tcfg))
+    if not result.ok:
+        raise KDXError(f"teacher run {run_dir} ended with status {result.status}; see {run_dir}")
+    best = result.student_best_ckpt or str(run_dir / "checkpoints" / "best.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     weights = {
         k.removeprefix("student.model."): v for k, v in state.items() if k.startswith("student.model.")
@@ -111,11 +112,11 @@ def train_teacher(cfg: DictConfig, path: Path, run: RunFn) -> dict[str, Any]:
     log.info(
         "Teacher %s: validation accuracy %.2f %%, test accuracy %.2f %% (best epoch); cached at %s",
         cfg.teacher.name,
-        100 * (metrics.get("student/val_acc_best") or float("nan")),
-        100 * (metrics.get("student/acc_best") or float("nan")),
+        100 * (result.student_val_acc_best or float("nan")),
+        100 * (result.student_acc_best or float("nan")),
         path,
     )
-    return metrics
+    return result
 
 
 def _lock(path: Path) -> FileLock:
@@ -250,13 +251,13 @@ def auto_teacher(cfg: DictConfig, model: nn.Module, info: dict[str, Any], run: R
                 return path
             info["teacher/retrained_because"] = problem
             _move_aside(path, problem)
-        metrics = train_teacher(cfg, path, run)
+        result = train_teacher(cfg, path, run)
         atomic_write_json(
             path.with_suffix(".json"),
             {
                 "key": key,
-                "val_acc": metrics.get("student/val_acc_best"),
-                "test_acc": metrics.get("student/acc_best"),
+                "val_acc": result.student_val_acc_best,
+                "test_acc": result.student_acc_best,
                 "run_dir": str(path.with_suffix("")),
                 "config": OmegaConf.to_container(cfg.teacher, resolve=True),
             },
