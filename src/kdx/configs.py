@@ -44,6 +44,8 @@ ZOO_TARGET = "_target_: kdx.models.registry.create_model"
 # for this method, if any (absent experiment: "none/<name>", which does not exist either)
 TUNED_INCLUDE = "optional /experiment/_tuned@_here_"
 GENERATED_GROUPS = ("student", "teacher", "method", "hparams_search")
+# libyaml's parser when PyYAML has it: these files are read on every `import kdx`
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def conf_root() -> Path:
@@ -72,17 +74,23 @@ def zoo_model_names() -> tuple[str, ...]:
     return tuple(n for n in model_names() if ZOO_TARGET in (root / f"{n}.yaml").read_text())
 
 
+def _load(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_LOADER)
+
+
 @cache
+def _search_table() -> dict:
+    return _load(conf_root() / "hparams_search" / "_spaces.yaml")
+
+
 def search_spaces() -> dict[str, dict]:
     """``conf/hparams_search/_spaces.yaml``: the Optuna search space of each method."""
-    table = yaml.safe_load((conf_root() / "hparams_search" / "_spaces.yaml").read_text())
-    return {name: dict(entry) for name, entry in table["spaces"].items()}
+    return {name: dict(entry) for name, entry in _search_table()["spaces"].items()}
 
 
-@cache
 def search_holdout() -> float:
-    table = yaml.safe_load((conf_root() / "hparams_search" / "_spaces.yaml").read_text())
-    return float(table["val_fraction"])
+    """The share of the training set a search holds out on data sets whose validation is the test set."""
+    return float(_search_table()["val_fraction"])
 
 
 @cache
@@ -91,9 +99,8 @@ def tuned_rows() -> dict[str, dict[str, dict]]:
     root = conf_root() / "experiment"
     rows = {}
     for path in sorted(root.rglob("*.yaml")):
-        text = path.read_text()
-        if "\ntuned:" in text:
-            rows[path.relative_to(root).with_suffix("").as_posix()] = yaml.safe_load(text)["tuned"]
+        if "\ntuned:" in path.read_text():
+            rows[path.relative_to(root).with_suffix("").as_posix()] = _load(path)["tuned"]
     return rows
 
 
