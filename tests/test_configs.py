@@ -1,4 +1,5 @@
-"""Every config in conf/ composes, and a misspelt or ill-typed method key fails at compose time."""
+"""Every config option composes (conf/'s files and the options kdx.configs generates), conf/ stays
+small, and a misspelt or ill-typed method key fails at compose time."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_train
+from kdx.cli import options
+from kdx.configs import generated_options, method_names, model_names, zoo_model_names
+from kdx.methods import METHODS
 
 GROUPS = ["dataset", "teacher", "student", "method", "optim", "trainer", "logger", "callbacks", "debug"]
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml") if not p.stem.startswith("_"))
+    return options(group)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -62,3 +66,38 @@ def test_ill_typed_method_value_fails_at_compose_time(tmp_path):
     with pytest.raises(ConfigCompositionException) as err:
         compose_train(["method=kd", "method.temperature=hot"], tmp_path, tmp_path)
     assert "temperature" in str(err.value) + str(err.value.__cause__)
+
+
+def test_conf_holds_at_most_120_yaml_files():
+    assert len(list(Path(CONF_DIR).rglob("*.yaml"))) <= 120
+
+
+def test_generated_options_cover_every_model_method_and_search_space():
+    assert method_names() == tuple(sorted(METHODS))  # read from the sources without importing torch
+    assert set(model_names()) <= set(options("student"))
+    assert set(zoo_model_names()) <= set(options("teacher"))
+    assert set(METHODS) <= set(options("method"))
+    assert {f"{m}_optuna" for m in METHODS} <= set(options("hparams_search"))
+    # a generated option is one no file provides
+    for group in ("student", "teacher", "method", "hparams_search"):
+        assert not any((Path(CONF_DIR) / group / f"{o}.yaml").exists() for o in generated_options(group))
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_every_search_space_composes_with_its_method(option, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hparams_search={option}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    method = option.removesuffix("_optuna")
+    assert cfg.method._target_ == METHODS[method].__module__ + "." + METHODS[method].__qualname__
+    assert cfg.hydra.sweeper.study_name == f"train-{method}" and cfg.hydra.sweeper.params
+    assert all(key.split(".")[0] in ("method", "optim") for key in cfg.hydra.sweeper.params)
+
+
+def test_an_experiment_rows_tuned_values_apply_only_to_that_method(tmp_path):
+    row = "experiment=crd_cifar100/vgg13_vgg8"
+    assert compose_train([row, "method=dkd"], tmp_path, tmp_path).method.beta == 6.0
+    assert compose_train(["method=dkd"], tmp_path, tmp_path).method.beta == 8.0  # DKD's own default
+    assert compose_train([row, "method=dkd", "method.beta=3"], tmp_path, tmp_path).method.beta == 3.0
+    assert "beta" not in compose_train([row], tmp_path, tmp_path).method  # the row's KD has no β

@@ -12,13 +12,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, run_train
+from kdx.cli import options
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
 from kdx.module import DistillationModule
 
-METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+METHODS = options("method")
 # kdx's step code: the module, the methods, the models' adapters, the teacher-output cache (the data
 # modules' samplers work on host tensors they make themselves)
 _SRC = Path(__file__).resolve().parents[1] / "src" / "kdx"

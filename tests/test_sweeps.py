@@ -20,13 +20,12 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 
 from conftest import CONF_DIR, ROOT
+from kdx.cli import options
 from kdx.table import make_table
 
 KDX_TRAIN = str(Path(sys.executable).parent / "kdx-train")
-SEARCHES = sorted(
-    p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml") if not p.name.startswith("_")
-)
-METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+SEARCHES = options("hparams_search")
+METHODS = options("method")
 # MNIST-1D-shaped synthetic data (made in memory), one epoch of 4 training batches (a checkpoint,
 # so a best validation score for Optuna), one validation and one test batch
 TINY = [

@@ -32,7 +32,7 @@ SAME_FAMILY = {
 def published_of(row: str, tmp_path: Path, cache_dir: Path) -> dict:
     cfg = compose_train([f"experiment=crd_cifar100/{row}"], tmp_path, cache_dir)
     block = OmegaConf.to_container(cfg.published, resolve=True)
-    return {"block": block, "student": block["student"], "dkd_beta": cfg.dkd_beta}
+    return {"block": block, "student": block["student"], "dkd_beta": cfg.tuned.dkd.beta}
 
 
 @pytest.mark.parametrize("row", ROWS)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import run_train
+from kdx.cli import options
 from kdx.errors import KDXError
 
 # Tiny: 48 training reviews, an 80-token tokenizer, a 2-layer width-16 teacher (one auto-trained
@@ -29,7 +30,7 @@ TEXT = [
     "student.model.config.intermediate_size=16",
     "teacher.min_acc=0",
 ]
-METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml") if not p.stem.startswith("_"))
+METHODS = options("method")
 # Methods that may refuse this pair, and the reasons their message may give: feature-map methods
 # need spatial axes (a transformer layer pooled over tokens is a vector), layer-pairing methods need
 # as many picked layers (and, for fsp, equal widths) on both sides, backward's default space is

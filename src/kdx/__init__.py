@@ -10,3 +10,9 @@ from omegaconf import OmegaConf as _OmegaConf  # noqa: E402
 _OmegaConf.register_new_resolver(
     "kdx.optuna_direction", lambda mode: "minimize" if str(mode) == "min" else "maximize", replace=True
 )
+
+# The config options kdx generates instead of one file each (student=<model>, method=<name>,
+# hparams_search=<name>_optuna...): stored in Hydra's ConfigStore here for the same reason.
+from kdx.configs import register as _register_config_options  # noqa: E402
+
+_register_config_options()

@@ -2,7 +2,7 @@
 
 Importing torch, Lightning, timm and W&B takes 5-15 s on a small machine; a user who typed
 ``kdx-train --help`` or ``method=kdd`` should not wait for that to be told. This module reads only
-the config folders (``kdx.conf``), then hands over to the real entry point, where Hydra composes
+the config folders (``kdx.conf``) and the options :mod:`kdx.configs` generates, then hands over to the real entry point, where Hydra composes
 and validates everything else (misspelt keys, types, values).
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import sys
-from importlib import resources
 from pathlib import Path
+
+from kdx.configs import conf_root, generated_options
 
 # one line per group: what choosing an option there changes
 GROUPS = {
@@ -32,18 +33,15 @@ GROUPS = {
 TOOLS = {"train": "kdx-train", "eval": "kdx-eval", "bench": "kdx-bench"}
 
 
-def conf_root() -> Path:
-    return Path(str(resources.files("kdx.conf")))
-
-
 def options(group: str, root: Path | None = None) -> list[str]:
-    """The choosable options of a group (sub-folders as ``a/b``); ``_``-prefixed files are internal."""
+    """The choosable options of a group: its files (sub-folders as ``a/b``; ``_``-prefixed files are
+    internal) and the options kdx generates (:mod:`kdx.configs`)."""
     folder = (root or conf_root()) / group
-    found = []
+    found = set(generated_options(group))
     for path in folder.rglob("*.yaml"):
         parts = path.relative_to(folder).with_suffix("").parts
         if not any(p.startswith("_") for p in parts):
-            found.append("/".join(parts))
+            found.add("/".join(parts))
     return sorted(found)
 
 
