@@ -39,11 +39,17 @@ def hydra_choices() -> dict[str, str] | None:
         choices = HydraConfig.get().runtime.choices
     except ValueError:  # not inside a Hydra app (tests, the teacher run)
         return None
+    # conditional includes (a row's tuned method values, a search's hold-out split) are choices too,
+    # with a private `_` part in their group or value; they say nothing the user chose
     return {
         k: v
         for k, v in OmegaConf.to_container(choices).items()
-        if not k.startswith("hydra/") and v is not None
+        if not k.startswith("hydra/") and v is not None and not _is_private(k) and not _is_private(str(v))
     }
+
+
+def _is_private(path: str) -> bool:
+    return any(part.startswith("_") for part in path.replace("@", "/").split("/"))
 
 
 def sweep_group() -> str | None:
