@@ -12,7 +12,9 @@
   module paths for stages and on the final linear layer's input for the embedding.
 
 Only what the caller asks for (``reads``) is computed: logits alone is a plain ``model(x)`` with no
-hook, no graph and no intermediate kept.
+hook, no graph and no intermediate kept. Pre-activation stages (``PREACT_STAGES``) come only from
+zoo models that define them; every other adapter refuses the read with
+:class:`~kdx.models.base.NoPreactStagesError`, naming the model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from kdx.errors import StageNameError
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, KDModel, ModelOutput
+from kdx.models.base import EMBEDDING, LOGITS, PREACT_STAGES, STAGES, KDModel, ModelOutput
 from kdx.models.feature import FeatureModel
 from kdx.models.hf import is_transformers_classifier, wrap_transformers_model
 
@@ -40,7 +42,7 @@ class NativeFeatureModel(FeatureModel):
         reads = set(reads)
         if reads <= {LOGITS}:
             return ModelOutput(self.model(x))
-        return self.model.extract(x, stages=STAGES in reads)
+        return self.model.extract(x, stages=STAGES in reads, preact_stages=PREACT_STAGES in reads)
 
 
 class TimmFeatureModel(FeatureModel):
@@ -59,6 +61,7 @@ class TimmFeatureModel(FeatureModel):
 
     def forward(self, x: Tensor, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
         reads = set(reads)
+        self.refuse_preact(reads)
         if reads <= {LOGITS}:
             return ModelOutput(self.model(x))
         if STAGES in reads:
@@ -140,6 +143,7 @@ class HookFeatureModel(FeatureModel):
 
     def forward(self, x: Tensor, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
         reads = set(reads)
+        self.refuse_preact(reads)
         if reads <= {LOGITS}:
             return ModelOutput(self.model(x))
         stage_modules = {n: self.model.get_submodule(n) for n in self.stage_names} if STAGES in reads else {}
@@ -188,6 +192,7 @@ class GraphFeatureModel(HookFeatureModel):
 
     def forward(self, x: Tensor, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
         reads = set(reads)
+        self.refuse_preact(reads)
         if STAGES not in reads:
             return super().forward(x, reads)
         out, captured = self._run(self._extractor(), x, reads, {})

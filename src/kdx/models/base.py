@@ -1,4 +1,4 @@
-"""The one record every model gives: logits, embedding, stages.
+"""The one record every model gives: logits, embedding, stages (and, on request, pre-activation stages).
 
 Zoo models subclass :class:`KDModel` and return the record natively through ``extract``;
 foreign models (timm, torchvision, a user's ``nn.Module``) get it through
@@ -15,9 +15,31 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from kdx.errors import KDXError
+
 # What a method may ask a model for (``DistillationMethod.reads``).
 LOGITS, EMBEDDING, STAGES = "logits", "embedding", "stages"
-READABLE = frozenset({LOGITS, EMBEDDING, STAGES})
+# The stage maps taken before each stage's final activation, as RepDistiller's
+# ``forward(x, is_feat=True, preact=True)`` gives them (AB, the "Overhaul" family): only the CIFAR
+# zoo defines them; every other model refuses the read (:class:`NoPreactStagesError`).
+PREACT_STAGES = "preact_stages"
+READABLE = frozenset({LOGITS, EMBEDDING, STAGES, PREACT_STAGES})
+
+
+class NoPreactStagesError(KDXError, ValueError):
+    """``preact_stages`` was read from a model that has no pre-activation definition."""
+
+
+def no_preact_stages(model: nn.Module, via: str = "") -> NoPreactStagesError:
+    """The error for a model that cannot give ``preact_stages`` (``via``: the adapter, if any)."""
+    name = type(model).__name__
+    where = f" (read through {via})" if via else ""
+    return NoPreactStagesError(
+        f"model {name}{where} has no pre-activation stage features ('{PREACT_STAGES}'): kdx defines "
+        "them, as RepDistiller's preact=True does, only for the CIFAR zoo (resnet8..110, resnet8x4, "
+        "resnet32x4, wrn_*, vgg*, mobile_half, shufflenetv1, shufflenetv2, resnet18/34/50_cifar); "
+        f"read '{STAGES}' (post-activation) from {name} instead"
+    )
 
 
 @dataclass
@@ -25,12 +47,15 @@ class ModelOutput:
     logits: Tensor  # (B, K)
     embedding: Tensor | None = None  # (B, D): the classifier's input
     stages: list[Tensor] = field(default_factory=list)  # feature map at the end of each stage
+    # the same stages before their final activation (filled only when PREACT_STAGES is read)
+    preact_stages: list[Tensor] = field(default_factory=list)
 
     def detach(self) -> ModelOutput:
         return ModelOutput(
             self.logits.detach(),
             None if self.embedding is None else self.embedding.detach(),
             [s.detach() for s in self.stages],
+            [s.detach() for s in self.preact_stages],
         )
 
 
@@ -39,7 +64,9 @@ class KDModel(nn.Module):
 
     Subclasses set ``num_classes``, ``embedding_dim`` and ``classifier`` (the final ``nn.Linear``)
     and implement ``forward_features(x, stages) -> (embedding, [stage maps])``; they compute the
-    stage list only when ``stages`` is true.
+    stage list only when ``stages`` is true. Models with a pre-activation definition also implement
+    ``forward_preact_features(x, stages) -> (embedding, [stage maps], [pre-activation maps])``;
+    the others refuse it with :class:`NoPreactStagesError`.
     """
 
     num_classes: int
@@ -49,6 +76,11 @@ class KDModel(nn.Module):
     def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
         raise NotImplementedError
 
+    def forward_preact_features(
+        self, x: Tensor, stages: bool = False
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        raise no_preact_stages(self)
+
     def forward_head(self, embedding: Tensor) -> Tensor:
         return self.classifier(embedding)
 
@@ -56,9 +88,12 @@ class KDModel(nn.Module):
         embedding, _ = self.forward_features(x, stages=False)
         return self.forward_head(embedding)
 
-    def extract(self, x: Tensor, stages: bool = False) -> ModelOutput:
-        embedding, maps = self.forward_features(x, stages=stages)
-        return ModelOutput(self.forward_head(embedding), embedding, maps)
+    def extract(self, x: Tensor, stages: bool = False, preact_stages: bool = False) -> ModelOutput:
+        if preact_stages:
+            embedding, maps, preact = self.forward_preact_features(x, stages=stages)
+        else:
+            (embedding, maps), preact = self.forward_features(x, stages=stages), []
+        return ModelOutput(self.forward_head(embedding), embedding, maps, preact)
 
 
 def run_stages(x: Tensor, layers, keep: bool, maps: list[Tensor]) -> Tensor:

@@ -11,7 +11,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput, train_mode
+from kdx.models.base import (
+    EMBEDDING,
+    LOGITS,
+    PREACT_STAGES,
+    STAGES,
+    ModelOutput,
+    no_preact_stages,
+    train_mode,
+)
 
 
 class FeatureModel(nn.Module):
@@ -32,6 +40,11 @@ class FeatureModel(nn.Module):
 
     def forward(self, x: Tensor, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
         raise NotImplementedError
+
+    def refuse_preact(self, reads: set[str]) -> None:
+        """Adapters without pre-activation stages: a clear error when ``PREACT_STAGES`` is read."""
+        if PREACT_STAGES in reads:
+            raise no_preact_stages(self.model, via=type(self).__name__)
 
     @torch.no_grad()
     def probe(

@@ -252,6 +252,7 @@ class HFFeatureModel(FeatureModel):
 
     def forward(self, x: Any, reads: Iterable[str] = (LOGITS,)) -> ModelOutput:
         reads = set(reads)
+        self.refuse_preact(reads)
         inputs = self.model.inputs(x)
         if reads <= {LOGITS}:
             return ModelOutput(self.model.hf(**inputs).logits)

@@ -4,7 +4,9 @@ Sandler et al.'s inverted residuals (1×1 expand, 3×3 depthwise, 1×1 linear pr
 when stride 1 and widths match), a 3×3/2 stem, seven block groups, a 1×1 conv to 1280 channels
 (not scaled down at width < 1), global average pooling, one linear layer. Unlike torchvision, the
 1×1 expansion is kept when the expansion ratio is 1. Stages: the stem output and the outputs of
-groups 2, 3, 5 and 7 (16×16, 16×16, 8×8, 4×4, 2×2 on 32×32 inputs).
+groups 2, 3, 5 and 7 (16×16, 16×16, 8×8, 4×4, 2×2 on 32×32 inputs). Pre-activation stages are
+the same maps: RepDistiller's ``preact=True`` leaves MobileNetV2's features as they are (each group
+ends in a linear bottleneck, with no ReLU to take off).
 Module names follow RepDistiller's, except ``classifier`` is the ``nn.Linear`` itself (RepDistiller
 wraps it in a Sequential: rename ``classifier.0.*`` → ``classifier.*`` to load its checkpoints).
 """
@@ -13,9 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdx.models.base import KDModel
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import init_weights
+from kdx.models.cifar.common import PreactStagesModel, init_weights
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -42,7 +43,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(KDModel):
+class MobileNetV2(PreactStagesModel):
     # (expansion, width, repeats, stride); expansion None = the model's ``expand_ratio``
     SETTINGS = (
         (1, 16, 1, 1),
@@ -74,14 +75,15 @@ class MobileNetV2(KDModel):
         self.classifier = nn.Linear(self.embedding_dim, num_classes)
         init_weights(self, linear_std=0.01)
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        keep = stages or preact
         x = self.conv1(x)
-        maps = [x] if stages else []
+        maps = [x] if keep else []
         for i, group in enumerate(self.blocks):
             x = group(x)
-            if stages and i in self.STAGE_ENDS:
+            if keep and i in self.STAGE_ENDS:
                 maps.append(x)
-        return self.avgpool(self.conv2(x)).flatten(1), maps
+        return self.avgpool(self.conv2(x)).flatten(1), maps if stages else [], list(maps) if preact else []
 
 
 @register_model

@@ -2,8 +2,9 @@
 
 He et al.'s 6n+2 CIFAR ResNet: a 3×3 stem, three stages of n BasicBlocks (stride 1, 2, 2), global
 average pooling, one linear layer. The "x4" variants widen the stages to (32,) 64, 128, 256.
-Stages: the stem output, then each stage's output (post-ReLU). Module names follow RepDistiller's,
-so its CIFAR-100 checkpoints load as they are.
+Stages: the stem output, then each stage's output (post-ReLU). Pre-activation stages (RepDistiller's
+``preact=True``): the stem output as it is, then each stage's last residual sum before its ReLU.
+Module names follow RepDistiller's, so its CIFAR-100 checkpoints load as they are.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from kdx.models.base import KDModel, run_stages
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import init_weights
+from kdx.models.cifar.common import PreactStagesModel, init_weights, run_stages_preact
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -37,13 +38,20 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _sum(self, x: Tensor) -> Tensor:
+        """The residual sum, before the block's final ReLU."""
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return out + (x if self.downsample is None else self.downsample(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self._sum(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._sum(x)
+        return F.relu(pre), pre  # not in place: ``pre`` is kept
 
 
-class CifarResNet(KDModel):
+class CifarResNet(PreactStagesModel):
     """``depth`` = 6n+2; ``widths`` = (stem, stage1, stage2, stage3) channels."""
 
     def __init__(self, depth: int, widths: Sequence[int], num_classes: int = 100):
@@ -69,11 +77,13 @@ class CifarResNet(KDModel):
     def classifier(self) -> nn.Linear:
         return self.fc
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = self.relu(self.bn1(self.conv1(x)))
-        maps = [x] if stages else []
-        x = run_stages(x, (self.layer1, self.layer2, self.layer3), stages, maps)
-        return self.avgpool(x).flatten(1), maps
+        maps, pre = [x] if stages else [], [x] if preact else []
+        x = run_stages_preact(
+            x, (self.layer1, self.layer2, self.layer3), maps if stages else None, pre if preact else None
+        )
+        return self.avgpool(x).flatten(1), maps, pre
 
 
 _THIN, _X4 = (16, 16, 32, 64), (32, 64, 128, 256)

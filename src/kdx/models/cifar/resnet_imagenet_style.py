@@ -4,7 +4,9 @@ resnet50_cifar.
 torchvision's four-stage ResNet (64, 128, 256, 512 planes; strides 1, 2, 2, 2) with the 7×7/2 stem
 and its max-pool replaced by one 3×3/1, 64-channel conv-BN-ReLU. resnet50_cifar is the CRD
 benchmark's "ResNet50" teacher; resnet18_cifar / resnet34_cifar are the networks of KDA's CIFAR
-experiments (512-d embedding). Stages: the stem output, then each stage's output.
+experiments (512-d embedding). Stages: the stem output, then each stage's output. Pre-activation
+stages (RepDistiller's ``preact=True``): the stem output as it is, then each stage's last residual
+sum before its ReLU.
 Module names follow RepDistiller's ``resnetv2`` so its checkpoints load as they are.
 """
 
@@ -15,9 +17,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel, run_stages
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import init_weights
+from kdx.models.cifar.common import PreactStagesModel, init_weights, run_stages_preact
 
 
 def _projection(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -38,9 +39,17 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _projection(c_in, planes, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _sum(self, x: Tensor) -> Tensor:
+        """The residual sum, before the block's final ReLU."""
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
+        return out + self.shortcut(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._sum(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._sum(x)
+        return F.relu(pre), pre
 
 
 class Bottleneck(nn.Module):
@@ -59,14 +68,21 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(c_out)
         self.shortcut = _projection(c_in, c_out, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _sum(self, x: Tensor) -> Tensor:
+        """The residual sum, before the block's final ReLU."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return self.bn3(self.conv3(out)) + self.shortcut(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._sum(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._sum(x)
+        return F.relu(pre), pre
 
 
-class CifarStemResNet(KDModel):
+class CifarStemResNet(PreactStagesModel):
     def __init__(self, block: type[BasicBlock | Bottleneck], depths: Sequence[int], num_classes: int = 100):
         super().__init__()
         self.num_classes = num_classes
@@ -88,11 +104,12 @@ class CifarStemResNet(KDModel):
     def classifier(self) -> nn.Linear:
         return self.linear
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
-        maps = [x] if stages else []
-        x = run_stages(x, (self.layer1, self.layer2, self.layer3, self.layer4), stages, maps)
-        return self.avgpool(x).flatten(1), maps
+        maps, pre = [x] if stages else [], [x] if preact else []
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        x = run_stages_preact(x, layers, maps if stages else None, pre if preact else None)
+        return self.avgpool(x).flatten(1), maps, pre
 
 
 @register_model

@@ -4,6 +4,8 @@ Zhang et al.'s unit: grouped 1×1 conv, channel shuffle, 3×3 depthwise conv, gr
 first unit of a stage has stride 2 and concatenates an average-pooled shortcut, the others add an
 identity. The stem is a single 1×1 conv to 24 channels (no stride, no max-pool) and the first
 grouped conv that reads it is not grouped. Stages: the stem output, then each stage's output.
+Pre-activation stages (RepDistiller's ``preact=True``): the stem output as it is, then each stage's
+last unit before its final ReLU (the sum with the identity).
 Module names follow RepDistiller's.
 """
 
@@ -13,9 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel, run_stages
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import ChannelShuffle
+from kdx.models.cifar.common import ChannelShuffle, PreactStagesModel, run_stages_preact
 
 
 class ShuffleUnit(nn.Module):
@@ -35,15 +36,23 @@ class ShuffleUnit(nn.Module):
             nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _merged(self, x: Tensor) -> Tensor:
+        """Branch and shortcut merged (concatenated at stride 2, else added), before the final ReLU."""
         out = self.shuffle1(F.relu(self.bn1(self.conv1(x))))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return torch.cat([out, res], 1) if self.stride == 2 else out + res
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self._merged(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self._merged(x)
+        return F.relu(pre), pre
 
 
-class ShuffleNetV1(KDModel):
+class ShuffleNetV1(PreactStagesModel):
     def __init__(self, widths=(240, 480, 960), depths=(4, 8, 4), groups: int = 3, num_classes: int = 100):
         super().__init__()
         self.num_classes = num_classes
@@ -67,11 +76,13 @@ class ShuffleNetV1(KDModel):
     def classifier(self) -> nn.Linear:
         return self.linear
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
-        maps = [x] if stages else []
-        x = run_stages(x, (self.layer1, self.layer2, self.layer3), stages, maps)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1), maps
+        maps, pre = [x] if stages else [], [x] if preact else []
+        x = run_stages_preact(
+            x, (self.layer1, self.layer2, self.layer3), maps if stages else None, pre if preact else None
+        )
+        return F.adaptive_avg_pool2d(x, 1).flatten(1), maps, pre
 
 
 @register_model

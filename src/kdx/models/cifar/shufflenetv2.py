@@ -3,7 +3,10 @@
 Ma et al.'s units: a stride-2 down unit (two branches, concatenated) then 3/7/3 basic units (split
 the channels in half, transform one half, concatenate, shuffle). The stem is a single 1×1 conv to
 24 channels (no stride, no max-pool). Stages: the stem output, then each stage's output; the 1×1
-conv-BN-ReLU head belongs to the embedding. Module names follow RepDistiller's.
+conv-BN-ReLU head belongs to the embedding. Pre-activation stages (RepDistiller's ``preact=True``):
+the stem output as it is, then each stage's last basic unit with its transformed half taken before
+the ReLU, concatenated after the untouched half and *not* channel-shuffled (RepDistiller's order).
+Module names follow RepDistiller's.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel, run_stages
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import ChannelShuffle
+from kdx.models.cifar.common import ChannelShuffle, PreactStagesModel, run_stages_preact
 
 
 def _conv(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, depthwise: bool = False) -> nn.Conv2d:
@@ -32,12 +34,19 @@ class BasicUnit(nn.Module):
         self.conv3, self.bn3 = _conv(c, c), nn.BatchNorm2d(c)
         self.shuffle = ChannelShuffle(2)
 
+    def _branch(self, x2: Tensor) -> Tensor:
+        """The transformed half, before its final ReLU."""
+        out = F.relu(self.bn1(self.conv1(x2)))
+        return self.bn3(self.conv3(self.bn2(self.conv2(out))))
+
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=1)
-        out = F.relu(self.bn1(self.conv1(x2)))
-        out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        return self.shuffle(torch.cat([x1, F.relu(self._branch(x2))], 1))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x1, x2 = x.chunk(2, dim=1)
+        branch = self._branch(x2)
+        return self.shuffle(torch.cat([x1, F.relu(branch)], 1)), torch.cat([x1, branch], 1)
 
 
 class DownUnit(nn.Module):
@@ -60,7 +69,7 @@ class DownUnit(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(KDModel):
+class ShuffleNetV2(PreactStagesModel):
     def __init__(self, widths=(116, 232, 464), depths=(3, 7, 3), head: int = 1024, num_classes: int = 100):
         super().__init__()
         self.num_classes = num_classes
@@ -79,12 +88,14 @@ class ShuffleNetV2(KDModel):
     def classifier(self) -> nn.Linear:
         return self.linear
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = F.relu(self.bn1(self.conv1(x)))
-        maps = [x] if stages else []
-        x = run_stages(x, (self.layer1, self.layer2, self.layer3), stages, maps)
+        maps, pre = [x] if stages else [], [x] if preact else []
+        x = run_stages_preact(
+            x, (self.layer1, self.layer2, self.layer3), maps if stages else None, pre if preact else None
+        )
         x = F.relu(self.bn2(self.conv2(x)))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1), maps
+        return F.adaptive_avg_pool2d(x, 1).flatten(1), maps, pre
 
 
 @register_model

@@ -3,7 +3,9 @@
 Five conv blocks (3×3 conv with bias, BN, ReLU) of 64, 128, 256, 512, 512 channels, 2×2 max-pools
 between the first four, global average pooling, one linear layer (no FC stack). As in RepDistiller,
 blocks 4 and 5 both run at 4×4 on 32×32 inputs (the fourth pool is used only for 64×64 inputs).
-Stages: the five block outputs (post-ReLU). Module names follow RepDistiller's.
+Stages: the five block outputs (post-ReLU). Pre-activation stages (RepDistiller's ``preact=True``):
+the first block's output as it is (post-ReLU), then blocks 2–5 at their last conv-BN, before the
+ReLU. Module names follow RepDistiller's.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdx.models.base import KDModel
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import init_weights
+from kdx.models.cifar.common import PreactStagesModel, init_weights
 
 # conv widths per block; vgg8 is RepDistiller's configuration "S"
 _CFGS = {
@@ -35,7 +36,7 @@ def _block(c_in: int, widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class VGG(KDModel):
+class VGG(PreactStagesModel):
     def __init__(self, cfg: Sequence[Sequence[int]], num_classes: int = 100):
         super().__init__()
         self.num_classes = num_classes
@@ -51,16 +52,19 @@ class VGG(KDModel):
         self.classifier = nn.Linear(c_in, num_classes)
         init_weights(self, linear_std=0.01)
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         big = x.shape[-2] >= 64
-        maps = []
+        maps, pre = [], []
         for i in range(5):
-            x = self.relu(getattr(self, f"block{i}")(x))
+            h = getattr(self, f"block{i}")(x)
+            x = self.relu(h)  # not in place: ``h`` may be kept
             if stages:
                 maps.append(x)
+            if preact:
+                pre.append(x if i == 0 else h)
             if i < 3 or (i == 3 and big):
                 x = getattr(self, f"pool{i}")(x)
-        return self.pool4(x).flatten(1), maps
+        return self.pool4(x).flatten(1), maps, pre
 
 
 @register_model

@@ -3,7 +3,12 @@
 WRN-d-k: a 3×3 16-channel stem, three stages of (d-4)/6 pre-activation blocks of 16k, 32k, 64k
 channels (strides 1, 2, 2), a final BN-ReLU, global average pooling, one linear layer.
 Stages (as in RepDistiller): the stem output, then each stage's raw (pre-activation) output; the
-final BN-ReLU belongs to the embedding. Module names follow RepDistiller's.
+final BN-ReLU belongs to the embedding. Pre-activation stages (RepDistiller's ``preact=True``): the
+stem output, then each stage's output through the BatchNorm that comes next — the next stage's
+first ``bn1``, and the final ``bn1`` after the last stage — without its ReLU. Each of those BatchNorms
+still runs once per forward: the normalised map is handed on, not recomputed (RepDistiller applies
+them a second time, which in train mode updates their running statistics twice per step).
+Module names follow RepDistiller's.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdx.models.base import KDModel, run_stages
+from kdx.models.base import run_stages
 from kdx.models.catalog import register_model
-from kdx.models.cifar.common import init_weights
+from kdx.models.cifar.common import PreactStagesModel, init_weights
 
 
 class PreActBlock(nn.Module):
@@ -30,8 +35,9 @@ class PreActBlock(nn.Module):
         self.drop_rate = drop_rate
         self.convShortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        act = self.relu1(self.bn1(x))
+    def forward(self, x: Tensor, normed: Tensor | None = None) -> Tensor:
+        """``normed``: ``bn1(x)`` when the caller has it already (pre-activation stages); kept intact."""
+        act = self.relu1(self.bn1(x)) if normed is None else F.relu(normed)
         out = self.relu2(self.bn2(self.conv1(act)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
@@ -55,7 +61,7 @@ class WRNStage(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(KDModel):
+class WideResNet(PreactStagesModel):
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, drop_rate: float = 0.0):
         super().__init__()
         if (depth - 4) % 6:
@@ -78,11 +84,24 @@ class WideResNet(KDModel):
     def classifier(self) -> nn.Linear:
         return self.fc
 
-    def forward_features(self, x: Tensor, stages: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, x: Tensor, stages: bool, preact: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         x = self.conv1(x)
-        maps = [x] if stages else []
-        x = run_stages(x, (self.block1, self.block2, self.block3), stages, maps)
-        return self.avgpool(self.relu(self.bn1(x))).flatten(1), maps
+        maps, pre = [x] if stages else [], [x] if preact else []
+        groups = (self.block1, self.block2, self.block3)
+        if not preact:
+            x = run_stages(x, groups, stages, maps)
+            return self.avgpool(self.relu(self.bn1(x))).flatten(1), maps, pre
+        normed = None  # the previous stage's output through this stage's first bn1
+        for i, group in enumerate(groups):
+            first, *rest = group.layer
+            x = first(x, normed)
+            for block in rest:
+                x = block(x)
+            if stages:
+                maps.append(x)
+            normed = (groups[i + 1].layer[0].bn1 if i + 1 < len(groups) else self.bn1)(x)
+            pre.append(normed)
+        return self.avgpool(F.relu(normed)).flatten(1), maps, pre
 
 
 @register_model
