@@ -115,10 +115,13 @@ def load_or_build(
     ``companions``: files or folders that ``build`` writes beside ``path`` and that belong to the
     entry (checked, and moved aside with it)."""
     path = Path(path)
+    folder = path.parent
     value, problem = check_entry(path, companions)
     if value is not None:
+        if any(folder.glob(".*.tmp")) and is_writable(folder):  # a killed writer's leftovers
+            for stale in clean_stale_temps(folder):
+                log.warning("%s cache: removed %s, left by a killed writer", what, stale)
         return value
-    folder = path.parent
     if not is_writable(folder):
         why = problem or "is missing"
         fix = "make it writable, or point paths.cache_dir to a writable folder"
