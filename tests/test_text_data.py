@@ -208,3 +208,108 @@ def test_text_train_targets_are_the_training_labels_in_index_order(tokenizers, t
         targets = dm.train_targets()
         assert targets.dtype == torch.int64 and targets.tolist() == [int(y) for _, y, _ in items]
         assert len(set(targets.tolist())) > 1
+
+
+# -- strict TSVs, examples read, checked caches (issue 21) ----------------------------------------
+
+
+def _sst2(tmp_path, lines, tokenizers):
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\nthe cat sat\t1\n")
+    return GLUEDataModule("sst2", str(tmp_path / "glue"), str(tmp_path / "c"), tokenizers[0], max_length=16)
+
+
+def test_glue_reads_every_row_and_says_how_many(tokenizers, tmp_path):
+    rows = [f"{WORDS[i % len(WORDS)]} cat\t{i % 2}" for i in range(300)]
+    dm = _sst2(tmp_path, ["sentence\tlabel", *rows], tokenizers)
+    dm.setup("fit")
+    assert len(dm.train_set) == 300 and dm.examples_read == {"train": 300, "val": 1, "test": 1}
+
+
+@pytest.mark.parametrize(
+    ("bad", "line", "says"),
+    [
+        (
+            "the cat\tsat\t1",
+            3,
+            r"3 tab-separated fields where the header has 2 \(sentence, label\); fix or delete",
+        ),
+        ("the cat sat", 3, r"1 tab-separated fields where the header has 2"),
+        ("the cat sat\t", 3, r"the label \(label\) is empty; GLUE sst2 labels are 0, 1"),
+        ("the cat sat\tx", 3, r"the label \(label\) is 'x'; GLUE sst2 labels are 0, 1"),
+        ("the cat sat\t7", 3, r"the label \(label\) is '7'"),
+    ],
+)
+def test_a_bad_tsv_row_is_one_error_naming_file_and_line(bad, line, says, tokenizers, tmp_path):
+    dm = _sst2(tmp_path, ["sentence\tlabel", "a dog\t0", bad, "a cat\t1"], tokenizers)
+    with pytest.raises(KDXError, match=rf"SST-2/train\.tsv:{line}: {says}"):
+        dm.setup("fit")
+
+
+def test_a_stray_tab_in_every_third_row_never_trains_on_fewer_rows(tokenizers, tmp_path):
+    rows = [f"good\tmovie\t{i % 2}" if i % 3 == 2 else f"good movie\t{i % 2}" for i in range(300)]
+    dm = _sst2(tmp_path, ["sentence\tlabel", *rows], tokenizers)
+    with pytest.raises(KDXError, match=r"train\.tsv:4: 3 tab-separated fields"):
+        dm.setup("fit")
+
+
+def test_a_wrong_header_and_an_unknown_label_name_are_one_error(tokenizers, tmp_path):
+    dm = _sst2(tmp_path, ["sentence\tlbl", "a dog\t0"], tokenizers)
+    with pytest.raises(
+        KDXError, match=r"train\.tsv:1: the header has no column\(s\) label \(it has sentence, lbl\)"
+    ):
+        dm.setup("fit")
+    _, header, rows = FILES["rte"]
+    folder = tmp_path / "r" / "RTE"
+    folder.mkdir(parents=True)
+    lines = ["\t".join(header), "\t".join(rows[0]), "\t".join([*rows[1][:3], "maybe"])]
+    for name in ("train", "dev"):
+        (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    dm = GLUEDataModule("rte", str(tmp_path / "r"), str(tmp_path / "c"), tokenizers[0])
+    with pytest.raises(
+        KDXError,
+        match=r"RTE/train\.tsv:3: the label \(label\) is 'maybe'; GLUE rte labels are entailment, not_entailment",
+    ):
+        dm.setup("fit")
+
+
+def test_a_damaged_glue_cache_is_rebuilt(tokenizers, tmp_path, caplog):
+    import logging
+
+    write_tsv(tmp_path / "glue", "rte")
+    make = lambda: GLUEDataModule("rte", str(tmp_path / "glue"), str(tmp_path / "c"), tokenizers[0])  # noqa: E731
+    clean = make()
+    clean.setup("fit")
+    [path] = (tmp_path / "c" / "glue").glob("rte-train-*.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="kdx.data.cache"):
+        again = make()
+        again.setup("fit")
+    assert any(
+        "GLUE rte train cache" in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records
+    )
+    for key, value in clean.train_set.encodings.items():
+        assert torch.equal(value, again.train_set.encodings[key])
+
+
+def test_a_damaged_synthetic_text_cache_and_tokenizer_are_rebuilt(tmp_path, caplog):
+    import logging
+
+    make = lambda: SyntheticTextDataModule(str(tmp_path), num_train=64, num_val=16, num_test=16)  # noqa: E731
+    clean = make()
+    clean.setup("fit")
+    assert clean.input_kind == "tokens" and clean.examples_read == {"train": 64, "val": 16, "test": 16}
+    (clean.tokenizer_dir / "tokenizer.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="kdx.data.cache"):
+        again = make()
+        again.setup("fit")
+    [message] = [r.getMessage() for r in caplog.records]
+    assert (
+        "its companion tokenizer.json has 2 bytes where its record says" in message
+        and "moved aside" in message
+    )
+    assert (clean.tokenizer_dir / "tokenizer.json").stat().st_size > 100
+    # the same reviews and labels (WordPiece training on 64 reviews is not deterministic: the ids may differ)
+    assert torch.equal(clean.train_set.labels, again.train_set.labels)

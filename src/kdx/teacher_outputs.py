@@ -21,8 +21,15 @@ run's precision), after which no training step runs the teacher. The files live 
 ``<cache_dir>/teacher_outputs/<teacher>-<key>/``; the key hashes the teacher's weights, the data set
 config, the training transform (or the view recipe), what the method reads, the precision and the
 memory format. A file lock makes concurrent jobs (multirun, DDP ranks) fill a key once; the folder
-is filled under a temporary name and renamed, so present means complete and a reader never sees a
-half-written cache. Under DDP each rank reads the rows of its own batches.
+is filled under a temporary name (``.<name>.<random>.tmp``) and renamed, so present means complete and a
+reader never sees a half-written cache. Under DDP each rank reads the rows of its own batches.
+
+Nothing read is trusted: ``meta.json`` records every file's size and sha256 and every array's shape
+and dtype, and each run checks them before reading (about 0.8 s per GB of cache on one core). An
+entry that fails (bytes overwritten, truncated, record missing or garbage) is moved aside to
+``<name>.bad-<time>`` with the reason logged once, and filled again; the temporary folder of a fill
+that was killed is removed on the next use (no live process holds its lock). In a read-only cache
+folder without this run's outputs the teacher runs live, with one warning (``status == "live"``).
 
 Step path: ``DistillationModule.on_before_batch_transfer`` reads the batch's rows on the host
 (the index is still a CPU tensor there: no device sync), ``on_after_batch_transfer`` moves them with
@@ -36,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,18 @@ from kdx.data.base import KDDataModule
 from kdx.data.replay import ViewReplayDataset, view_of
 from kdx.errors import KDXError
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
-from kdx.utils import atomic_write_json, stable_hash
+from kdx.utils import (
+    atomic_write_json,
+    check_file,
+    clean_stale_temps,
+    file_record,
+    is_writable,
+    json_safe,
+    lock_path,
+    move_aside,
+    stable_hash,
+    temp_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +144,13 @@ class TeacherOutputCache:
         self.num_classes = 0
         self.info: dict[str, Any] = {}
         self._datamodule: KDDataModule | None = None
+        self.status = ""
+        """What :meth:`prepare` did: ``"filled"`` (a new entry), ``"reused"`` (an entry that passed its
+        checks), ``"rebuilt"`` (one failed them: moved aside, filled again; ``problem`` says why) or
+        ``"live"`` (a read-only cache without this run's outputs: the teacher runs in every step).
+        The pipeline records it (``teacher_cache/status``)."""
+        self.problem: str | None = None
+        """Why the entry was rebuilt, or why the teacher runs live; None when nothing was wrong."""
 
     @property
     def active(self) -> bool:
@@ -225,21 +249,55 @@ class TeacherOutputCache:
         }
         name = f"{self.key_fields.get('teacher', 'teacher')}-{stable_hash(key)}"
         self.path = self.cache_dir / "teacher_outputs" / name
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not (self.path / "meta.json").is_file():
-            with FileLock(str(self.path) + ".lock"):
-                if not (self.path / "meta.json").is_file():
+        parent = self.path.parent
+        arrays, problem = self._verify(key)
+        if arrays is None and not is_writable(parent):
+            # nothing can be filled, repaired or locked here: the teacher runs live
+            self.status, self.problem = "live", problem or "holds no outputs for this run"
+            log.warning(
+                "teacher.cache=%s: %s %s, and %s is read-only: the teacher runs live in this run "
+                "(make the folder writable, or point paths.cache_dir to a writable one, to cache)",
+                self.mode,
+                self.path,
+                self.problem,
+                parent,
+            )
+            return
+        if arrays is not None:
+            self.status = "reused"
+        else:
+            with FileLock(str(lock_path(self.path))):
+                for stale in clean_stale_temps(parent, held=self.path):
+                    log.warning("teacher.cache: removed %s, left by a fill that was killed", stale)
+                arrays, problem = self._verify(key)  # another job may have filled or repaired it
+                if arrays is None:
+                    if problem is not None:
+                        bad = move_aside(self.path, problem)
+                        self.problem = problem
+                        log.warning(
+                            "teacher.cache: %s %s: moved aside to %s; filling it again",
+                            self.path,
+                            problem,
+                            bad.name,
+                        )
                     self._fill(teacher, reads, dataset, key, forward_context)
-        self._open()
-        log.info("Teacher outputs cached in %s (%s)", self.path, self.mode)
+                    arrays, problem = self._verify(key)
+                    if arrays is None:  # just written: a failing check here is a bug or a failing disk
+                        raise RuntimeError(
+                            f"teacher.cache: {self.path} fails its check right after filling: {problem}"
+                        )
+                    self.status = "rebuilt" if self.problem else "filled"
+                else:
+                    self.status = "reused"
+        for stale in clean_stale_temps(parent):  # other keys' temporaries whose fill was killed
+            log.warning("teacher.cache: removed %s, left by a fill that was killed", stale)
+        self._use(arrays)
+        log.info("Teacher outputs cached in %s (%s, %s)", self.path, self.mode, self.status)
 
     @torch.no_grad()
     def _fill(self, teacher, reads, dataset, key, forward_context) -> None:
         assert self.path is not None
-        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a cache shared between users follows the umask
+        tmp = temp_path(self.path, folder=True)  # follows the umask: a cache shared between users
         try:
             device = next(teacher.parameters()).device
             was_training = teacher.training
@@ -286,6 +344,11 @@ class TeacherOutputCache:
                 "num_classes": self.num_classes,
                 "stages": sum(1 for p in arrays if p.startswith("stage")),
                 "topk_kl_mean": topk_kl_sum / max(1, row) if self.topk is not None else None,
+                # what reuse checks: every file's size and sha256, every array's shape and dtype
+                "files": {f"{part}.npy": file_record(tmp / f"{part}.npy") for part in arrays},
+                "arrays": {
+                    part: {"shape": list(a.shape), "dtype": str(a.dtype)} for part, a in arrays.items()
+                },
             }
             atomic_write_json(tmp / "meta.json", info)
             os.replace(tmp, self.path)
@@ -302,16 +365,58 @@ class TeacherOutputCache:
             parts.update({f"stage{i}": s.float() for i, s in enumerate(out.stages)})
         return parts
 
-    def _open(self) -> None:
+    def _verify(self, key: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """``(arrays, None)`` when the entry at ``self.path`` passes every check (record readable and
+        of this key, every file's size and sha256, every array's shape and dtype), ``(None, why)``
+        when it fails, ``(None, None)`` when there is none."""
         assert self.path is not None
-        self.info = json.loads((self.path / "meta.json").read_text())
-        self.arrays = {part: np.load(self.path / f"{part}.npy", mmap_mode="r") for part in self.info["parts"]}
+        if not self.path.exists():
+            return None, None
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            return None, "has no meta.json (its record; a fill was interrupted, or it was deleted)"
+        try:
+            info = json.loads(meta_file.read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as error:
+            return None, f"has an unreadable meta.json ({type(error).__name__}: {error})"
+        if info.get("key") != json.loads(json.dumps(json_safe(key), sort_keys=True, default=str)):
+            return None, "has a meta.json written for other outputs (its key differs)"
+        files, shapes = info.get("files"), info.get("arrays")
+        parts = info.get("parts")
+        if not isinstance(files, dict) or not isinstance(shapes, dict) or not isinstance(parts, list):
+            return None, "has a meta.json without checksums (written by an older kdx)"
+        arrays = {}
+        for part in parts:
+            problem = check_file(self.path / f"{part}.npy", files.get(f"{part}.npy"))
+            if problem is not None:
+                return None, problem
+            try:
+                array = np.load(self.path / f"{part}.npy", mmap_mode="r")
+            except (ValueError, OSError) as error:
+                return None, f"{part}.npy cannot be read ({error})"
+            if {"shape": list(array.shape), "dtype": str(array.dtype)} != shapes.get(part):
+                return (
+                    None,
+                    f"{part}.npy has shape {tuple(array.shape)} {array.dtype}, its record {shapes.get(part)}",
+                )
+            arrays[part] = array
+        self.info = info
+        return arrays, None
+
+    def _use(self, arrays: dict[str, np.ndarray] | None) -> None:
+        assert arrays is not None
+        self.arrays = arrays
         self.stage_count = int(self.info["stages"])
         self.num_classes = int(self.info.get("num_classes") or 0)
 
     # -- reading -----------------------------------------------------------------------------
-    def read(self, index: Tensor, epoch: int) -> dict[str, Tensor]:
-        """The rows of a batch (``index`` on the host), as CPU tensors."""
+    def read(self, index: Tensor, epoch: int) -> dict[str, Tensor] | None:
+        """The rows of a batch (``index`` on the host), as CPU tensors; None when the teacher runs
+        live (a read-only cache without this run's outputs: ``status == "live"``)."""
+        if self.status == "live":
+            return None
         rows = index.numpy()
         view = view_of(self.seed, epoch, rows, self.views) if self.views > 1 else np.zeros_like(rows)
         return {

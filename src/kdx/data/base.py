@@ -10,6 +10,7 @@ default that says so (``augment = False``, ``replayable_views() -> None``...).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -21,8 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from kdx.data.replay import ReplayableViews, ViewReplayDataset
 from kdx.data.sampling import EpochSeededSampler, ViewSampler
 
+log = logging.getLogger(__name__)
+
 Split = Literal["train", "val", "test", "train_eval"]
 SPLITS: tuple[str, ...] = get_args(Split)
+InputKind = Literal["dense", "tokens"]
+INPUT_KINDS: tuple[str, ...] = get_args(InputKind)
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
@@ -82,6 +87,17 @@ class KDDataModule(L.LightningDataModule):
     name: str = "dataset"
     """The data set's name, as in ``dataset=<name>``."""
 
+    input_kind: InputKind = "dense"
+    """What a batch's ``x`` is: ``"dense"``, a float tensor of ``input_shape`` (signals, images), or
+    ``"tokens"``, a dict of ``(B, L)`` integer tensors (``input_ids``, ``attention_mask``...; the text
+    data modules, :mod:`kdx.data.text`). Only a model made for that kind can read the batches: run
+    validation refuses the others in one line before any work."""
+
+    examples_read: dict[str, int]
+    """How many examples ``setup`` read per split (``{"train": n, "val": n, "test": n}``; a data
+    set read from files counts the rows of its files); ``{}`` before ``setup``. Logged once; the
+    pipeline records it in metrics.json (``data/examples``)."""
+
     augment: bool = False
     """Whether the training split is randomly augmented (an item changes from one read to the next)."""
 
@@ -133,6 +149,21 @@ class KDDataModule(L.LightningDataModule):
         self.val_set = None
         self.test_set = None
         self.replayed_views = None
+        self.examples_read = {}
+
+    def note_examples(self, counts: dict[str, int] | None = None) -> dict[str, int]:
+        """Set :attr:`examples_read` (``counts``, or the lengths of the built splits) and log it once;
+        every ``setup`` calls it when it has built the splits."""
+        if counts is None:
+            splits = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+            counts = {name: len(split) for name, split in splits.items() if split is not None}  # type: ignore[arg-type]
+        counts = {name: int(n) for name, n in counts.items()}
+        if counts != self.examples_read:
+            self.examples_read = counts
+            log.info(
+                "%s: examples read per split: %s", self.name, ", ".join(f"{k} {v}" for k, v in counts.items())
+            )
+        return counts
 
     # -- loaders -------------------------------------------------------------------------------
     def _built(self, dataset: Dataset | None) -> Dataset:

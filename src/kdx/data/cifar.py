@@ -145,6 +145,7 @@ class _CIFARDataModule(KDDataModule):
         else:
             self.train_set = IndexedDataset(TransformedSubset(train, None, train_tf))
             self.val_set = self.test_set
+        self.note_examples()
 
     def replayable_views(self) -> ReplayableViews | None:
         """``teacher.cache=views``: the training split's raw items and RandomCrop(32, padding=4) + flip

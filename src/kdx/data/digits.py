@@ -61,3 +61,4 @@ class DigitsDataModule(KDDataModule):
         self.train_set = tensor_dataset((train - mean) / std, torch.as_tensor(y_train))
         self.val_set = tensor_dataset((to_tensor(x_val) - mean) / std, torch.as_tensor(y_val))
         self.test_set = tensor_dataset((to_tensor(x_test) - mean) / std, torch.as_tensor(y_test))
+        self.note_examples()

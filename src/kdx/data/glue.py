@@ -10,7 +10,10 @@ Two layouts are read, the ones users have (kdx downloads nothing):
   ``MNLI``, ``QNLI``, ``QQP``, ``RTE``, ``MRPC``; labels as the TSVs spell them (``entailment``...)
   mapped to the Hub's integers. CoLA's TSVs have no header; the others do.
 
-``<root>`` may also be the task folder itself. Files are read with pandas (pyarrow for parquet).
+``<root>`` may also be the task folder itself. Parquet files are read with pandas (pyarrow); TSVs
+strictly (:func:`read_tsv`): a row with the wrong number of fields, a missing or unknown label or a
+header without the task's columns is one error naming the file, the line and the fix: no row is
+ever skipped, and ``examples_read`` holds the rows read per split.
 
 Splits: GLUE's test labels are private, so ``train`` is the training split and the dev split is
 both kdx's validation split (best-epoch selection) and its test split, the protocol of the GLUE
@@ -26,9 +29,8 @@ cached under ``<cache_dir>/glue/`` keyed by the files (size, time), the tokenize
 
 from __future__ import annotations
 
-import csv
-import fcntl
 import glob
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ from kdx.data.text import (
 )
 from kdx.errors import KDXError
 from kdx.models.hf import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,49 +145,98 @@ def find_split(root: Path, task: str, split: str) -> tuple[str, list[Path]]:
     )
 
 
-def read_split(task: str, layout: str, files: list[Path]) -> tuple[list[str], list[str] | None, list[int]]:
-    """Sentences (one or two lists) and integer labels of one split's files."""
-    import pandas as pd  # pandas on use: only GLUE's files need it
-
+def _label_fix(task: str) -> str:
     spec = TASKS[task]
-    if layout == "parquet":
-        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        first, second = spec.fields
-        labels = frame["label"]
+    allowed = spec.label_names or tuple(str(i) for i in range(spec.num_classes))
+    return f"GLUE {task} labels are {', '.join(allowed)}"
+
+
+def read_tsv(task: str, file: Path) -> tuple[list[str], list[str] | None, list[int]]:
+    """One GLUE TSV, read strictly: every row has the header's number of fields and a known label,
+    or a :class:`KDXError` names the file, the line and the fix (no row is ever skipped).
+
+    GLUE's TSVs are unquoted (``csv.QUOTE_NONE``): fields are separated by one tab and hold none."""
+    spec = TASKS[task]
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise KDXError(
+            f"{file}:{line}: not UTF-8 text ({error.reason}); save the file as UTF-8 (GLUE's TSVs are)"
+        ) from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    first_name, second_name = spec.tsv_fields
+    wanted = [c for c in (first_name, second_name, spec.tsv_label) if c is not None]
+    if spec.tsv_header:
+        header, start = list(spec.tsv_header), 0
     else:
-        frame = pd.read_csv(
-            files[0],
-            sep="\t",
-            quoting=csv.QUOTE_NONE,
-            header=None if spec.tsv_header else 0,
-            names=list(spec.tsv_header) if spec.tsv_header else None,
-            dtype=str,
-            keep_default_na=False,
-            on_bad_lines="skip",  # a handful of QQP training rows have missing fields
-        )
-        first, second = spec.tsv_fields
-        labels = frame[spec.tsv_label]
-        if spec.label_names:
-            index = {name: i for i, name in enumerate(spec.label_names)}
-            unknown = sorted(set(labels) - set(index))
-            if unknown:
+        if not lines:
+            raise KDXError(
+                f"{file}: empty file; GLUE {task} TSVs start with a header line ({', '.join(wanted)}...)"
+            )
+        header, start = lines[0].split("\t"), 1
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise KDXError(
+                f"{file}:1: the header has no column(s) {', '.join(missing)} (it has {', '.join(header)}); "
+                f"GLUE {task} TSVs need the columns {', '.join(wanted)}: fix the header, or is it another task's file?"
+            )
+    columns = {name: i for i, name in enumerate(header)}
+    index = {name: i for i, name in enumerate(spec.label_names)}
+    first, second, labels = [], [] if second_name else None, []
+    for number, line in enumerate(lines[start:], start=start + 1):
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            what = "a blank line" if line.strip() == "" else f"{len(fields)} tab-separated fields"
+            raise KDXError(
+                f"{file}:{number}: {what} where the header has {len(header)} "
+                f"({', '.join(header)}); fix or delete that row (a tab inside a sentence splits it; "
+                "kdx skips no rows), or use the Hub's parquet files"
+            )
+        label = fields[columns[spec.tsv_label]].strip()
+        value = index.get(label) if spec.label_names else (int(label) if label.isdigit() else None)
+        if value is None or not 0 <= value < spec.num_classes:
+            shown = "empty" if label == "" else repr(label)
+            raise KDXError(
+                f"{file}:{number}: the label ({spec.tsv_label}) is {shown}; {_label_fix(task)}: "
+                "fix or delete that row (GLUE's test split has no labels: kdx uses train and dev)"
+            )
+        first.append(fields[columns[first_name]])
+        if second is not None:
+            second.append(fields[columns[second_name]])
+        labels.append(value)
+    if not labels:
+        raise KDXError(f"{file}: no examples (only a header); is it the right file?")
+    return first, second, labels
+
+
+def read_split(task: str, layout: str, files: list[Path]) -> tuple[list[str], list[str] | None, list[int]]:
+    """Sentences (one or two lists) and integer labels of one split's files; every row of the
+    files is an example (a bad row is an error, never skipped)."""
+    spec = TASKS[task]
+    if layout != "parquet":
+        return read_tsv(task, files[0])
+    import pandas as pd  # pandas on use: only GLUE's parquet files need it
+
+    frames = [pd.read_parquet(f) for f in files]
+    first, second = spec.fields
+    for file, frame in zip(files, frames):
+        missing = [c for c in (first, second, "label") if c is not None and c not in frame.columns]
+        if missing:
+            raise KDXError(
+                f"{file} has no column(s) {missing} (columns: {list(frame.columns)}); is it GLUE {task}?"
+            )
+        for row, label in enumerate(frame["label"].tolist()):
+            if label is None or label != label or not 0 <= int(label) < spec.num_classes:
                 raise KDXError(
-                    f"{files[0]}: labels {unknown[:5]} are not GLUE {task} labels {spec.label_names}"
+                    f"{file}: row {row}: the label is {label!r}; {_label_fix(task)} "
+                    "(GLUE's test split has no labels: kdx uses train and dev)"
                 )
-            labels = labels.map(index)
-        else:
-            labels = labels.astype(int)
-    missing = [c for c in (first, second) if c is not None and c not in frame.columns]
-    if missing:
-        raise KDXError(
-            f"{files[0]} has no column(s) {missing} (columns: {list(frame.columns)}); is it GLUE {task}?"
-        )
-    labels = [int(v) for v in labels]
-    if any(not 0 <= v < spec.num_classes for v in labels):
-        raise KDXError(
-            f"{files[0]}: labels outside 0..{spec.num_classes - 1} (GLUE's test split has no labels; "
-            "kdx uses train and dev)"
-        )
+    frame = pd.concat(frames, ignore_index=True)
+    labels = [int(v) for v in frame["label"]]
     texts_b = None if second is None else frame[second].astype(str).tolist()
     return frame[first].astype(str).tolist(), texts_b, labels
 
@@ -241,10 +294,7 @@ class GLUEDataModule(TextDataModule):
                     encodings[prefix + name] = value
             return {"encodings": encodings, "labels": torch.tensor(labels)}
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as lock:  # parallel jobs tokenise once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return cached(path, build)
+        return cached(path, build, what=f"GLUE {self.task} {split}")
 
     def prepare_data(self) -> None:
         if not self.root.is_dir():
@@ -259,8 +309,17 @@ class GLUEDataModule(TextDataModule):
             raise KDXError(f"GLUE folder {self.root} does not exist; " + how_to_get(self.task, self.root))
         train, dev = self._encoded("train"), self._encoded(self.dev_split)
         encodings, labels = widen(train["encodings"]), train["labels"]
-        if self.max_train_samples:
+        counts = {"train": len(labels), "val": len(dev["labels"]), "test": len(dev["labels"])}
+        if self.max_train_samples and self.max_train_samples < len(labels):
+            log.info(
+                "GLUE %s: training on the first %d of %d rows (dataset.max_train_samples)",
+                self.task,
+                self.max_train_samples,
+                len(labels),
+            )
+            counts["train_used"] = self.max_train_samples
             encodings = {k: v[: self.max_train_samples] for k, v in encodings.items()}
             labels = labels[: self.max_train_samples]
         self.train_set = TextDataset(encodings, labels)
         self.val_set = self.test_set = TextDataset(widen(dev["encodings"]), dev["labels"])
+        self.note_examples(counts)  # the rows of the files: every one is an example

@@ -88,6 +88,7 @@ class ImageNetDataModule(KDDataModule):
             )
         self.train_set = IndexedDataset(train)
         self.val_set = self.test_set = IndexedDataset(val)
+        self.note_examples()
 
     def _eval_transform(self):
         from torchvision.transforms import v2  # torchvision on use: importing kdx.data must not need it

@@ -2,7 +2,9 @@
 
 The ``mnist1d`` package builds the data procedurally from a handful of templates. Generating
 10 000 samples takes a couple of seconds, so the arrays are cached once per generator setting under
-``<cache_dir>/mnist1d/mnist1d-<hash>.pt`` and every later run (and every DDP rank) just loads them.
+``<cache_dir>/mnist1d/mnist1d-<hash>.pt`` and every later run (and every DDP rank) just loads them,
+after checking them against their record ``mnist1d-<hash>.pt.json`` (:mod:`kdx.data.cache`: a
+damaged file is moved aside and generated again).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 from kdx.data.base import KDDataModule, tensor_dataset
-from kdx.utils import atomic_torch_save, stable_hash
+from kdx.data.cache import load_or_build
+from kdx.utils import stable_hash
 
 _FORMAT = 1  # bump when the cached file's layout changes, so stale caches are not reused
 
@@ -66,10 +69,7 @@ class MNIST1DDataModule(KDDataModule):
         key = {k: v for k, v in vars(self._args()).items() if k != "url"}
         return self.cache_dir / "mnist1d" / f"mnist1d-{stable_hash({'format': _FORMAT, **key})}.pt"
 
-    def prepare_data(self) -> None:
-        path = self.cache_path
-        if path.exists():
-            return
+    def _generate(self) -> dict:
         import mnist1d.data  # mnist1d on use: importing kdx.data must not need it
 
         args = self._args()
@@ -81,22 +81,25 @@ class MNIST1DDataModule(KDDataModule):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        atomic_torch_save(
-            {
-                "format": _FORMAT,
-                "x": torch.as_tensor(data["x"], dtype=torch.float32),
-                "y": torch.as_tensor(data["y"], dtype=torch.int64),
-                "x_test": torch.as_tensor(data["x_test"], dtype=torch.float32),
-                "y_test": torch.as_tensor(data["y_test"], dtype=torch.int64),
-            },
-            path,
-        )
+        return {
+            "format": _FORMAT,
+            "x": torch.as_tensor(data["x"], dtype=torch.float32),
+            "y": torch.as_tensor(data["y"], dtype=torch.int64),
+            "x_test": torch.as_tensor(data["x_test"], dtype=torch.float32),
+            "y_test": torch.as_tensor(data["y_test"], dtype=torch.int64),
+        }
+
+    def _data(self) -> dict:
+        """The generated arrays, from the checked cache (:func:`kdx.data.cache.load_or_build`)."""
+        return load_or_build(self.cache_path, self._generate, what="MNIST-1D")
+
+    def prepare_data(self) -> None:
+        self._data()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.prepare_data()  # a no-op when the cache exists; generates it when prepare_data was skipped
-        data = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+        data = self._data()  # checked and loaded; generated when prepare_data was skipped
         x, y = data["x"].unsqueeze(1), data["y"]
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         n_val = max(1, round(self.val_fraction * len(y)))
@@ -104,3 +107,4 @@ class MNIST1DDataModule(KDDataModule):
         self.train_set = tensor_dataset(x[train], y[train])
         self.val_set = tensor_dataset(x[val], y[val])
         self.test_set = tensor_dataset(data["x_test"].unsqueeze(1), data["y_test"])
+        self.note_examples()

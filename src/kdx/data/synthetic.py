@@ -45,6 +45,7 @@ class _SplitTensors(KDDataModule):
         self.train_set = tensor_dataset(x[:a], y[:a])
         self.val_set = tensor_dataset(x[a:b], y[a:b])
         self.test_set = tensor_dataset(x[b:], y[b:])
+        self.note_examples()
 
 
 class SyntheticDataModule(_SplitTensors):

@@ -25,7 +25,6 @@ the same data and the same token ids. No download, a second or two to build.
 
 from __future__ import annotations
 
-import fcntl
 import random
 from pathlib import Path
 from typing import Any
@@ -171,12 +170,10 @@ class SyntheticTextDataModule(TextDataModule):
         self._data()
 
     def _data(self) -> dict:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "w") as lock:  # parallel jobs build the cache once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (self.tokenizer_dir / "tokenizer.json").is_file():
-                (self.folder / "data.pt").unlink(missing_ok=True)  # data and tokenizer are built together
-            return cached(self.folder / "data.pt", self._build)
+        # data.pt and the tokenizer are one checked entry: built together, moved aside together
+        return cached(
+            self.folder / "data.pt", self._build, what="synthetic_text", companions=[self.tokenizer_dir]
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -184,3 +181,4 @@ class SyntheticTextDataModule(TextDataModule):
         data = self._data()
         sets = {name: TextDataset(widen(part["encodings"]), part["labels"]) for name, part in data.items()}
         self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
+        self.note_examples()

@@ -20,8 +20,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from kdx.data.base import KDDataModule
+from kdx.data.cache import load_or_build
 from kdx.errors import KDXError
-from kdx.utils import atomic_torch_save, stable_hash
+from kdx.utils import stable_hash
 
 TEACHER_PREFIX = "teacher."  # the same constant as kdx.models.hf.TEACHER_PREFIX (kept import-free)
 _KEEP = ("input_ids", "attention_mask", "token_type_ids")
@@ -85,13 +86,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cached(path: Path, build: Callable[[], dict]) -> dict:
-    """``build()``'s tensors, saved at ``path`` the first time and loaded (weights_only) afterwards."""
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    value = build()
-    atomic_torch_save(value, path)
-    return value
+def cached(
+    path: Path, build: Callable[[], dict], what: str = "tokenised text", companions: Sequence[Path] = ()
+) -> dict:
+    """``build()``'s tensors, saved at ``path`` the first time and loaded (weights_only) afterwards,
+    checked against their record each time (:func:`kdx.data.cache.load_or_build`)."""
+    return load_or_build(path, build, what=what, companions=companions)
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str | Path) -> Any:
@@ -134,6 +134,8 @@ class TextDataModule(KDDataModule):
 
     Besides the data protocol, a text data module declares how its splits are tokenised.
     """
+
+    input_kind = "tokens"  # batches are dicts of token ids: only text models read them
 
     max_length: int
     """The length every split is padded (and truncated) to; batches are trimmed to their longest row."""
