@@ -231,11 +231,13 @@ class RunRecord:
         return problems
 
     def debug_reason(self) -> str | None:
-        """Why this run is a debug run, or None: its config sets ``debug``, ``trainer.fast_dev_run``,
+        """Why this run is a debug run, or None: its config or group choices set ``debug``,
+        or its config ``trainer.fast_dev_run``,
         or a ``trainer.limit_*_batches`` that is a fraction below 1 or a batch count (an int)."""
         config = self.config or {}
-        if config.get("debug") not in (None, False, "", "none", "null"):
-            return f"debug={config['debug']}"
+        for where in (config, self.choices or {}):
+            if where.get("debug") not in (None, False, "", "none", "null"):
+                return f"debug={where['debug']}"
         trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
         if trainer.get("fast_dev_run") not in (None, False, 0):
             return f"trainer.fast_dev_run={trainer['fast_dev_run']}"
