@@ -15,7 +15,7 @@ monitor's best validation value and the headline test figures (accuracies and ag
 ``--where KEY=VALUE`` (repeatable, all must hold) matches a dotted config key (``method.alpha``,
 ``student.model.hidden``), a group choice (``experiment``) or a record key (``method``, ``status``,
 ``seed``, ``student/acc_best``), comparing the value as shown (``[32]``, ``0.9``, ``null``).
-``--sort KEY`` orders by the same kinds of key (``-KEY``: descending; numbers as numbers).
+``--sort KEY`` orders by the same kinds of key (``--sort=-KEY``: descending; numbers as numbers).
 ``--best`` keeps the successful run with the best ``monitor/best`` (the validation figure the
 checkpoint callback monitored, in its mode); it refuses a monitor on test figures, and runs that
 monitored different things.
@@ -46,21 +46,24 @@ HEADLINE = (
 
 
 def value_of(run: Run, key: str) -> Any:
-    """``key`` of a run: its comparable config value (shown), else a group choice, else a record key."""
+    """``key`` of a run: ``method`` is the row name (label, else method); else its config value
+    (shown), a group choice (for a group's whole mapping), a record key, the mapping itself."""
     if key in run.config:
         return run.config[key]
     record = run.record
     if record is None:
         return None
+    if key in ("method", "name"):  # the row name: the label, else the method
+        return record.name
     found, value = configs.lookup(record.config, key)
-    if found:
+    if found and not isinstance(value, dict):
         return configs.show(value)
     choice = (record.choices or {}).get(key)
     if choice is not None:
         return choice
-    if key in ("method", "name"):
-        return record.name
-    return record.get(key)
+    if record.get(key) is not None:
+        return record.get(key)
+    return configs.show(value) if found else None
 
 
 def _matches(run: Run, key: str, wanted: str) -> bool:
@@ -211,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="keep runs whose config key / group choice / record key has this value (repeatable)",
     )
-    parser.add_argument("--sort", default=None, metavar="KEY", help="order by KEY; -KEY: descending")
+    parser.add_argument(
+        "--sort", default=None, metavar="KEY", help="order by KEY; --sort=-KEY: descending (write the = sign)"
+    )
     parser.add_argument(
         "--best", action="store_true", help="only the best successful run by its monitor on validation"
     )
