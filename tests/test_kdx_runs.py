@@ -43,7 +43,6 @@ def test_lists_the_differing_keys(multirun, capsys):
         "method",
         "student.model.hidden",
         "val/student/acc",
-        "(val)",
         "best",
         "%",
         "last",

@@ -130,7 +130,7 @@ def table(runs: Sequence[Run], keys: Sequence[str]) -> list[list[str]]:
     headline = [h for h in HEADLINE if any(r.record and r.record.get(h[0]) is not None for r in runs)]
     monitors = {r.record.monitor for r in runs if r.record and r.record.monitor}
     monitor = next(iter(monitors)) if len(monitors) == 1 else "monitor"
-    header = ["run", "status", "seed", "method", *keys, f"{monitor} (val)", *(h[1] for h in headline)]
+    header = ["run", "status", "seed", "method", *keys, monitor, *(h[1] for h in headline)]
     body = []
     for r in runs:
         rec = r.record

@@ -736,7 +736,7 @@ def plot(
 def _plot_panel(
     ax: Any, members: Sequence[dict[str, Any]], metric: str, by: Sequence[str], legend: dict
 ) -> None:
-    labels = [m["method"] + (f" [{', '.join(str(m[k]) for k in by)}]" if by else "") for m in members]
+    labels = [" ".join([m["method"], *(f"{k.rsplit('.', 1)[-1]}={m[k]}" for k in by)]) for m in members]
     means = [m[f"{metric}_mean"] for m in members]
     stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
     xs = list(range(len(members)))

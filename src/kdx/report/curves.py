@@ -81,6 +81,7 @@ def plot_curves(rows: Mapping[str, Sequence[Path]], out: Path) -> dict[str, dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     drawn: dict[str, dict[str, dict[Path, Series]]] = {}
     without = []
@@ -129,6 +130,7 @@ def plot_curves(rows: Mapping[str, Sequence[Path]], out: Path) -> dict[str, dict
                 )
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(column, fontsize=8)
             ax.grid(alpha=0.3)
         handles, names = axes.flat[0].get_legend_handles_labels()
