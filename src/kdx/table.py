@@ -20,12 +20,23 @@ from a run's record:
   describes the block), or null;
 - the figures: ``student/acc_best``, ``student/acc``, ``teacher/acc``, ``fidelity/*``, ECE, time.
 
-Runs are grouped once, by (dataset, teacher, student, row name) plus any ``--by`` keys; each group
-is one row: mean ± sample std (n − 1) over its successful runs. Accuracies, agreement and ECE are
+Runs are grouped once, by (dataset, teacher, student, row name) plus every config value that
+differs between those runs (seed, paths and the run's own folder aside; lists and mappings shown as
+``[100,100]``, ``{a:1}``), or, with ``--by``, plus those keys only (a row that then merges
+different configs is warned about). Runs of different teacher checkpoints (``teacher/sha256``)
+never share a row. Debug runs (``debug=...``, ``trainer.fast_dev_run``, ``trainer.limit_*_batches``
+a fraction below 1 or a count) are left out, and counted, unless ``--include-debug``. Each group is
+one row: mean ± sample std (n − 1) over its successful runs; a figure fewer runs recorded shows
+``(n=k)``. Accuracies, agreement and ECE are
 shown in percent. When the runs pin published numbers, the row gets the published figure for its
 label or method, ``Δ = our mean − published`` in percentage points and whether ``|Δ| ≤ tolerance``.
 ``--versus LABEL`` compares every row with the row ``LABEL`` of its block (a scratch run, a
-control): the difference of the means and Welch's t with its degrees of freedom.
+control): the difference of the means, Welch's t with its degrees of freedom, p-value and 95 %
+interval (scipy), a paired t-test over the seeds both rows ran, and the seeds per row needed to
+resolve the difference (:mod:`kdx.report.stats`). ``--curves FILE.png`` draws the per-epoch
+validation curves of every row from its runs' ``csv/metrics.csv`` (:mod:`kdx.report.curves`).
+A successful run's record whose figures are not finite numbers in range is refused with a warning
+naming the file and the field; a folder that cannot be listed is warned about.
 Runs that did not succeed are counted (``failed``; ``missing`` for a record still ``running``),
 never averaged, and listed under the table with their error. A folder whose ``metrics.json`` cannot
 be read or is malformed is skipped with a warning naming it; a job folder of a sweep without any
@@ -33,7 +44,9 @@ be read or is malformed is skipped with a warning naming it; a job folder of a s
 
 ``--out DIR`` writes ``DIR/table.md`` (also printed), ``DIR/table.csv`` (the same numbers, full
 precision) and ``DIR/table.png`` (one panel per dataset and teacher → student pair, successful rows
-only). ``--out DIR/name.md`` picks the file name: ``DIR/name.{md,csv,png}``.
+only; every seed a dot over the mean ± std). ``--out DIR/name.md`` picks the file name: ``DIR/name.{md,csv,png}``. The files are written
+to temporary names and replace the old ones only when every one was written; with no row, nothing
+is written. ``kdx-table ... | head`` ends quietly (exit 141).
 """
 
 from __future__ import annotations
@@ -818,6 +831,7 @@ def make_table(
     by every config value that differs between runs of one row (:func:`split_keys`).
     ``include_debug=False`` leaves debug runs out (``found.debug``; the markdown says how many).
     ``curves``: a PNG path for the per-epoch curves of every row's runs (:mod:`kdx.report.curves`)."""
+    by = [k for k in dict.fromkeys(by) if k not in GROUP_KEYS]  # the names are keys already
     found = search(paths, by, include_debug=include_debug)
     if found.debug:
         reasons = sorted({r.debug or "" for r in found.debug})
@@ -968,8 +982,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not rows:
             kept = f"; {args.out} left as it was" if args.out else ""
             print(f"kdx-table: no readable metrics.json under {' '.join(args.paths)}{kept}", file=sys.stderr)
-            if markdown.strip():
-                print(markdown, file=sys.stderr)
+            problems = "\n".join(line for line in markdown.splitlines() if not line.startswith("|")).strip()
+            if problems:
+                print(problems, file=sys.stderr)
             return 1
         print(markdown)
         if args.out or args.curves:
