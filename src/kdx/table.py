@@ -44,9 +44,9 @@ be read or is malformed is skipped with a warning naming it; a job folder of a s
 
 ``--out DIR`` writes ``DIR/table.md`` (also printed), ``DIR/table.csv`` (the same numbers, full
 precision) and ``DIR/table.png`` (one panel per dataset and teacher → student pair, successful rows
-only; every seed a dot over the mean ± std). ``--out DIR/name.md`` picks the file name: ``DIR/name.{md,csv,png}``. The files are written
-to temporary names and replace the old ones only when every one was written; with no row, nothing
-is written. ``kdx-table ... | head`` ends quietly (exit 141).
+only; every seed a dot over the mean ± std). ``--out DIR/name.md`` picks the file name:
+``DIR/name.{md,csv,png}``. The files are written to temporary names and replace the old ones only
+when every one was written; with no row, nothing is written. ``kdx-table ... | head`` ends quietly (exit 141).
 """
 
 from __future__ import annotations
