@@ -22,6 +22,18 @@ def test_metrics(results: list[dict]) -> dict[str, float]:
     return merged
 
 
+# figures measured on both checkpoints, so that a table pairs best-epoch accuracy with the fidelity
+# of the same weights
+BEST_TOO = (
+    "student/acc",
+    "fidelity/agreement",
+    "fidelity/kl",
+    "fidelity/kernel_gap",
+    "fidelity/cka",
+    "student/ece",
+)
+
+
 def _best_checkpoint(trainer: L.Trainer, monitor: str):
     return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor), None)
 
@@ -50,8 +62,8 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dat
                     module, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=True
                 )
             )
-            metrics["student/acc_best"] = best["student/acc"]
             metrics["student/best_ckpt"] = best_path
         else:
-            metrics["student/acc_best"] = metrics["student/acc"]
+            best = metrics
+        metrics.update({f"{key}_best": best[key] for key in BEST_TOO if key in best})
     return metrics
