@@ -16,7 +16,8 @@ from kdx.methods import METHODS
 from kdx.methods.ab import ab_loss, alternative_l2
 from kdx.methods.at import at_loss, attention_map
 from kdx.methods.cc import cc_loss
-from kdx.methods.connectors import ConvReg, match_spatial, parse_layers, select_layers
+from kdx.methods.connectors import ConvReg
+from kdx.methods.feature_layers import match_spatial, parse_layers, select_layers
 from kdx.methods.fitnet import hint_loss
 from kdx.methods.fsp import fsp_loss, fsp_matrix
 from kdx.methods.ft import factor_loss, relative_reconstruction_error

@@ -220,7 +220,7 @@ def test_combo_sums_the_term_over_layers_each_with_its_centres():
 def test_warmup_follows_warm_then_cosine():
     # 10 steps over 5 epochs, warm-up 1 epoch = 2 iterations: factors max(1, it)/2 for it < 2
     # (0.5, 0.5), then 0.5·(1 + cos(π·(it − 2)/8)) for it = 2..9
-    from kdx.methods.kda import warmup_cosine
+    from kdx.schedules import warmup_cosine
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = warmup_cosine(opt, total_steps=10, warmup_epochs=1, epochs=5)

@@ -92,18 +92,17 @@ from torch.utils.data import DataLoader, Subset
 
 from kdx.context import StepContext
 from kdx.errors import KDXError
+from kdx.losses import check_kd_weights, kd_loss, per_sample_kl
 from kdx.methods.base import (
     DistillationMethod,
     SoftTarget,
     TeacherUse,
     Terms,
-    check_kd_weights,
     hinton_target,
-    kd_loss,
-    per_sample_kl,
     register_method,
     train_mode,
 )
+from kdx.seeding import SALT_BACKWARD_AUX, generator_seed
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +461,7 @@ class BackwardPassKD(DistillationMethod):
     def _generator(self, ctx: StepContext) -> torch.Generator:
         """Reproducible per (run seed, epoch, rank): independent of how much global RNG was used,
         and different on each DDP rank."""
-        seed = (torch.initial_seed() + 1_000_003 * ctx.epoch + 7_919 * ctx.rank) % (2**63 - 1)
+        seed = generator_seed(torch.initial_seed(), ctx.epoch, ctx.rank, salt=SALT_BACKWARD_AUX)
         return torch.Generator().manual_seed(seed)
 
     def _next_aux_batch(self, ctx: StepContext, size: int) -> tuple[Tensor, Tensor]:

@@ -69,16 +69,11 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from kdx.context import StepContext
-from kdx.methods.base import (
-    DistillationMethod,
-    SoftTarget,
-    Terms,
-    hinton_target,
-    kd_loss,
-    register_method,
-    train_mode,
-)
-from kdx.methods.connectors import Connector, LazyBuffers, distributed, to_tokens
+from kdx.distributed import distributed
+from kdx.losses import kd_loss
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, register_method, train_mode
+from kdx.methods.buffers import LazyBuffers
+from kdx.methods.connectors import Connector, to_tokens
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
 
 PROJECTIONS = ("random", "pca", "ae")
