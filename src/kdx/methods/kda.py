@@ -226,37 +226,8 @@ class KDA(DistillationMethod):
         self.centres = nn.ModuleDict({name: ClassCentres() for name in layers})
         self._epoch = 0
 
-    # -- the first layer's state, by its old names (one layer is the common case) ---------------
-    @property
-    def _first(self) -> ClassCentres:
-        return self.centres[self.layers[0]]  # type: ignore[return-value]
-
-    @property
-    def student_centres(self) -> Tensor:
-        return self._first.student_centres
-
-    @property
-    def teacher_centres(self) -> Tensor:
-        return self._first.teacher_centres
-
-    @property
-    def centre_counts(self) -> Tensor:
-        return self._first.centre_counts
-
-    @property
-    def centres_epoch(self) -> Tensor:
-        return self._first.centres_epoch
-
-    @property
-    def has_centres(self) -> bool:
-        return self._first.has_centres
-
     def soft_target(self) -> SoftTarget | None:
         return SoftTarget(self.temperature, hinton_target(self.temperature)) if self.kd_weight > 0 else None
-
-    def _size(self, num_classes: int, d_s: int, d_t: int) -> None:
-        """Size the first layer's centres (kept for callers that drive one layer by hand)."""
-        self._first.size(num_classes, d_s, d_t)
 
     def _features(self, out: ModelOutput, layer: str | None = None) -> Tensor:
         layer = layer or self.layers[0]
@@ -297,10 +268,6 @@ class KDA(DistillationMethod):
         self._epoch = epoch
         for centres in self.centres.values():
             centres.roll(epoch)
-
-    def accumulate(self, student_features: Tensor, teacher_features: Tensor, y: Tensor) -> None:
-        """Add a batch's detached first-layer features to this epoch's per-class sums."""
-        self._first.accumulate(student_features, teacher_features, y, self._epoch)
 
     def finalise_centres(self) -> None:
         """All-reduce the epoch's sums and counts (every layer) and turn them into class centres."""
