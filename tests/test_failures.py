@@ -195,6 +195,7 @@ def test_a_display_name_is_not_a_model_choice(tmp_path):
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_added_key_exits_2_with_one_line_and_a_failure_record(tmp_path):
     proc = kdx("+optim.lr=-1", root=tmp_path, cache=tmp_path / "cache", timeout=240)
