@@ -1,4 +1,4 @@
-"""The RepDistiller feature/relation baselines (issue 11): FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT,
+"""The RepDistiller feature/relation baselines: FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT,
 FSP, NST. Hand-derived golden values, identities, gradient flow, pre-training phases, refusals, e2e."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""No silent success, no poisoned cache (issue 14): every case of the fault-injection pass, one test each.
+"""No silent success, no poisoned cache: every case of the fault-injection pass, one test each.
 
 Most cases fail in :func:`kdx.pipeline.validate.validate_config`, before any data or teacher work: they run
 in-process against an empty cache (which must stay empty). The CLI path (exit code, one stderr
