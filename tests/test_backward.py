@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import CONF_DIR, FAST, compose_train, run_train
+from conftest import FAST, compose_train, run_train
 from kdx.context import StepContext
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.methods.backward import BackwardPassKD, divergence
@@ -372,10 +371,6 @@ SMALL_CIFAR = [
     "dataset.datamodule.num_train=64",
     "dataset.datamodule.num_val=32",
     "dataset.datamodule.num_test=32",
-]
-_CIFAR = [
-    Path(CONF_DIR) / p
-    for p in ("dataset/synthetic_cifar.yaml", "teacher/resnet20.yaml", "student/resnet8.yaml")
 ]
 
 

@@ -26,7 +26,7 @@ local feature and DDP averages the parameter gradients over the k processes, so 
 
 Defaults (official ``main_kda.py``): α = 0.04, warm = 5, smooth-L1 β = 1, CE weight 1, no KD term.
 ``kd_weight > 0`` adds Hinton KD at ``temperature``. The official LR warm-up lasts ``warm`` epochs;
-``conf/optim/sgd_kda.yaml`` reads ``method.warm`` (:func:`warmup_cosine`).
+``conf/optim/sgd_kda.yaml`` reads ``method.warm`` (:func:`kdx.schedules.warmup_cosine`).
 
 State: the centres, the per-class counts they came from and the epoch they belong to are buffers
 (one set per layer). The running sums of the current epoch are in the ``state_dict`` too (as extra
