@@ -1,4 +1,4 @@
-"""The RepDistiller feature/relation baselines (issue 11): FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT,
+"""The RepDistiller feature/relation baselines: FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT,
 FSP, NST. Hand-derived golden values, identities, gradient flow, pre-training phases, refusals, e2e."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from kdx.methods import METHODS
 from kdx.methods.ab import ab_loss, alternative_l2
 from kdx.methods.at import at_loss, attention_map
 from kdx.methods.cc import cc_loss
-from kdx.methods.connectors import ConvReg, match_spatial, parse_layers, select_layers
+from kdx.methods.connectors import ConvReg
+from kdx.methods.feature_layers import match_spatial, parse_layers, select_layers
 from kdx.methods.fitnet import hint_loss
 from kdx.methods.fsp import fsp_loss, fsp_matrix
 from kdx.methods.ft import factor_loss, relative_reconstruction_error

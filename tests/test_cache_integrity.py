@@ -1,4 +1,4 @@
-"""Nothing read from a cache is trusted without a check (issue 21, item 3): a damaged teacher-output
+"""Nothing read from a cache is trusted without a check: a damaged teacher-output
 cache, MNIST-1D data file or tokenised-text cache is detected on the next run, moved aside with the
 reason, and rebuilt to the same figures; a killed writer's temporaries are removed; a read-only cache
 is one line (and the live teacher where the teacher outputs are missing)."""

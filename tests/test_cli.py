@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # every test here launches a console script
+
 BIN = Path(sys.executable).parent
 
 

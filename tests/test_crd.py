@@ -243,6 +243,7 @@ class BankProbe(Callback):
         )
 
 
+@pytest.mark.e2e
 def test_ddp_sim_keeps_the_banks_identical_on_both_ranks(tmp_path, cache_dir):
     env = {
         **os.environ,

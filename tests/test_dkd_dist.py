@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdx.context import StepContext
-from kdx.methods.base import kd_loss
+from kdx.losses import kd_loss
 from kdx.methods.dist import DIST, inter_class_relation, intra_class_relation, pearson_rows
 from kdx.methods.dkd import DKD, dkd_terms, warmup_factor
 from kdx.models.base import ModelOutput

@@ -182,6 +182,7 @@ def test_page_command_in_process(command, tmp_path, user_cache, my_kd):
     _check_run(metrics, OmegaConf.to_container(cfg), command)  # _target_s are plain strings
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", THROUGH_CLI)
 def test_page_command_through_cli(command, tmp_path, user_cache):
     env = {

@@ -1,4 +1,4 @@
-"""No silent success, no poisoned cache (issue 14): every case of the fault-injection pass, one test each.
+"""No silent success, no poisoned cache: every case of the fault-injection pass, one test each.
 
 Most cases fail in :func:`kdx.pipeline.validate.validate_config`, before any data or teacher work: they run
 in-process against an empty cache (which must stay empty). The CLI path (exit code, one stderr
@@ -195,6 +195,7 @@ def test_a_display_name_is_not_a_model_choice(tmp_path):
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_added_key_exits_2_with_one_line_and_a_failure_record(tmp_path):
     proc = kdx("+optim.lr=-1", root=tmp_path, cache=tmp_path / "cache", timeout=240)

@@ -103,6 +103,7 @@ def test_help_lists_groups_and_hides_internal_entries():
     assert "_recipe" not in text and "schema" not in text and "_optuna" not in text.replace("_optuna,", "")
 
 
+@pytest.mark.e2e
 def test_help_and_a_misspelt_group_answer_without_importing_torch(tmp_path):
     code = (
         "import sys, runpy; sys.argv = ['kdx-train', 'metod=kd', 'method=kdd'];"
@@ -148,6 +149,7 @@ def test_an_image_model_on_1d_data_is_one_error_with_the_fix(tmp_path, cache_dir
 # -- resume continues the run it names -----------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_resume_continues_the_named_run(tmp_path, cache_dir):
     small = ["debug=limit", "dataset=synthetic", "dataset.input_shape=[1,40]"]
@@ -172,6 +174,7 @@ def test_resume_continues_the_named_run(tmp_path, cache_dir):
     assert record["config"]["ckpt_path"].endswith("last.ckpt")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_model_swapped_in_on_the_command_line_is_recorded_under_its_own_name(tmp_path, cache_dir):
     proc = run_cli(

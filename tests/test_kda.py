@@ -21,6 +21,11 @@ from kdx.models.small import MLP
 # The loss on its own.
 
 
+def _centres(method: KDA):
+    """The class centres of the method's first (here: only) layer."""
+    return method.centres[method.layers[0]]
+
+
 def test_loss_is_zero_when_features_and_centres_agree():
     torch.manual_seed(0)
     feats, centres = torch.randn(6, 5), torch.randn(4, 5)
@@ -98,25 +103,36 @@ def test_centres_are_per_class_means_of_the_previous_epoch():
     student, teacher = _models()
     method = KDA(warm=0)
     method.setup(student, teacher, _shaped((6,)))
-    assert method.student_centres.shape == (4, 5) and method.teacher_centres.shape == (4, 9)
+    assert _centres(method).student_centres.shape == (4, 5) and _centres(method).teacher_centres.shape == (
+        4,
+        9,
+    )
     torch.manual_seed(1)
     x, y = torch.randn(30, 6), torch.tensor([0, 1, 2] * 10)  # class 3 never appears
     _epoch(method, _context(student, teacher, 0), x, y)  # uneven batches of 7: 7, 7, 7, 7, 2
     with torch.no_grad():
         e_s, e_t = student(x, ("embedding",)).embedding, teacher(x, ("embedding",)).embedding
     for k in range(3):
-        torch.testing.assert_close(method.student_centres[k], e_s[y == k].mean(0), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(method.teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6)
-    assert method.centre_counts.tolist() == [10, 10, 10, 0]
-    assert method.student_centres[3].abs().sum() == 0 and int(method.centres_epoch) == 0
+        torch.testing.assert_close(
+            _centres(method).student_centres[k], e_s[y == k].mean(0), rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            _centres(method).teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6
+        )
+    assert _centres(method).centre_counts.tolist() == [10, 10, 10, 0]
+    assert _centres(method).student_centres[3].abs().sum() == 0 and int(_centres(method).centres_epoch) == 0
     # next epoch sees only class 0: its centre moves, the others keep theirs (counted again, not reused)
-    before = method.teacher_centres.clone()
+    before = _centres(method).teacher_centres.clone()
     x0 = torch.randn(5, 6)
     _epoch(method, _context(student, teacher, 1), x0, torch.zeros(5, dtype=torch.long))
     with torch.no_grad():
-        torch.testing.assert_close(method.teacher_centres[0], teacher(x0, ("embedding",)).embedding.mean(0))
-    torch.testing.assert_close(method.teacher_centres[1:], before[1:])
-    assert method.centre_counts.tolist() == [5, 0, 0, 0] and int(method.centres_epoch) == 1
+        torch.testing.assert_close(
+            _centres(method).teacher_centres[0], teacher(x0, ("embedding",)).embedding.mean(0)
+        )
+    torch.testing.assert_close(_centres(method).teacher_centres[1:], before[1:])
+    assert (
+        _centres(method).centre_counts.tolist() == [5, 0, 0, 0] and int(_centres(method).centres_epoch) == 1
+    )
 
 
 def test_warm_up_and_weighting():
@@ -133,7 +149,9 @@ def test_warm_up_and_weighting():
     third = method.training_step(next(_batches(x, y, 8)), _context(student, teacher, 2))
     torch.testing.assert_close(third["loss"], third["ce"] + 0.5 * third["kda"])
     out_s, out_t = student(x[:8], method.reads), teacher(x[:8], method.reads)
-    expected = kda_loss(out_s.embedding, out_t.embedding, method.student_centres, method.teacher_centres)
+    expected = kda_loss(
+        out_s.embedding, out_t.embedding, _centres(method).student_centres, _centres(method).teacher_centres
+    )
     torch.testing.assert_close(third["kda"], expected)
 
 
@@ -141,7 +159,7 @@ def test_logits_layer_and_combo_terms():
     student, teacher = _models()
     method = KDA(warm=0, layer="logits", kd_weight=0.9, ce_weight=0.1, temperature=4.0)
     method.setup(student, teacher, _shaped((6,)))
-    assert method.student_centres.shape == method.teacher_centres.shape == (4, 4)
+    assert _centres(method).student_centres.shape == _centres(method).teacher_centres.shape == (4, 4)
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
     _epoch(method, _context(student, teacher, 0), x, y, size=8)
     terms = method.training_step((x, y, torch.arange(8)), _context(student, teacher, 1))
@@ -186,16 +204,18 @@ def test_state_dict_round_trip_carries_centres_and_partial_sums():
     restored.load_state_dict(state)
     assert set(state) >= {f"centres.embedding.{n}" for n in ("student_centres", "teacher_centres")}
     for name in ("student_centres", "teacher_centres", "centre_counts", "centres_epoch"):
-        assert torch.equal(getattr(restored, name), getattr(method, name)), name
+        assert torch.equal(getattr(_centres(restored), name), getattr(_centres(method), name)), name
     for m in (method, restored):  # both finish epoch 1 the same way
         m.on_train_epoch_start(ctx)
         m.training_step((x[7:], y[7:], torch.arange(7, 14)), ctx)
         m.on_train_epoch_end(ctx)
-    torch.testing.assert_close(restored.teacher_centres, method.teacher_centres)
+    torch.testing.assert_close(_centres(restored).teacher_centres, _centres(method).teacher_centres)
     with torch.no_grad():
         e_t = teacher(x, ("embedding",)).embedding
     for k in y.unique().tolist():
-        torch.testing.assert_close(restored.teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            _centres(restored).teacher_centres[k], e_t[y == k].mean(0), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_combo_sums_the_term_over_layers_each_with_its_centres():
@@ -220,7 +240,7 @@ def test_combo_sums_the_term_over_layers_each_with_its_centres():
 def test_warmup_follows_warm_then_cosine():
     # 10 steps over 5 epochs, warm-up 1 epoch = 2 iterations: factors max(1, it)/2 for it < 2
     # (0.5, 0.5), then 0.5·(1 + cos(π·(it − 2)/8)) for it = 2..9
-    from kdx.methods.kda import warmup_cosine
+    from kdx.schedules import warmup_cosine
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = warmup_cosine(opt, total_steps=10, warmup_epochs=1, epochs=5)
@@ -260,12 +280,12 @@ def _kda_step(rank: int, world: int, global_batch: bool = True):
     student, teacher = _models()
     method = KDA(warm=0, global_batch=global_batch)
     method.setup(student, teacher, _shaped((6,)))
-    method._first.size(4, 5, 9)
+    _centres(method).size(4, 5, 9)
     gen = torch.Generator().manual_seed(1)
-    method.student_centres.copy_(torch.randn(4, 5, generator=gen))
-    method.teacher_centres.copy_(torch.randn(4, 9, generator=gen))
-    method._first.centres_epoch.fill_(0)
-    method._first._has_centres = True
+    _centres(method).student_centres.copy_(torch.randn(4, 5, generator=gen))
+    _centres(method).teacher_centres.copy_(torch.randn(4, 9, generator=gen))
+    _centres(method).centres_epoch.fill_(0)
+    _centres(method)._has_centres = True
     x, y = torch.randn(12, 6, generator=gen), torch.randint(0, 4, (12,), generator=gen)
     share = slice(rank * 12 // world, (rank + 1) * 12 // world)
     method._epoch = 1
@@ -304,14 +324,14 @@ def _all_reduce_worker(rank: int, init_file: str, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         method = KDA(warm=0)
-        method._size(3, 2, 2)
+        _centres(method).size(3, 2, 2)
         feats = (
             torch.tensor([[1.0, 0.0], [3.0, 2.0]]) + 10 * rank
         )  # rank 0: classes 0, 1; rank 1: classes 0, 2
         y = torch.tensor([0, 1 + rank])
-        method.accumulate(feats, feats, y)
+        _centres(method).accumulate(feats, feats, y, method._epoch)
         method.finalise_centres()
-        results[rank] = (method.student_centres.tolist(), method.centre_counts.tolist())
+        results[rank] = (_centres(method).student_centres.tolist(), _centres(method).centre_counts.tolist())
     finally:
         torch.distributed.destroy_process_group()
 
@@ -345,9 +365,9 @@ class CentreRecorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         m = pl_module.method
         self.records[trainer.current_epoch] = {
-            "student_centres": m.student_centres.clone(),
-            "teacher_centres": m.teacher_centres.clone(),
-            "centres_epoch": int(m.centres_epoch),
+            "student_centres": _centres(m).student_centres.clone(),
+            "teacher_centres": _centres(m).teacher_centres.clone(),
+            "centres_epoch": int(_centres(m).centres_epoch),
         }
         torch.save(self.records, self.path)
 

@@ -156,9 +156,11 @@ def _setup(projection="pca", **kwargs):
 
 def test_setup_sizes_adapter_and_projection_by_probing():
     method, *_ = _setup(dim=None, dim_ratio=0.25)
-    assert isinstance(method.connector.proj, torch.nn.Conv1d)  # last stages: (8, 6) -> (32, 6)
-    assert (method.connector.in_channels, method.connector.out_channels) == (8, 32)
-    assert method.projection_matrix.shape == (32, 8) and not bool(method.fitted)
+    assert isinstance(method.parts[0].connector.proj, torch.nn.Conv1d)  # last stages: (8, 6) -> (32, 6)
+    assert (method.parts[0].connector.in_channels, method.parts[0].connector.out_channels) == (8, 32)
+    assert method.parts[0].projection_matrix.shape == (32, 8) and not all(
+        bool(part.fitted) for part in method.parts
+    )
     with pytest.raises(ValueError, match="exceeds"):
         _setup(dim=64)
     with pytest.raises(ValueError, match="method.projection"):
@@ -175,7 +177,7 @@ def test_pca_fit_on_teacher_stage_tokens_matches_scikit_learn():
     with torch.no_grad():
         tokens = torch.cat([to_tokens(teacher(x, method.reads).stages[-1]) for x, _, _ in loader]).double()
     components = torch.from_numpy(PCA(n_components=5, svd_solver="full").fit(tokens.numpy()).components_)
-    k = method.projection_matrix.double()
+    k = method.parts[0].projection_matrix.double()
     torch.testing.assert_close((components @ k).abs(), torch.eye(5, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
@@ -192,9 +194,9 @@ def test_pca_fit_on_teacher_stage_tokens_matches_scikit_learn():
 def test_gradient_flow_student_and_adapter(projection, kwargs):
     method, student, teacher, loader = _setup(projection, **kwargs)
     method.fit(teacher, loader)
-    assert bool(method.fitted)
+    assert all(bool(part.fitted) for part in method.parts)
     if not method.nonlinear:
-        k = method.projection_matrix
+        k = method.parts[0].projection_matrix
         torch.testing.assert_close(k.t() @ k, torch.eye(k.shape[1]), atol=1e-5, rtol=0)
     params = [*student.parameters(), *method.parameters()]
     assert len(list(method.parameters())) == 2  # the 1×1 conv adapter's weight and bias
@@ -215,9 +217,9 @@ def test_loss_uses_the_fitted_projection_and_weights():
     method.fit(teacher, loader)
     x, y, index = next(iter(loader))
     terms = method.training_step((x, y, index), StepContext(student=student, teacher=teacher))
-    s_tok = to_tokens(method.connector(student(x, method.reads).stages[-1]))
+    s_tok = to_tokens(method.parts[0].connector(student(x, method.reads).stages[-1]))
     t_tok = to_tokens(teacher(x, method.reads).stages[-1])
-    expected = ((s_tok - t_tok) @ method.projection_matrix).pow(2).mean()
+    expected = ((s_tok - t_tok) @ method.parts[0].projection_matrix).pow(2).mean()
     torch.testing.assert_close(terms["rdim"], 2.5 * expected)  # the weighted term the loss adds
     torch.testing.assert_close(terms["loss"], terms["ce"] + 2.5 * expected + 0.5 * terms["kd"])
 
@@ -242,9 +244,9 @@ def test_a_student_equal_to_the_teacher_has_zero_loss_under_every_option(
     method = RdimKD(projection=projection, feature=feature, standardize=standardize, dim=4, **kwargs)
     method.setup(student, teacher, SyntheticDataModule(input_shape=(1, 24), num_classes=4))
     method.fit(teacher, loader)
-    assert method.connector.is_identity
+    assert method.parts[0].connector.is_identity
     if standardize:  # the statistics are fitted and used: the zero is not an accident of μ = 0, σ = 1
-        assert method.teacher_mean.abs().max() > 1e-3
+        assert method.parts[0].teacher_mean.abs().max() > 1e-3
     terms = method.training_step(
         (x[:32], y[:32], torch.arange(32)), StepContext(student=student, teacher=teacher)
     )

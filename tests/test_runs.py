@@ -92,6 +92,7 @@ def tensorboard_hparams(job: Path) -> dict:
     return found
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_each_multirun_job_is_its_own_tracked_run(tmp_path, cache_dir):
     proc = kdx("-m", *SMALL, "method=none,kd", "seed=3", "logger=many,wandb", root=tmp_path, cache=cache_dir)
@@ -117,6 +118,7 @@ def test_each_multirun_job_is_its_own_tracked_run(tmp_path, cache_dir):
 # -- failures ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on(tmp_path, cache_dir):
     proc = kdx(
@@ -140,6 +142,7 @@ def test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on(tmp_path, ca
     assert sum(r["failed"] for r in rows) == 1 and sum(r["n"] for r in rows) == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_bug_in_a_single_run_exits_1_with_the_traceback(tmp_path, cache_dir):
     proc = kdx(*SMALL, "method._target_=kdx_faults.BugInStep", root=tmp_path, cache=cache_dir)
@@ -149,6 +152,7 @@ def test_a_bug_in_a_single_run_exits_1_with_the_traceback(tmp_path, cache_dir):
     assert record["status"] == "failed" and record["error_type"] == "RuntimeError"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_nan_on_one_ddp_rank_stops_both_with_one_message(tmp_path, cache_dir):
     started = time.monotonic()
@@ -196,6 +200,7 @@ def test_teacher_recipe_is_a_kdx_run_and_keyed_by_itself_alone(tmp_path, cache_d
     assert cached_teacher_path(recipe_side) != path
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_processes_share_one_auto_teacher(tmp_path):
     cache = tmp_path / "cache"
@@ -281,6 +286,7 @@ def test_checkpoints_hold_the_frozen_teacher_only_when_it_is_trained(tmp_path, c
     assert metrics["status"] == "ok"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_kdx_eval_reproduces_a_non_default_run(tmp_path, cache_dir):
     run = kdx(*SMALL, "method=kd_pt", "student.model.hidden=[32]", "seed=4", root=tmp_path, cache=cache_dir)

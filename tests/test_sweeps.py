@@ -99,6 +99,7 @@ def test_search_space_is_valid(search):
         instantiate(point.method)  # unknown keys, bad types and out-of-range values raise here
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_optuna_sweep_two_trials(tmp_path, cache_dir):
     sweep_dir = tmp_path / "optuna"
@@ -118,6 +119,7 @@ def test_optuna_sweep_two_trials(tmp_path, cache_dir):
     assert trials[0] != trials[1] and all(any(o.startswith("method.temperature=") for o in t) for t in trials)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_joblib_multirun_with_failing_jobs(tmp_path, cache_dir):
     """Three jobs on two joblib workers: a good lr, lr=1e30 (the loss turns NaN), lr=-1 (the optimizer raises).
@@ -153,6 +155,7 @@ def test_joblib_multirun_with_failing_jobs(tmp_path, cache_dir):
     assert not math.isnan(row["student/acc_best_mean"]) and "NaN or infinite" in markdown
 
 
+@pytest.mark.e2e
 def test_submitit_slurm_launcher_composes(tmp_path):
     env = {**os.environ, "KDX_ROOT_DIR": str(tmp_path)}
     result = subprocess.run(

@@ -210,7 +210,7 @@ def test_text_train_targets_are_the_training_labels_in_index_order(tokenizers, t
         assert len(set(targets.tolist())) > 1
 
 
-# -- strict TSVs, examples read, checked caches (issue 21) ----------------------------------------
+# -- strict TSVs, examples read, checked caches ----------------------------------------
 
 
 def _sst2(tmp_path, lines, tokenizers):

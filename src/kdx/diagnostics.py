@@ -66,7 +66,7 @@ from torch import Tensor
 from kdx.callbacks import ReportsMetrics
 from kdx.errors import KDXError
 from kdx.methods.base import SoftTarget, hinton_target, train_mode
-from kdx.methods.tang import class_similarity
+from kdx.methods.tang_targets import class_similarity
 from kdx.utils import atomic_write_json
 
 log = logging.getLogger("kdx")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from kdx.methods.base import per_sample_kl
+from kdx.losses import per_sample_kl
 
 
 class TeacherStudentKL(Metric):

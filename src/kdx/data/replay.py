@@ -19,30 +19,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-# ---------------------------------------------------------------------------------------------
-# Reproducible draws from (seed, a, b): a SplitMix64 mix, vectorised in numpy and the same per item.
-
-_MASK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
-
-
-def mix(seed: int, a: int | np.ndarray, b: int | np.ndarray, salt: int = 0) -> np.ndarray:
-    """A 64-bit hash of ``(seed, a, b, salt)``; ``a``/``b`` may be arrays (broadcast)."""
-    h = _splitmix(np.asarray(seed, dtype=np.uint64) ^ np.uint64(salt))
-    h = _splitmix(h ^ np.asarray(a, dtype=np.int64).astype(np.uint64))
-    return _splitmix(h ^ np.asarray(b, dtype=np.int64).astype(np.uint64))
+from kdx.seeding import SALT_REPLAY_CROP, SALT_REPLAY_VIEW, mix
 
 
 def view_of(seed: int, epoch: int, index: int | np.ndarray, views: int) -> np.ndarray:
     """Which of the ``views`` stored views example ``index`` is shown as in ``epoch``."""
-    return (mix(seed, epoch, index, salt=1) % np.uint64(views)).astype(np.int64)
+    return (mix(seed, epoch, index, salt=SALT_REPLAY_VIEW) % np.uint64(views)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +68,7 @@ class CropFlipReplay:
         }
 
     def params(self, seed: int, index: int, view: int) -> tuple[int, int, bool]:
-        h = int(mix(seed, index, view, salt=2))
+        h = int(mix(seed, index, view, salt=SALT_REPLAY_CROP))
         span = 2 * self.padding + 1  # crop offsets 0 .. 2·padding in the padded image
         return (h % span, (h // span) % span, self.flip and bool((h // (span * span)) & 1))
 

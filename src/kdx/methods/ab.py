@@ -34,7 +34,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import ConvReg, RepDistillerMethod, feature_list, parse_layers
+from kdx.methods.connectors import ConvReg
+from kdx.methods.feature_layers import feature_list, parse_layers
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import ModelOutput
 
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import LayerPairsMethod, feature_list, match_spatial
+from kdx.methods.feature_layers import feature_list, match_spatial
+from kdx.methods.repdistiller import LayerPairsMethod
 from kdx.models.base import ModelOutput
 
 

@@ -18,7 +18,8 @@ softmax(f_s(x)/T))``; ``divergence=l2``: ``mean_k (f_s(x) − f_t(x))_k²`` on t
   (default) takes ``s`` = the sample's own L2 norm ‖x‖₂, so η is the relative length of the move
   (‖x_aux − x‖ / ‖x‖ = η after one step, for both step rules; ``c`` is the sample's RMS);
   ``rms`` takes ``s`` = the batch's RMS·√n, the same for every sample of the batch; ``absolute``
-  takes ``s = c = 1`` (η in input units, the behaviour before issue 12). ``Π`` clamps to the data
+  takes ``s = c = 1`` (η in input units: the same η moves inputs of different scales by different
+  relative amounts). ``Π`` clamps to the data
   range ``[clamp_min, clamp_max]`` and/or projects onto the ε-ball around ``x`` (ε scaled like η:
   L2 radius ε·s for the normalized step, L∞ radius ε·c for the sign step), when those are set. A
   zero gradient (teacher and student compute the same function) gives no step.
@@ -58,8 +59,8 @@ Modes:
 
 Defaults: α = 0.9, T = 4 (the RepDistiller KD convention), λ_aux = 1, k = 1, normalized step,
 ``step_scale=norm`` with η = 0.2 (chosen from measurements on MNIST-1D: at η = 0.2 the auxiliary
-divergence is several times the clean one, ``aux/kl_gain`` > 1.3 through training; at the old
-η = 0.05 in input units it was ×1.06 — docs/methods.md §2 has the figures), ``divergence=kl``, no
+divergence is several times the clean one, ``aux/kl_gain`` > 1.3 through training; at
+η = 0.05 in input units it was only ×1.06 — docs/methods.md §2 has the figures), ``divergence=kl``, no
 clamp, online.
 
 Extending to other inputs: generation is a strategy object behind one boundary,
@@ -92,18 +93,17 @@ from torch.utils.data import DataLoader, Subset
 
 from kdx.context import StepContext
 from kdx.errors import KDXError
+from kdx.losses import check_kd_weights, kd_loss, per_sample_kl
 from kdx.methods.base import (
     DistillationMethod,
     SoftTarget,
     TeacherUse,
     Terms,
-    check_kd_weights,
     hinton_target,
-    kd_loss,
-    per_sample_kl,
     register_method,
     train_mode,
 )
+from kdx.seeding import SALT_BACKWARD_AUX, generator_seed
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class BackwardPassKD(DistillationMethod):
     def _generator(self, ctx: StepContext) -> torch.Generator:
         """Reproducible per (run seed, epoch, rank): independent of how much global RNG was used,
         and different on each DDP rank."""
-        seed = (torch.initial_seed() + 1_000_003 * ctx.epoch + 7_919 * ctx.rank) % (2**63 - 1)
+        seed = generator_seed(torch.initial_seed(), ctx.epoch, ctx.rank, salt=SALT_BACKWARD_AUX)
         return torch.Generator().manual_seed(seed)
 
     def _next_aux_batch(self, ctx: StepContext, size: int) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 
 

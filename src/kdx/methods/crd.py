@@ -55,10 +55,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdx.context import StepContext
+from kdx.distributed import distributed, gather_rows
 from kdx.errors import HyperParameterError, KDXError
-from kdx.methods.base import DistillationMethod, Terms, kd_loss, register_method
-from kdx.methods.connectors import distributed
+from kdx.losses import kd_loss
+from kdx.methods.base import DistillationMethod, Terms, register_method
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
+from kdx.seeding import SALT_CRD_NEGATIVES, generator_seed
 
 NEGATIVES = ("other_class", "uniform")
 PLAIN_TENSORS = ("memory_student", "memory_teacher", "labels", "by_class", "class_start", "class_count")
@@ -127,23 +129,6 @@ def last_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
     positions = torch.arange(index.shape[0], device=index.device)
     last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, positions, reduce="amax")
     return unique, last
-
-
-def gather_rows(tensor: Tensor) -> Tensor:
-    """All ranks' ``tensor`` (rows may differ in number), concatenated in rank order; itself when
-    not distributed."""
-    if not distributed():
-        return tensor
-    world = torch.distributed.get_world_size()
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    torch.distributed.all_gather(sizes, size)
-    counts = [int(s) for s in sizes]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
 def dataset_labels(dataset: Any) -> Tensor:
@@ -327,7 +312,9 @@ class CRD(DistillationMethod):
         and differ between DDP ranks. Outside the training loop (tests), the global RNG."""
         if self._draw_key is None:
             return None
-        return torch.Generator(device=device).manual_seed(hash(self._draw_key) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.Generator(device=device).manual_seed(
+            generator_seed(*self._draw_key, salt=SALT_CRD_NEGATIVES)
+        )
 
     def sample_index(self, index: Tensor) -> Tensor:
         """``(B, K+1)``: column 0 the example itself, then K negatives."""

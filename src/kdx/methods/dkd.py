@@ -15,7 +15,8 @@ already has the factor 1/warmup; ``warmup=0`` switches the ramp off.
 Defaults (mdistiller ``engine/cfg.py``): α = 1, β = 8, T = 4, CE weight 1, warm-up 20 epochs.
 mdistiller's per-pair CIFAR-100 configs (``configs/cifar100/dkd/*.yaml``) lower β: 2 for
 resnet56→resnet20 and resnet110→resnet32, 6 for wrn-40-2→wrn-16-2 / wrn-40-1, vgg13→vgg8 and
-vgg13→MobileNetV2; every other pair keeps 8. The CRD CIFAR-100 rows pin these (``dkd_beta``).
+vgg13→MobileNetV2; every other pair keeps 8. The CRD CIFAR-100 rows pin these under the method's own key
+(``tuned: {dkd: {beta: X}}`` in ``conf/experiment/crd_cifar100/<pair>.yaml``).
 
 Deviations from the paper: none. mdistiller removes the target class from the NCKD softmax by
 subtracting 1000 from its logit; we mask it with −∞ (the same distribution, without the 1000

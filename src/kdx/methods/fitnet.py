@@ -32,7 +32,9 @@ from torch import Tensor
 
 from kdx.errors import KDXError
 from kdx.methods.base import register_method
-from kdx.methods.connectors import ConvReg, RepDistillerMethod, feature_list, select_layers
+from kdx.methods.connectors import ConvReg
+from kdx.methods.feature_layers import feature_list, select_layers
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import ModelOutput
 
 

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from kdx.errors import KDXError
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod, feature_list, match_spatial, parse_layers
+from kdx.methods.feature_layers import feature_list, match_spatial, parse_layers
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import ModelOutput
 
 

@@ -43,16 +43,9 @@ from torch import Tensor, nn
 from kdx.context import StepContext
 from kdx.errors import KDXError
 from kdx.methods.base import register_method
-from kdx.methods.connectors import (
-    BATCH_NORM,
-    CONV,
-    CONV_TRANSPOSE,
-    RepDistillerMethod,
-    feature_list,
-    match_spatial,
-    select_layers,
-    spatial_rank,
-)
+from kdx.methods.connectors import BATCH_NORM, CONV, CONV_TRANSPOSE
+from kdx.methods.feature_layers import feature_list, match_spatial, select_layers, spatial_rank
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import ModelOutput
 
 

@@ -12,15 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdx.methods.base import (
-    DistillationMethod,
-    SoftTarget,
-    Terms,
-    check_kd_weights,
-    hinton_target,
-    kd_loss,
-    register_method,
-)
+from kdx.losses import check_kd_weights, kd_loss
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, register_method
 from kdx.models.base import ModelOutput
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.tang import SyntheticTargetKD, true_class_prob, uniform_rest_target
+from kdx.methods.tang import SyntheticTargetKD
+from kdx.methods.tang_targets import true_class_prob, uniform_rest_target
 
 
 @register_method("kd_pt")

@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.tang import TeacherSimilarity, check_tau, similarity_rest_target, true_class_prob
+from kdx.methods.tang import TeacherSimilarity, check_tau
+from kdx.methods.tang_targets import similarity_rest_target, true_class_prob
 
 
 @register_method("kd_pt_sim")

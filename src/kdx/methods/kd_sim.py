@@ -21,7 +21,8 @@ from torch import Tensor
 
 from kdx.context import StepContext
 from kdx.methods.base import register_method
-from kdx.methods.tang import TeacherSimilarity, check_tau, similarity_rest_target, similarity_target
+from kdx.methods.tang import TeacherSimilarity, check_tau
+from kdx.methods.tang_targets import similarity_rest_target, similarity_target
 
 
 @register_method("kd_sim")

@@ -26,7 +26,7 @@ local feature and DDP averages the parameter gradients over the k processes, so 
 
 Defaults (official ``main_kda.py``): α = 0.04, warm = 5, smooth-L1 β = 1, CE weight 1, no KD term.
 ``kd_weight > 0`` adds Hinton KD at ``temperature``. The official LR warm-up lasts ``warm`` epochs;
-``conf/optim/sgd_kda.yaml`` reads ``method.warm`` (:func:`warmup_cosine`).
+``conf/optim/sgd_kda.yaml`` reads ``method.warm`` (:func:`kdx.schedules.warmup_cosine`).
 
 State: the centres, the per-class counts they came from and the epoch they belong to are buffers
 (one set per layer). The running sums of the current epoch are in the ``state_dict`` too (as extra
@@ -48,7 +48,6 @@ batch), re-tune it elsewhere.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -56,8 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdx.context import StepContext
-from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, kd_loss, register_method
-from kdx.methods.connectors import LazyBuffers, distributed
+from kdx.distributed import distributed, gather_batch
+from kdx.losses import kd_loss
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, register_method
+from kdx.methods.buffers import LazyBuffers
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 
 LAYERS = ("embedding", "logits")
@@ -81,66 +82,6 @@ def kda_loss(
         t_sim = landmark_similarities(teacher_features.detach(), teacher_centres.to(teacher_features.dtype))
     norm = torch.linalg.vector_norm(t_sim).clamp_min(torch.finfo(t_sim.dtype).tiny)
     return F.smooth_l1_loss(s_sim, t_sim, reduction="sum", beta=beta) / norm
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """All-gather along the batch axis (uneven sizes allowed); the backward all-reduces (sums) the
-    gradient of the gathered tensor and returns this process's rows. Works on gloo and NCCL."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        world = torch.distributed.get_world_size()
-        size = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        torch.distributed.all_gather(sizes, size)
-        counts = [int(n) for n in sizes]
-        padded = x.new_zeros((max(counts), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.zeros_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(parts, padded.contiguous())
-        rank = torch.distributed.get_rank()
-        ctx.rows = (sum(counts[:rank]), counts[rank])
-        return torch.cat([p[:n] for p, n in zip(parts, counts)])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-        start, n = ctx.rows
-        return grad[start : start + n]
-
-
-def gather_batch(x: Tensor, with_gradient: bool) -> Tensor:
-    """The global batch of ``x`` over all DDP processes (``x`` itself when not distributed)."""
-    if not distributed() or torch.distributed.get_world_size() == 1:
-        return x
-    if with_gradient:
-        return _GatherWithGradient.apply(x)
-    with torch.no_grad():
-        return _GatherWithGradient.apply(x.detach())
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_epochs: float, epochs: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """KDA's schedule (official ``main_kda.py``), per iteration: ``lr·max(1, it)/W`` for the first
-    ``W = total_steps·warmup_epochs/epochs`` iterations, then a cosine from lr to 0 over the rest.
-    ``total_steps`` is filled from the run's length by the module; ``conf/optim/sgd_kda.yaml`` sets
-    ``warmup_epochs: ${method.warm}``, so the warm-up lasts as long as the KDA term is held back."""
-    if epochs < 1 or total_steps < 1 or warmup_epochs < 0:
-        raise ValueError(
-            f"warmup_cosine: epochs={epochs}, total_steps={total_steps} must be >= 1 and "
-            f"warmup_epochs={warmup_epochs} >= 0"
-        )
-    warm = int(round(total_steps * min(warmup_epochs, epochs) / epochs))
-
-    def factor(it: int) -> float:
-        if it < warm:
-            return max(1, it) / warm
-        span = max(1, total_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (it - warm) / span)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class ClassCentres(LazyBuffers, nn.Module):
@@ -285,37 +226,8 @@ class KDA(DistillationMethod):
         self.centres = nn.ModuleDict({name: ClassCentres() for name in layers})
         self._epoch = 0
 
-    # -- the first layer's state, by its old names (one layer is the common case) ---------------
-    @property
-    def _first(self) -> ClassCentres:
-        return self.centres[self.layers[0]]  # type: ignore[return-value]
-
-    @property
-    def student_centres(self) -> Tensor:
-        return self._first.student_centres
-
-    @property
-    def teacher_centres(self) -> Tensor:
-        return self._first.teacher_centres
-
-    @property
-    def centre_counts(self) -> Tensor:
-        return self._first.centre_counts
-
-    @property
-    def centres_epoch(self) -> Tensor:
-        return self._first.centres_epoch
-
-    @property
-    def has_centres(self) -> bool:
-        return self._first.has_centres
-
     def soft_target(self) -> SoftTarget | None:
         return SoftTarget(self.temperature, hinton_target(self.temperature)) if self.kd_weight > 0 else None
-
-    def _size(self, num_classes: int, d_s: int, d_t: int) -> None:
-        """Size the first layer's centres (kept for callers that drive one layer by hand)."""
-        self._first.size(num_classes, d_s, d_t)
 
     def _features(self, out: ModelOutput, layer: str | None = None) -> Tensor:
         layer = layer or self.layers[0]
@@ -356,10 +268,6 @@ class KDA(DistillationMethod):
         self._epoch = epoch
         for centres in self.centres.values():
             centres.roll(epoch)
-
-    def accumulate(self, student_features: Tensor, teacher_features: Tensor, y: Tensor) -> None:
-        """Add a batch's detached first-layer features to this epoch's per-class sums."""
-        self._first.accumulate(student_features, teacher_features, y, self._epoch)
 
     def finalise_centres(self) -> None:
         """All-reduce the epoch's sums and counts (every layer) and turn them into class centres."""

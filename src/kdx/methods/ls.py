@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from kdx.methods.base import TeacherUse, register_method
-from kdx.methods.tang import SyntheticTargetKD, label_smoothing_target
+from kdx.methods.tang import SyntheticTargetKD
+from kdx.methods.tang_targets import label_smoothing_target
 
 
 @register_method("ls")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import RepDistillerMethod
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 
 

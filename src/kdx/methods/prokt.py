@@ -75,16 +75,14 @@ from torch import Tensor, nn
 
 from kdx.context import StepContext
 from kdx.errors import KDXError
+from kdx.losses import check_kd_weights, kd_loss, soft_cross_entropy
 from kdx.methods.base import (
     DistillationMethod,
     SoftTarget,
     TeacherUse,
     Terms,
-    check_kd_weights,
     hinton_target,
-    kd_loss,
     register_method,
-    soft_cross_entropy,
     train_mode,
 )
 

@@ -69,16 +69,11 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from kdx.context import StepContext
-from kdx.methods.base import (
-    DistillationMethod,
-    SoftTarget,
-    Terms,
-    hinton_target,
-    kd_loss,
-    register_method,
-    train_mode,
-)
-from kdx.methods.connectors import Connector, LazyBuffers, distributed, to_tokens
+from kdx.distributed import distributed
+from kdx.losses import kd_loss
+from kdx.methods.base import DistillationMethod, SoftTarget, Terms, hinton_target, register_method, train_mode
+from kdx.methods.buffers import LazyBuffers
+from kdx.methods.connectors import Connector, to_tokens
 from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
 
 PROJECTIONS = ("random", "pca", "ae")
@@ -311,31 +306,6 @@ class RdimKD(DistillationMethod):
         self.reads = frozenset({LOGITS, STAGES if feature == "stage" else EMBEDDING})
         self._datamodule: Any = None
 
-    # -- the first stage, by the names a one-stage method has ------------------------------------
-    @property
-    def _first(self) -> RdimStage:
-        return self.parts[0]  # type: ignore[return-value]
-
-    @property
-    def connector(self) -> Connector | None:
-        return self._first.connector
-
-    @property
-    def projection_matrix(self) -> Tensor:
-        return self._first.projection_matrix
-
-    @property
-    def teacher_mean(self) -> Tensor:
-        return self._first.teacher_mean
-
-    @property
-    def teacher_scale(self) -> Tensor:
-        return self._first.teacher_scale
-
-    @property
-    def fitted(self) -> Tensor:
-        return torch.tensor(all(part._fitted for part in self.parts))
-
     @property
     def _fitted(self) -> bool:
         return all(part._fitted for part in self.parts)
@@ -344,8 +314,8 @@ class RdimKD(DistillationMethod):
         return SoftTarget(self.temperature, hinton_target(self.temperature)) if self.kd_weight > 0 else None
 
     # -- features ------------------------------------------------------------------------------
-    def select(self, out: ModelOutput, who: str = "model", part: RdimStage | None = None) -> Tensor:
-        """The feature this method distils from a model's output (the first stage's by default)."""
+    def select(self, out: ModelOutput, who: str, part: RdimStage) -> Tensor:
+        """The feature this method distils from a model's output at ``part``'s stage."""
         if self.feature == "embedding":
             if out.embedding is None:
                 raise RuntimeError(f"rdim: the {who} returned no embedding")
@@ -355,7 +325,7 @@ class RdimKD(DistillationMethod):
                 f"rdim: the {who} returned no stages; give it stage_names (foreign models) "
                 "or use method.feature=embedding"
             )
-        index = (part or self._first).index
+        index = part.index
         try:
             return out.stages[index]
         except IndexError:
@@ -373,9 +343,8 @@ class RdimKD(DistillationMethod):
             return tokens
         return (tokens - part.teacher_mean.to(tokens.dtype)) / part.teacher_scale.to(tokens.dtype)
 
-    def project(self, tokens: Tensor, part: RdimStage | None = None) -> Tensor:
+    def project(self, tokens: Tensor, part: RdimStage) -> Tensor:
         """``(N, C_t) → (N, d)``: ``X K``, or the non-linear AE encoder."""
-        part = part or self._first
         if self.nonlinear:
             hidden = F.relu(F.linear(tokens, part.ae_w1.to(tokens.dtype), part.ae_b1.to(tokens.dtype)))
             return F.linear(hidden, part.ae_w2.to(tokens.dtype), part.ae_b2.to(tokens.dtype))
@@ -385,9 +354,8 @@ class RdimKD(DistillationMethod):
         assert part.connector is not None
         return self.standardized(to_tokens(part.connector(student_feature)), part)
 
-    def teacher_target(self, teacher_feature: Tensor, part: RdimStage | None = None) -> Tensor:
+    def teacher_target(self, teacher_feature: Tensor, part: RdimStage) -> Tensor:
         """Teacher feature → the token matrix the adapted student is compared with (detached)."""
-        part = part or self._first
         assert part.connector is not None
         return self.standardized(to_tokens(part.connector.teacher(teacher_feature.detach())), part)
 
@@ -434,7 +402,7 @@ class RdimKD(DistillationMethod):
         (the un-augmented training split; see the module docstring)."""
         if any(part.connector is None for part in self.parts):
             raise RuntimeError("rdim: call setup() before fit()")
-        device = torch.device(device) if device is not None else self._first.fitted.device
+        device = torch.device(device) if device is not None else self.parts[0].fitted.device
         needs_data = self.standardize or self.projection != "random"
         moments = [StreamingMoments() for _ in self.parts]
         samples: list[list[Tensor]] = [[] for _ in self.parts]

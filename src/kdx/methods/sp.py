@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import LayerPairsMethod, feature_list
+from kdx.methods.feature_layers import feature_list
+from kdx.methods.repdistiller import LayerPairsMethod
 from kdx.models.base import ModelOutput
 
 

@@ -32,14 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdx.methods.base import register_method
-from kdx.methods.connectors import (
-    RepDistillerMethod,
-    feature_list,
-    match_spatial,
-    parse_layers,
-    pointwise_layer,
-    spatial_rank,
-)
+from kdx.methods.connectors import pointwise_layer
+from kdx.methods.feature_layers import feature_list, match_spatial, parse_layers, spatial_rank
+from kdx.methods.repdistiller import RepDistillerMethod
 from kdx.models.base import ModelOutput
 
 

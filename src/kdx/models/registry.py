@@ -25,10 +25,6 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def is_model(name: str) -> bool:
-    return name in MODELS
-
-
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build kdx model ``name``; an unknown name is an error that suggests close ones."""
     if name not in MODELS:
