@@ -12,12 +12,12 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from kdx.data.replay import view_of
+from kdx.seeding import epoch_seed
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> Tensor:
     """A permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone."""
-    # modulo 2**63: an unseeded torch.initial_seed() is a full 64-bit number (same value for real seeds)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(size, generator=generator)
 
 

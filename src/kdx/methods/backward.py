@@ -103,7 +103,7 @@ from kdx.methods.base import (
     register_method,
     train_mode,
 )
-from kdx.seeding import SALT_BACKWARD_AUX, generator_seed
+from kdx.seeding import epoch_rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class BackwardPassKD(DistillationMethod):
     def _generator(self, ctx: StepContext) -> torch.Generator:
         """Reproducible per (run seed, epoch, rank): independent of how much global RNG was used,
         and different on each DDP rank."""
-        seed = generator_seed(torch.initial_seed(), ctx.epoch, ctx.rank, salt=SALT_BACKWARD_AUX)
+        seed = epoch_rank_seed(torch.initial_seed(), ctx.epoch, ctx.rank)
         return torch.Generator().manual_seed(seed)
 
     def _next_aux_batch(self, ctx: StepContext, size: int) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,7 @@ from kdx.errors import HyperParameterError, KDXError
 from kdx.losses import kd_loss
 from kdx.methods.base import DistillationMethod, Terms, register_method
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
-from kdx.seeding import SALT_CRD_NEGATIVES, generator_seed
+from kdx.seeding import key_seed
 
 NEGATIVES = ("other_class", "uniform")
 PLAIN_TENSORS = ("memory_student", "memory_teacher", "labels", "by_class", "class_start", "class_count")
@@ -312,9 +312,7 @@ class CRD(DistillationMethod):
         and differ between DDP ranks. Outside the training loop (tests), the global RNG."""
         if self._draw_key is None:
             return None
-        return torch.Generator(device=device).manual_seed(
-            generator_seed(*self._draw_key, salt=SALT_CRD_NEGATIVES)
-        )
+        return torch.Generator(device=device).manual_seed(key_seed(*self._draw_key))
 
     def sample_index(self, index: Tensor) -> Tensor:
         """``(B, K+1)``: column 0 the example itself, then K negatives."""
