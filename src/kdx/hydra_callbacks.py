@@ -10,6 +10,7 @@ with its best trial.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ class RunFolderLock(Callback):
     """A single run owns its folder from before Hydra writes into it (``.hydra/``, the log)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if any(os.environ.get(v, "0") != "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK")):
+            return  # a DDP worker Lightning launched into its rank 0's folder, which holds it
         folder = Path(str(config.hydra.run.dir))
         try:
             runlock.acquire(folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -165,7 +166,7 @@ def run_job(cfg: DictConfig) -> float:
     """Run, and turn any failure into a failed ``metrics.json``, a log entry and an exit code; a
     signal into an interrupted one and exit code 128 + the signal."""
     output_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
         _own_folder(cfg)
     try:
         with interrupt.handle_signals():
