@@ -130,7 +130,8 @@ def test_sweep_interrupted_during_job_0_reports_the_jobs_not_run(tmp_path, cache
 
 def test_two_runs_on_one_folder(tmp_path, cache_dir):
     run_dir = tmp_path / "shared"
-    first = _start([*ARGS, f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
+    # long enough (8 epochs of 2 s) to outlive the second process's start
+    first = _start([*ARGS, "trainer.max_epochs=8", f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
     _wait_for(run_dir / "checkpoints" / "last.ckpt", first)
     before = sorted(p.name for p in run_dir.rglob("*"))
     second = _start([*ARGS, "seed=1", f"hydra.run.dir={run_dir}"], tmp_path, cache_dir)
