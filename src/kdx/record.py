@@ -13,7 +13,10 @@ Which keys a record carries:
   ``config``, ``versions``), null when unknown;
 - a successful run (``status: ok``): also the monitor's figures, the fit time, epochs, steps, the
   teacher's checksum and the warnings, null or empty when the run had none;
-- a run that did not succeed (``failed``, ``diverged``, ...): also ``error``, ``error_type``, ``log``;
+- a run that did not succeed (``failed``, ``diverged``, ``interrupted``, ...): also ``error``,
+  ``error_type``, ``log``; an interrupted one also ``interrupt/signal``, ``interrupt/ckpt``,
+  ``interrupt/resume`` (the command that continues it), ``epochs`` and ``steps``;
+- a resumed run: ``resumed_from``;
 - any other figure only when the run measured it (no ``teacher/acc`` without a teacher, no test
   figures with ``test=false``).
 
@@ -126,6 +129,16 @@ class RunRecord:
     teacher_ckpt: str | None = _key("teacher/ckpt", TEXT)
     teacher_val_acc: float | None = _key("teacher/val_acc", NUMBER)
     teacher_retrained_because: str | None = _key("teacher/retrained_because", TEXT)
+    # what the run read: examples per split (after the data's own checks), the teacher-output cache
+    data_examples: dict[str, Any] | None = _key("data/examples", MAPPING, what="a mapping of split -> count")
+    teacher_cache_status: str | None = _key("teacher_cache/status", TEXT)
+    teacher_cache_problem: str | None = _key("teacher_cache/problem", TEXT)
+    # a run continued from a checkpoint: that checkpoint
+    resumed_from: str | None = _key(None, TEXT)
+    # a run stopped by a signal (status: interrupted): which, the checkpoint and the command to resume
+    interrupt_signal: str | None = _key("interrupt/signal", TEXT)
+    interrupt_ckpt: str | None = _key("interrupt/ckpt", TEXT)
+    interrupt_resume: str | None = _key("interrupt/resume", TEXT)
     # a run that did not succeed
     error: str | None = _key(None, TEXT, FAILURE)
     error_type: str | None = _key(None, TEXT, FAILURE)

@@ -26,3 +26,13 @@ class NaNOnRankOne(KD):
         if ctx.rank == 1 and ctx.step >= 1:
             terms["loss"] = terms["loss"] * torch.tensor(float("nan"))
         return terms
+
+
+class SlowStep(KD):
+    """KD, a tenth of a second slower per training step: a signal lands mid-training, the figures are KD's."""
+
+    def training_step(self, batch, ctx):
+        import time
+
+        time.sleep(0.1)
+        return super().training_step(batch, ctx)

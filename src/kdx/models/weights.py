@@ -54,19 +54,29 @@ def _torch_reason(err: BaseException) -> str:
     return " ".join(text.split()) or f"{type(err).__name__} (the file ends early: empty or truncated)"
 
 
-def _read(path: Path, what: str) -> Any:
+UNSAFE = "holds Python objects besides tensors (refused: kdx loads with weights_only=True)"
+
+
+def _refused_by_weights_only(err: BaseException) -> bool:
+    """torch's weights-only unpickler refused an object (whatever its wording of the day)."""
+    text = str(err)
+    return "Weights only load failed" in text or "WeightsUnpickler" in text or "Unsupported global" in text
+
+
+def read_checkpoint(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a file it cannot read is one :class:`KDXError` line,
+    and a pickle with a payload is named as such — never with torch's advice to load it unsafely."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read means one of the two things below
+    except Exception as err:  # noqa: BLE001 - any failure to read means one of the things below
+        if _refused_by_weights_only(err):
+            raise KDXError(
+                f"{what} checkpoint {path} {UNSAFE}; save the weights alone, "
+                "torch.save(model.state_dict(), path), and pass that file"
+            ) from None
         with open(path, "rb") as f:
             head = f.read(4)
         reason = _torch_reason(err)
-        if "Unsupported global" in reason:
-            raise KDXError(
-                f"{what} checkpoint {path} holds Python objects besides tensors, which kdx does not load "
-                f"(weights_only=True; torch: {reason}); save the weights alone, "
-                "torch.save(model.state_dict(), path), and pass that file"
-            ) from None
         # a torch file is a zip archive ("PK"), or a legacy pickle (protocol 2: 0x80)
         looks_like_torch = head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"
         kind = "a damaged or truncated PyTorch checkpoint" if looks_like_torch else "not a PyTorch checkpoint"
@@ -74,6 +84,9 @@ def _read(path: Path, what: str) -> Any:
             f"{what} checkpoint {path} is {kind} (torch: {reason}); pass a file written by torch.save "
             f"or Lightning{'' if what != 'teacher' else ', or teacher.ckpt=auto to train one'}"
         ) from None
+
+
+_read = read_checkpoint
 
 
 def _output_layer(model: nn.Module) -> str | None:

@@ -61,6 +61,22 @@ def sweep_group() -> str | None:
     return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
+def hydra_output_dir() -> str | None:
+    """The folder Hydra made for this job (``None`` outside a Hydra app)."""
+    try:
+        return str(HydraConfig.get().runtime.output_dir)
+    except (ValueError, KeyError):
+        return None
+
+
+def task_overrides() -> list[str] | None:
+    """This job's command-line overrides (``None`` outside a Hydra app)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, KeyError):
+        return None
+
+
 def log_file(cfg: DictConfig) -> str | None:
     try:
         return str(Path(HydraConfig.get().runtime.output_dir) / f"{cfg.task_name}.log")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,7 @@ from omegaconf import DictConfig
 
 from kdx.callbacks import TrainingThroughput
 from kdx.errors import KDXError
+from kdx.models.weights import read_checkpoint
 from kdx.pipeline.build import Components
 from kdx.pipeline.compose import sweep_group
 from kdx.pipeline.record import resolved
@@ -51,10 +54,100 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return callbacks
 
 
-def make_loggers(cfg: DictConfig, name: str) -> list:
-    """The configured loggers; W&B runs get a name and a group that tell the jobs of a sweep apart."""
+@dataclass
+class Resumed:
+    """The checkpoint a run continues from: its file, and where its training stood."""
+
+    ckpt: str
+    epoch: int
+    global_step: int
+
+
+def resumed_from(cfg: DictConfig) -> Resumed | None:
+    """The checkpoint ``cfg.ckpt_path`` names, read safely (a pickle with a payload is refused here,
+    in kdx's words, before Lightning reads it)."""
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return None
+    state = read_checkpoint(Path(str(ckpt)), "resume (ckpt_path)")
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise KDXError(
+            f"ckpt_path={ckpt} is not a Lightning checkpoint (no training state to resume); pass a run's "
+            "checkpoints/last.ckpt, or give plain weights as teacher.ckpt=<file>"
+        )
+    return Resumed(str(ckpt), int(state["epoch"]), int(state.get("global_step", 0)))
+
+
+@dataclass
+class History:
+    """A resumed run's CSV rows from before the restart, written back in front of the new ones."""
+
+    path: Path | None = None
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        if self.path is None or not self.rows:
+            return
+        new: list[dict[str, str]] = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                new = list(csv.DictReader(f))
+        rows = [*self.rows, *new]
+        keys = sorted({k for row in rows for k in row})
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+def _csv_dir(cfg: DictConfig) -> Path | None:
+    for node in (cfg.get("logger") or {}).values():
+        if node is not None and str(node.get("_target_", "")).endswith("CSVLogger"):
+            version = node.get("version")
+            return (
+                Path(str(node.save_dir))
+                / str(node.get("name") or "")
+                / ("" if version in (None, "") else str(version))
+            )
+    return None
+
+
+def keep_history(cfg: DictConfig, resumed: Resumed | None) -> History:
+    """The CSV rows of the epochs the checkpoint holds (those up to its epoch); later rows (the
+    interrupted epoch, replayed now) are dropped. The old file is moved away so Lightning's CSV
+    logger starts a clean one."""
+    folder = _csv_dir(cfg) if resumed is not None else None
+    path = folder / "metrics.csv" if folder is not None else None
+    if path is None or not path.is_file():
+        return History()
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def _before(row: dict[str, str]) -> bool:
+        try:
+            if row.get("epoch"):
+                return int(float(row["epoch"])) <= resumed.epoch
+            return int(float(row.get("step") or 0)) < resumed.global_step  # e.g. the learning rate
+        except ValueError:  # a row that names neither: kept
+            return True
+
+    path.unlink()
+    return History(path, [r for r in rows if _before(r)])
+
+
+def make_loggers(cfg: DictConfig, name: str, resumed: Resumed | None = None) -> list:
+    """The configured loggers; W&B runs get a name and a group that tell the jobs of a sweep apart.
+    A resumed run's TensorBoard log drops what was logged after its checkpoint (``purge_step``)."""
     extra: dict[str, dict] = {}
     for key, node in (cfg.get("logger") or {}).items():
+        if (
+            node is not None
+            and resumed is not None
+            and str(node.get("_target_", "")).endswith("TensorBoardLogger")
+        ):
+            extra[key] = {"purge_step": resumed.global_step}
         if node is not None and str(node.get("_target_", "")).endswith("WandbLogger"):
             group = sweep_group() or f"{cfg.dataset.name}-{cfg.teacher.name}-{cfg.student.name}"
             extra[key] = {"name": node.get("name") or name, "group": node.get("group") or group}

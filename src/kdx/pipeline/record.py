@@ -91,6 +91,7 @@ def provenance(cfg: DictConfig, method_name: str | None = None) -> dict[str, Any
         "published": OmegaConf.to_container(published, resolve=True) if published is not None else None,
         "config": resolved(cfg),
         "versions": _versions(),
+        "resumed_from": str(cfg.ckpt_path) if cfg.get("ckpt_path") else None,
     }
 
 

@@ -13,23 +13,35 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from kdx import runlock
 from kdx.errors import KDXError
-from kdx.pipeline import record
+from kdx.pipeline import interrupt, record
 from kdx.pipeline.build import build, root_cause
-from kdx.pipeline.compose import is_multirun
+from kdx.pipeline.compose import hydra_output_dir, is_multirun, task_overrides
 from kdx.pipeline.evaluate import evaluate
-from kdx.pipeline.fit import finish_loggers, fit, log_hparams, make_callbacks, make_loggers, run_name
+from kdx.pipeline.fit import (
+    finish_loggers,
+    fit,
+    keep_history,
+    log_hparams,
+    make_callbacks,
+    make_loggers,
+    resumed_from,
+    run_name,
+)
+from kdx.pipeline.interrupt import SaveOnInterrupt
 from kdx.pipeline.validate import validate_config
 from kdx.record import RunRecord
 
@@ -54,8 +66,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     parts = build(cfg, train_teacher=run)  # an auto-teacher is trained by this same pipeline
     method_name = parts.method.name
-    callbacks = make_callbacks(cfg)
-    loggers = make_loggers(cfg, run_name(cfg, method_name))
+    callbacks = [*make_callbacks(cfg), SaveOnInterrupt(cfg.paths.output_dir)]
+    resumed = resumed_from(cfg)
+    history = keep_history(cfg, resumed)  # a resumed run's logs keep the epochs before the restart
+    loggers = make_loggers(cfg, run_name(cfg, method_name), resumed=resumed)
     status = "failed"
     try:
         log_hparams(loggers, cfg)
@@ -64,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         status = "success"
     finally:
         finish_loggers(loggers, status)
+        history.restore()
     result = record.run_record(
         cfg,
         evaluated,
@@ -73,12 +88,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fit_s=fitted.fit_s,
         teacher_info=parts.teacher_info,
         warnings=parts.warnings,
-    )
+    ).merged(read_records(parts))
     if fitted.trainer.is_global_zero:
         record.write(cfg, result)
     metrics = result.to_dict()
     log_hparams(loggers, cfg, {k: v for k, v in metrics.items() if k.startswith("student/acc")})
     return metrics
+
+
+def read_records(parts: Any) -> dict[str, Any]:
+    """What the data module and the teacher-output cache say they read."""
+    values: dict[str, Any] = {}
+    examples = getattr(parts.datamodule, "examples_read", None)
+    if examples:
+        values["data/examples"] = dict(examples)
+    cache = getattr(parts.module, "teacher_cache", None)
+    if cache is not None and getattr(cache, "status", None):
+        values["teacher_cache/status"] = cache.status
+        values["teacher_cache/problem"] = cache.problem
+    return values
 
 
 def print_summary(result: RunRecord, output_dir: Path) -> None:
@@ -102,28 +130,79 @@ def worst_score(cfg: DictConfig) -> float:
     return float("inf") if str(cfg.get("monitor_mode", "max")) == "min" else float("-inf")
 
 
-def run_job(cfg: DictConfig) -> float:
-    """Run, and turn any failure into a failed ``metrics.json``, a log entry and an exit code."""
-    output_dir = Path(cfg.paths.output_dir)
+def _to_log_file(level: int, message: str, exc_info: BaseException | None = None) -> None:
+    """``message`` into the run's log file only: the console gets its own plain line, once."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    if exc_info is not None:
+        record.exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    for handler in {*logging.getLogger().handlers, *log.handlers}:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def _say(message: str, err: BaseException | None = None) -> None:
+    _to_log_file(logging.ERROR, message, err)
+    print(message, file=sys.stderr, flush=True)
+    if err is not None:
+        traceback.print_exception(err, file=sys.stderr)
+
+
+def _own_folder(cfg: DictConfig) -> None:
+    """Hold the run folder (one process per folder); a busy folder is one line and exit 2, with
+    nothing written into it."""
     try:
-        metrics = run(cfg)
-    except Exception as err:
+        runlock.acquire(cfg.paths.output_dir)
+    except runlock.FolderInUse as err:
+        print(f"kdx: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    made = hydra_output_dir()
+    if made is not None and Path(made).resolve() != Path(cfg.paths.output_dir).resolve():
+        # a resume continues in the run's own folder: the one Hydra made for this command is let go
+        runlock.release(made)
+        (Path(made) / runlock.LOCK_NAME).unlink(missing_ok=True)
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Run, and turn any failure into a failed ``metrics.json``, a log entry and an exit code; a
+    signal into an interrupted one and exit code 128 + the signal."""
+    output_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+        _own_folder(cfg)
+    try:
+        with interrupt.handle_signals():
+            metrics = run(cfg)
+    except BaseException as err:  # noqa: BLE001 - a signal's SystemExit/KeyboardInterrupt is recorded too
+        if not isinstance(err, Exception) and not interrupt.is_interruption(err):
+            raise
+        if interrupt.is_interruption(err):
+            _interrupted(cfg, err)
         cause = root_cause(err)
         user_error = isinstance(cause, KDXError)
         if rank_zero_only.rank == 0:
             record.write(cfg, record.failure_record(cfg, err))
         if user_error:
-            log.error("kdx: error: %s", cause)
+            _say(f"kdx: error: {cause}")
         else:  # a bug: the traceback goes to the run's log file and to stderr
-            log.error("run failed with an unexpected %s", type(cause).__name__, exc_info=err)
+            _say(f"kdx: run failed with an unexpected {type(cause).__name__}: {cause}", err)
         if is_multirun():
             return worst_score(cfg)
-        if user_error:
-            print(f"kdx: error: {cause}", file=sys.stderr)
-            sys.exit(2)
-        traceback.print_exception(err, file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if user_error else 1)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
         print_summary(RunRecord.from_dict(metrics), output_dir)
     value = metrics.get("monitor/best")
     return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)
+
+
+def _interrupted(cfg: DictConfig, err: BaseException) -> NoReturn:
+    """Record the interruption, say how to resume, and exit 128 + the signal; a multirun launches
+    no further job and reports the sweep first."""
+    signum = interrupt.signal_of(err)
+    values = interrupt.record_values(err, Path(cfg.paths.output_dir), task_overrides())
+    if rank_zero_only.rank == 0:
+        record.write(cfg, record.failure_record(cfg, err).merged(values))
+    _say(f"kdx: {values['error']}")
+    if is_multirun():
+        from kdx.hydra_callbacks import report_interrupted_sweep  # the sweep's own report
+
+        report_interrupted_sweep(signum)
+    sys.exit(128 + signum)

@@ -115,6 +115,45 @@ def _value_problems(cfg: DictConfig) -> Iterator[str]:
             yield f"{key}={size!r} is not a batch size; pass an integer > 0, e.g. {key}=64"
     yield from _epoch_problems(cfg, auto_teacher)
     yield from _switch_problems(cfg)
+    yield from _name_problems(cfg)
+    yield from _device_problems(cfg)
+
+
+def _name_problems(cfg: DictConfig) -> Iterator[str]:
+    """Names become file and folder names (the teacher cache, the run folder): none may leave them."""
+    for key in ("teacher.name", "student.name", "dataset.name", "label"):
+        name = _select(cfg, key)
+        if name is None:
+            continue
+        text = str(name)
+        if "/" in text or "\\" in text or text in (".", "..") or text.startswith("..") or "\0" in text:
+            yield (
+                f"{key}={text!r} would leave its folder (names become file and folder names); "
+                f"pass a plain name without '/' or '..', e.g. {key}=my_model"
+            )
+
+
+def _device_problems(cfg: DictConfig) -> Iterator[str]:
+    """``trainer=gpu`` / ``trainer.devices`` on a machine without the device: said before any work
+    (an auto-teacher would otherwise start training first)."""
+    accelerator = str(_select(cfg, "trainer.accelerator") or "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch  # only when a GPU is asked for
+
+    available = torch.cuda.device_count()
+    devices = _select(cfg, "trainer.devices")
+    wanted = devices if _is_int(devices) else len(devices) if isinstance(devices, (list, tuple)) else 1
+    if available == 0:
+        yield (
+            f"trainer.accelerator={accelerator}, but this machine has no GPU that torch can use; "
+            "pass trainer=cpu (or trainer.accelerator=cpu), or run on a machine with a GPU"
+        )
+    elif _is_int(wanted) and wanted > available:
+        yield (
+            f"trainer.devices={devices} asks for {wanted} GPUs, but this machine has {available}; "
+            f"pass trainer.devices={available} or fewer"
+        )
 
 
 def _switch_problems(cfg: DictConfig) -> Iterator[str]:
