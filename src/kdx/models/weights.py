@@ -46,11 +46,16 @@ def _state_dict_from(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]
 def _torch_reason(err: BaseException) -> str:
     """torch's own reason, without its advice to load with ``weights_only=False`` (kdx never does)."""
     text = str(err)
-    if "WeightsUnpickler error:" in text:
+    refused = [line.strip() for line in text.splitlines() if "unsupported global" in line.lower()]
+    if refused:  # the object the unpickler refused, whichever of torch's wordings carries it
+        text = refused[0].split("WeightsUnpickler error:", 1)[-1].split(" Please use", 1)[0]
+    elif "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
         text = text.split(" Please use", 1)[0]
     elif ". " in text:
         text = text.split(". ", 1)[0]
+    # torch's advice to retry with weights_only=False must reach no user and no record
+    text = ". ".join(part for part in text.split(". ") if "weights_only" not in part)
     return " ".join(text.split()) or f"{type(err).__name__} (the file ends early: empty or truncated)"
 
 
@@ -59,8 +64,9 @@ UNSAFE = "holds Python objects besides tensors (refused: kdx loads with weights_
 
 def _refused_by_weights_only(err: BaseException) -> bool:
     """torch's weights-only unpickler refused an object (whatever its wording of the day)."""
-    text = str(err)
-    return "Weights only load failed" in text or "WeightsUnpickler" in text or "Unsupported global" in text
+    # a payload names the callable it wanted ("unsupported GLOBAL posix.system", "Unsupported global:
+    # GLOBAL ..."); random bytes fail in the same unpickler with "Unsupported operand", which is damage
+    return "unsupported global" in str(err).lower()
 
 
 def read_checkpoint(path: Path, what: str) -> Any:
@@ -71,7 +77,7 @@ def read_checkpoint(path: Path, what: str) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure to read means one of the things below
         if _refused_by_weights_only(err):
             raise KDXError(
-                f"{what} checkpoint {path} {UNSAFE}; save the weights alone, "
+                f"{what} checkpoint {path} {UNSAFE[:-1]}; torch: {_torch_reason(err)}); save the weights alone, "
                 "torch.save(model.state_dict(), path), and pass that file"
             ) from None
         with open(path, "rb") as f:
