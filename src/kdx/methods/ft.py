@@ -93,8 +93,21 @@ class Translator(nn.Module):
 
 # RepDistiller's helper/pretrain.py: the students whose paraphraser pre-trains at lr 0.01
 PARAPHRASER_LR_001_STUDENTS = frozenset(
-    {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
-     "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"}
+    {
+        "resnet8",
+        "resnet14",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet8x4",
+        "resnet32x4",
+        "wrn_16_1",
+        "wrn_16_2",
+        "wrn_40_1",
+        "wrn_40_2",
+    }
 )
 
 

@@ -53,5 +53,9 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dat
             metrics["student/acc_best"] = best["student/acc"]
             metrics["student/best_ckpt"] = best_path
         else:
+            best = metrics
             metrics["student/acc_best"] = metrics["student/acc"]
+        for score in ("student/mcc", "student/f1"):  # a task's own scores (GLUE), when it has them
+            if score in best:
+                metrics[f"{score}_best"] = best[score]
     return metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -16,7 +16,7 @@ from kdx.callbacks import TrainingThroughput
 from kdx.errors import KDXError
 from kdx.pipeline.build import Components
 from kdx.pipeline.compose import sweep_group
-from kdx.pipeline.pretrain import pretrain, resumes_pretraining
+from kdx.pipeline.pretrain import init_epochs, init_lr, pretrain, resumes_pretraining
 from kdx.pipeline.record import resolved
 
 log = logging.getLogger("kdx")
@@ -28,6 +28,8 @@ class Fitted:
     fit_s: float
     # the method's pre-training phase (kdx.pipeline.pretrain), when it ran in this process
     pretrainer: L.Trainer | None = None
+    # metrics.json figures of the fit itself (init/epochs, init/lr of a pre-training phase)
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def run_name(cfg: DictConfig, method_name: str) -> str:
@@ -102,4 +104,6 @@ def fit(cfg: DictConfig, parts: Components, callbacks: list, loggers: list) -> F
             f"limit_train_batches={cfg.trainer.get('limit_train_batches', 1.0)}); "
             "give the run at least one epoch with at least one batch"
         )
-    return Fitted(trainer, fit_s, pretrainer)
+    epochs = init_epochs(parts.method)
+    figures = {"init/epochs": epochs, "init/lr": init_lr(cfg, parts.method)} if epochs else {}
+    return Fitted(trainer, fit_s, pretrainer, figures)

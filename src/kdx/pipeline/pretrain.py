@@ -180,7 +180,10 @@ def pretrain(
     lr = init_lr(cfg, parts.method)
     module = PretrainModule(parts.module, instantiate(cfg.optim.optimizer), lr)
     checkpoint = ModelCheckpoint(
-        dirpath=init_checkpoint_dir(cfg), filename="last", monitor=None, save_top_k=1,
+        dirpath=init_checkpoint_dir(cfg),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
         enable_version_counter=False,
     )
     trainer = parts.make_trainer(
@@ -196,7 +199,10 @@ def pretrain(
     )
     log.info("pre-training %s for %d epochs at lr %g (then the main phase)", parts.method.name, epochs, lr)
     trainer.fit(
-        module, datamodule=parts.datamodule, ckpt_path=str(cfg.ckpt_path) if resume else None, weights_only=True
+        module,
+        datamodule=parts.datamodule,
+        ckpt_path=str(cfg.ckpt_path) if resume else None,
+        weights_only=True,
     )
     if trainer.current_epoch < epochs:
         raise KDXError(
