@@ -168,7 +168,6 @@ class FidelityMetrics(nn.Module):
         super().__init__()
         self.with_teacher, self.num_classes = with_teacher, num_classes
         self.scores = nn.ModuleDict()
-        self.use_scores(scores)
 
         def acc() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -181,6 +180,7 @@ class FidelityMetrics(nn.Module):
             self.teacher_acc, self.teacher_ece, self.agreement = acc(), ece(), acc()
             self.kl = TeacherStudentKL()
             self.kernel = KernelGeometry()
+        self.use_scores(scores)
 
     def update(
         self,

@@ -96,10 +96,12 @@ class AB(RepDistillerMethod):
     def setup(self, student: Any, teacher: Any, datamodule: Any) -> None:
         try:
             feats_s, feats_t = self.probe_features(student, teacher, datamodule, self._feature_list)
-        except NoPreactStagesError as err:
+        except NoPreactStagesError:
+            names = [type(getattr(m, "model", m)).__name__ for m in (student, teacher)]
             raise KDXError(
-                f"{err} (ab reads pre-activation features, as RepDistiller does); set "
-                "method.features=stages to read the post-activation stages instead (not the paper's features)"
+                f"ab reads pre-activation stage features (RepDistiller's preact=True), which kdx defines "
+                f"only for the CIFAR zoo, and the pair {names[1]} -> {names[0]} has a model without them; "
+                "set method.features=stages to read the post-activation stages (not the paper's features)"
             ) from None
         pairs = self.layer_pairs(feats_s, feats_t, self._spec, "method.layers")
         shapes = [(tuple(feats_s[i].shape[1:]), tuple(feats_t[j].shape[1:])) for i, j in pairs]
