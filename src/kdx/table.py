@@ -361,9 +361,15 @@ def _published_columns(row: dict[str, Any], members: Sequence[Run], names: Seque
         log.warning("group %s: runs pin different published numbers; using the first", group)
     reported, source = _reported(pub, names)
     if reported is not None and reported not in (*REPORTED, UNSETTLED):
-        log.warning("group %s: published.reported=%r is not last, best or unsettled; using last", group, reported)
+        log.warning(
+            "group %s: published.reported=%r is not last, best or unsettled; using last", group, reported
+        )
         reported = "last"
-    metric = REPORTED.get(reported or "", "student/acc") if reported else str(pub.get("metric", "student/acc_best"))
+    metric = (
+        REPORTED.get(reported or "", "student/acc")
+        if reported
+        else str(pub.get("metric", "student/acc_best"))
+    )
     # our accuracies are in percent; a block written as fractions is scaled to match
     unit = 100.0 if metric in PERCENT_KEYS and str(pub.get("units", "percent")) == "fraction" else 1.0
     out["published_metric"] = metric

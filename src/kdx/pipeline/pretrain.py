@@ -24,6 +24,7 @@ pre-training is skipped and the main fit resumes.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ from kdx.module import DistillationModule
 log = logging.getLogger("kdx")
 
 INIT_DIR = "init"  # under the run's checkpoints/ folder
+
+# the phase has no validation on purpose (RepDistiller's init loop validates nothing)
+warnings.filterwarnings("ignore", message=r".*`val_dataloader` but have no `validation_step`.*")
 
 
 class PretrainModule(L.LightningModule):
@@ -204,9 +208,9 @@ def pretrain(
         ckpt_path=str(cfg.ckpt_path) if resume else None,
         weights_only=True,
     )
-    if trainer.current_epoch < epochs:
+    if trainer.interrupted:  # a signal stopped it (Lightning returns): the main phase must not start
         raise KDXError(
-            f"pre-training stopped after {trainer.current_epoch} of {epochs} epochs (method.init_epochs); "
-            f"resume it with ckpt_path={init_checkpoint_dir(cfg) / 'last.ckpt'}"
+            f"pre-training was interrupted after {trainer.current_epoch} of {epochs} epochs "
+            f"(method.init_epochs); resume it with ckpt_path={init_checkpoint_dir(cfg) / 'last.ckpt'}"
         )
     return trainer
