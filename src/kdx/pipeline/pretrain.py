@@ -165,8 +165,14 @@ def resumes_pretraining(cfg: DictConfig) -> bool:
 
 def init_lr(cfg: DictConfig, method: Any) -> float:
     """The pre-training lr: the method's rule applied to the student's name and the run's lr."""
-    lr = float(cfg.optim.optimizer.get("lr"))
-    return float(method.init_lr(str(cfg.student.get("name")), lr))
+    optim = cfg.get("optim") or {}
+    lr = (optim.get("optimizer") or {}).get("lr")
+    if lr is None:
+        raise KDXError(
+            f"method={method.name} pre-trains at the run's learning rate (method.init_epochs > 0), but the "
+            "config has no optim.optimizer.lr; set it, or method.init_epochs=0"
+        )
+    return float(method.init_lr(str(cfg.student.get("name")), float(lr)))
 
 
 def pretrain(
