@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -118,6 +119,13 @@ class RunRecord:
     fidelity_kl: float | None = _key("fidelity/kl", NUMBER)
     fidelity_kernel_gap: float | None = _key("fidelity/kernel_gap", NUMBER)
     fidelity_cka: float | None = _key("fidelity/cka", NUMBER)
+    # the same figures measured on the checkpoint the monitor picked (``student/best_ckpt``), beside
+    # the last epoch's above: the pair that belongs with ``student/acc_best``
+    fidelity_agreement_best: float | None = _key("fidelity/agreement_best", NUMBER)
+    fidelity_kl_best: float | None = _key("fidelity/kl_best", NUMBER)
+    fidelity_kernel_gap_best: float | None = _key("fidelity/kernel_gap_best", NUMBER)
+    fidelity_cka_best: float | None = _key("fidelity/cka_best", NUMBER)
+    student_ece_best: float | None = _key("student/ece_best", NUMBER)
     train_samples_per_s: float | None = _key("throughput/train_samples_per_s", NUMBER)
     # where the teacher came from
     teacher_sha256: str | None = _key("teacher/sha256", TEXT, SUCCESS)
@@ -214,6 +222,43 @@ class RunRecord:
         """``kd · cnn1d → mlp on mnist1d · seed 0``."""
         return f"{self.name} · {self.teacher} → {self.student} on {self.dataset} · seed {self.seed}"
 
+    def figure_problems(self) -> list[tuple[str, str]]:
+        """(metrics.json key, what is wrong) for every figure of :data:`RANGES` the record holds
+        that is not a finite number in its range (accuracy 7.5, a NaN KL); empty when all are sound."""
+        problems = []
+        for key, (low, high) in RANGES.items():
+            value = self.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append((key, f"{value!r:.40} is not a number"))
+            elif not math.isfinite(value):
+                problems.append((key, f"{value} is not finite"))
+            elif not low <= value <= high:
+                problems.append((key, f"{value:g} is outside [{low:g}, {high:g}]"))
+        return problems
+
+    def debug_reason(self) -> str | None:
+        """Why this run is a debug run, or None: its config or group choices set ``debug``,
+        or its config ``trainer.fast_dev_run``,
+        or a ``trainer.limit_*_batches`` that is a fraction below 1 or a batch count (an int)."""
+        config = self.config or {}
+        for where in (config, self.choices or {}):
+            if where.get("debug") not in (None, False, "", "none", "null"):
+                return f"debug={where['debug']}"
+        trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+        if trainer.get("fast_dev_run") not in (None, False, 0):
+            return f"trainer.fast_dev_run={trainer['fast_dev_run']}"
+        for key in sorted(trainer):
+            value = trainer[key]
+            if not (key.startswith("limit_") and key.endswith("_batches")) or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, int) or value < 1.0:
+                return f"trainer.{key}={value}"
+        return None
+
     def summary_rows(self) -> list[tuple[str, str]]:
         """(metrics.json key, formatted value) for the end-of-run summary: accuracies, agreement
         and ECE in percent, the other figures to 4 significant digits, then the teacher's origin."""
@@ -224,16 +269,54 @@ class RunRecord:
         return rows
 
 
+# figures that are fractions in [0, 1] or non-negative numbers: kdx-table refuses a record whose
+# figures fall outside (a NaN, an accuracy of 7.5 or 75)
+_UNIT = (0.0, 1.0)
+_NON_NEGATIVE = (0.0, math.inf)
+RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(
+        (
+            "student/acc",
+            "student/acc_best",
+            "student/val_acc_best",
+            "teacher/acc",
+            "teacher/val_acc",
+            "fidelity/agreement",
+            "fidelity/agreement_best",
+            "student/ece",
+            "student/ece_best",
+            "teacher/ece",
+        ),
+        _UNIT,
+    ),
+    **dict.fromkeys(("fidelity/cka", "fidelity/cka_best"), (-1e-6, 1.0 + 1e-6)),
+    **dict.fromkeys(
+        (
+            "fidelity/kl",
+            "fidelity/kl_best",
+            "fidelity/kernel_gap",
+            "fidelity/kernel_gap_best",
+            "time/fit_s",
+            "throughput/train_samples_per_s",
+        ),
+        _NON_NEGATIVE,
+    ),
+    "monitor/best": (-math.inf, math.inf),
+}
+
 SUMMARY_PERCENT = (
     "student/acc",
     "student/acc_best",
     "teacher/acc",
     "fidelity/agreement",
+    "fidelity/agreement_best",
     "student/ece",
+    "student/ece_best",
     "teacher/ece",
 )
 SUMMARY_PLAIN = (
     "fidelity/kl",
+    "fidelity/kl_best",
     "fidelity/kernel_gap",
     "fidelity/cka",
     "time/fit_s",

@@ -20,12 +20,23 @@ from a run's record:
   describes the block), or null;
 - the figures: ``student/acc_best``, ``student/acc``, ``teacher/acc``, ``fidelity/*``, ECE, time.
 
-Runs are grouped once, by (dataset, teacher, student, row name) plus any ``--by`` keys; each group
-is one row: mean ± sample std (n − 1) over its successful runs. Accuracies, agreement and ECE are
+Runs are grouped once, by (dataset, teacher, student, row name) plus every config value that
+differs between those runs (seed, paths and the run's own folder aside; lists and mappings shown as
+``[100,100]``, ``{a:1}``), or, with ``--by``, plus those keys only (a row that then merges
+different configs is warned about). Runs of different teacher checkpoints (``teacher/sha256``)
+never share a row. Debug runs (``debug=...``, ``trainer.fast_dev_run``, ``trainer.limit_*_batches``
+a fraction below 1 or a count) are left out, and counted, unless ``--include-debug``. Each group is
+one row: mean ± sample std (n − 1) over its successful runs; a figure fewer runs recorded shows
+``(n=k)``. Accuracies, agreement and ECE are
 shown in percent. When the runs pin published numbers, the row gets the published figure for its
 label or method, ``Δ = our mean − published`` in percentage points and whether ``|Δ| ≤ tolerance``.
 ``--versus LABEL`` compares every row with the row ``LABEL`` of its block (a scratch run, a
-control): the difference of the means and Welch's t with its degrees of freedom.
+control): the difference of the means, Welch's t with its degrees of freedom, p-value and 95 %
+interval (scipy), a paired t-test over the seeds both rows ran, and the seeds per row needed to
+resolve the difference (:mod:`kdx.report.stats`). ``--curves FILE.png`` draws the per-epoch
+validation curves of every row from its runs' ``csv/metrics.csv`` (:mod:`kdx.report.curves`).
+A successful run's record whose figures are not finite numbers in range is refused with a warning
+naming the file and the field; a folder that cannot be listed is warned about.
 Runs that did not succeed are counted (``failed``; ``missing`` for a record still ``running``),
 never averaged, and listed under the table with their error. A folder whose ``metrics.json`` cannot
 be read or is malformed is skipped with a warning naming it; a job folder of a sweep without any
@@ -33,22 +44,27 @@ be read or is malformed is skipped with a warning naming it; a job folder of a s
 
 ``--out DIR`` writes ``DIR/table.md`` (also printed), ``DIR/table.csv`` (the same numbers, full
 precision) and ``DIR/table.png`` (one panel per dataset and teacher → student pair, successful rows
-only). ``--out DIR/name.md`` picks the file name: ``DIR/name.{md,csv,png}``.
+only; every seed a dot over the mean ± std). ``--out DIR/name.md`` picks the file name:
+``DIR/name.{md,csv,png}``. The files are written to temporary names and replace the old ones only
+when every one was written; with no row, nothing is written. ``kdx-table ... | head`` ends quietly (exit 141).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdx.record import RecordError, RunRecord, read_record
+from kdx.report import configs
+from kdx.report.stats import compare
 
 log = logging.getLogger("kdx.table")
 
@@ -61,10 +77,15 @@ METRICS: tuple[tuple[str, str, float, int], ...] = (
     ("student/acc_best", "student best", 100.0, 2),
     ("student/acc", "student last", 100.0, 2),
     ("teacher/acc", "teacher", 100.0, 2),
+    ("fidelity/agreement_best", "agreement", 100.0, 2),
     ("fidelity/agreement", "agreement", 100.0, 2),
+    ("fidelity/kl_best", "KL(t‖s)", 1.0, 4),
     ("fidelity/kl", "KL(t‖s)", 1.0, 4),
+    ("fidelity/kernel_gap_best", "kernel gap", 1.0, 4),
     ("fidelity/kernel_gap", "kernel gap", 1.0, 4),
+    ("fidelity/cka_best", "CKA", 1.0, 4),
     ("fidelity/cka", "CKA", 1.0, 4),
+    ("student/ece_best", "ECE student", 100.0, 2),
     ("student/ece", "ECE student", 100.0, 2),
     ("teacher/ece", "ECE teacher", 100.0, 2),
     ("time/fit_s", "fit s", 1.0, 1),
@@ -79,6 +100,8 @@ METHOD_ORDER = ("none", "kd")
 # A record with this status is a run that has not finished (yet): counted as missing, not failed.
 UNFINISHED = "running"
 OUT_NAME = "table"
+# the group key of a teacher checkpoint, added when runs of one row used different ones
+SHA_KEY = "teacher/sha256"
 
 
 @dataclass
@@ -93,15 +116,21 @@ class Run:
     error: str | None = None
     error_type: str | None = None
     tags: tuple[str, ...] = ()
+    config: dict[str, str] = field(default_factory=dict)  # the comparable config (kdx.report.configs)
+    sha: str | None = None  # the teacher checkpoint's sha256
+    debug: str | None = None  # why this is a debug run (RunRecord.debug_reason), or None
+    record: RunRecord | None = None
 
 
 @dataclass
 class Found:
-    """What a search found: the runs, the folders skipped, and sweep job folders without a record."""
+    """What a search found: the runs, the folders skipped, sweep job folders without a record, and
+    the debug runs left out."""
 
     runs: list[Run] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     without_record: list[Path] = field(default_factory=list)
+    debug: list[Run] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,20 +156,39 @@ def _number(value: Any) -> float | None:
 
 
 def _by_value(record: RunRecord, key: str) -> str:
-    """A --by key: a dotted path in the run's config, else a group choice, else a record field."""
+    """A --by key: a dotted path in the run's config (a list or mapping printed readably, e.g.
+    ``[100,100]``), a group choice when the config holds the group's whole mapping
+    (``--by optim`` → ``adam``), else a record field."""
     value = _select(record.config, key)
-    if value is None or isinstance(value, (dict, list)):
-        value = (record.choices or {}).get(key)
+    choice = (record.choices or {}).get(key)
+    if value is None or (isinstance(value, dict) and choice is not None):
+        value = choice
     if value is None:
         value = record.get(key)
     if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
+        return configs.show(value)
     return "" if value is None else str(value)
 
 
+def check_record(record: RunRecord, file: Path) -> None:
+    """Refuse (:class:`~kdx.record.RecordError` naming the file and the field) a successful run's
+    record whose figures are not finite numbers in range, or that names no method."""
+    if not record.ok:
+        return
+    problems = record.figure_problems()
+    if problems:
+        key, what = problems[0]
+        more = f" (and {', '.join(k for k, _ in problems[1:])})" if len(problems) > 1 else ""
+        raise RecordError(f"field '{key}': {what}{more}; refusing the record", file)
+    if not (record.method or record.label or (record.choices or {}).get("method")):
+        raise RecordError("field 'method': missing from a successful run's record; refusing the record", file)
+
+
 def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
-    """One run from its metrics.json; ``OSError`` / :class:`~kdx.record.RecordError`."""
+    """One run from its metrics.json; ``OSError`` / :class:`~kdx.record.RecordError` (also for a
+    record :func:`check_record` refuses)."""
     record = read_record(metrics_path)
+    check_record(record, metrics_path)
     choices = record.choices or {}
     names = {k: str(record.get(k) or choices.get(k) or "?") for k in (*NAME_KEYS, "method")}
     method = names.pop("method")
@@ -160,6 +208,10 @@ def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
         error=record.error,
         error_type=record.error_type,
         tags=tuple(str(t) for t in record.tags or ()),
+        config=configs.comparable(record.config, metrics_path.parent.resolve()),
+        sha=record.teacher_sha256,
+        debug=record.debug_reason(),
+        record=record,
     )
 
 
@@ -167,8 +219,28 @@ def _is_visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def search(paths: Iterable[str | Path], by: Sequence[str] = ()) -> Found:
-    """Every run under ``paths`` (each metrics.json once), what was skipped, and what has none."""
+def _walk(root: Path, found: Found) -> list[Path]:
+    """Every metrics.json under ``root`` outside hidden folders; a folder that cannot be listed
+    (permission denied, vanished) is warned about and recorded in ``found.skipped``."""
+
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        reason = f"cannot read the folder ({type(err).__name__}: {err.strerror or err})"
+        log.warning("skipping %s: %s", where, reason)
+        found.skipped.append((where, reason))
+
+    out = []
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "metrics.json" in files or "metrics.json" in dirs:  # a folder so named: warned about
+            out.append(Path(folder) / "metrics.json")
+    return sorted(p for p in out if _is_visible(p, root))
+
+
+def search(paths: Iterable[str | Path], by: Sequence[str] = (), include_debug: bool = True) -> Found:
+    """Every run under ``paths`` (each metrics.json once), what was skipped, and what has none.
+    ``include_debug=False`` moves debug runs (:meth:`~kdx.record.RunRecord.debug_reason`) from
+    ``runs`` to ``debug``."""
     found = Found()
     seen: set[Path] = set()
     for root in map(Path, paths):
@@ -177,18 +249,20 @@ def search(paths: Iterable[str | Path], by: Sequence[str] = ()) -> Found:
         if root.is_file():
             candidates = [root] if root.name == "metrics.json" else []
         else:
-            candidates = sorted(p for p in root.rglob("metrics.json") if _is_visible(p, root))
+            candidates = _walk(root, found)
         for metrics_path in candidates:
             run_dir = metrics_path.parent.resolve()
             if run_dir in seen:
                 continue
             seen.add(run_dir)
             try:
-                found.runs.append(read_run(metrics_path, by))
+                run = read_run(metrics_path, by)
             except (OSError, RecordError) as err:
                 reason = err.reason if isinstance(err, RecordError) else f"{type(err).__name__}: {err}"
                 log.warning("skipping %s: unreadable metrics.json (%s)", metrics_path.parent, reason)
                 found.skipped.append((metrics_path.parent, reason))
+                continue
+            (found.runs if include_debug or run.debug is None else found.debug).append(run)
         if root.is_dir():
             found.without_record += _job_folders_without_record(root, candidates)
     found.without_record = sorted(set(found.without_record) - seen)
@@ -243,24 +317,54 @@ def welch(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[flo
     return t, df
 
 
+VERSUS_FIGURES = (
+    "versus_delta",
+    "versus_t",
+    "versus_df",
+    "versus_p",
+    "versus_ci_low",
+    "versus_ci_high",
+    "versus_paired_t",
+    "versus_paired_p",
+    "versus_seeds_needed",
+)
+
+
+def _by_seed(row: dict[str, Any], metric: str, tag: str) -> dict[Any, float]:
+    """The row's values of ``metric`` keyed by seed, or (when seeds repeat) by a key no other row
+    shares, so that no pair is formed."""
+    pairs = row["_values"].get(metric, [])
+    seeds = [seed for seed, _ in pairs]
+    if None in seeds or len(set(seeds)) != len(seeds):
+        return {(tag, i): v for i, (_, v) in enumerate(pairs)}
+    return dict(pairs)
+
+
 def add_versus(
     rows: Sequence[dict[str, Any]], reference: str, metric: str = "student/acc_best", by: Sequence[str] = ()
 ) -> None:
     """Each row's difference to the ``reference`` row (a method or run label) of its own (dataset,
-    teacher, student, --by) block on ``metric``, with Welch's t and degrees of freedom: the control
-    comparison a claim needs, computed rather than eyeballed. Rows of a block without the reference
-    get NaN."""
+    teacher, student, --by) block on ``metric``: Welch's t, its degrees of freedom, p-value and 95 %
+    interval of the difference (scipy's ``ttest_ind(equal_var=False)``), the paired test
+    (``ttest_rel``) over the seeds both rows ran when they share two or more, and the seeds per row
+    that would resolve the observed difference (:mod:`kdx.report.stats`). Rows of a block without
+    the reference get NaN."""
     block_keys = (*NAME_KEYS, *by)
     refs = {tuple(r[k] for k in block_keys): r for r in rows if r["method"] == reference}
     for row in rows:
         ref = refs.get(tuple(row[k] for k in block_keys))
         row["versus"], row["versus_metric"] = reference, metric
-        row["versus_delta"] = row["versus_t"] = row["versus_df"] = math.nan
+        row.update(dict.fromkeys(VERSUS_FIGURES, math.nan))
+        row["versus_paired_n"] = 0
         if ref is None or ref is row:
             continue
-        stats = [(r[f"{metric}_mean"], r[f"{metric}_std"], r[f"{metric}_n"]) for r in (row, ref)]
-        row["versus_delta"] = stats[0][0] - stats[1][0]
-        row["versus_t"], row["versus_df"] = welch(*stats)
+        result = compare(_by_seed(row, metric, "row"), _by_seed(ref, metric, "ref"))
+        row["versus_delta"] = row[f"{metric}_mean"] - ref[f"{metric}_mean"]
+        row["versus_t"], row["versus_df"] = result.t, result.df
+        row["versus_p"], row["versus_ci_low"], row["versus_ci_high"] = result.p, result.ci_low, result.ci_high
+        row["versus_paired_t"], row["versus_paired_p"] = result.paired_t, result.paired_p
+        row["versus_paired_n"] = result.paired_n
+        row["versus_seeds_needed"] = result.seeds_needed
 
 
 def _published_for(published: dict[str, Any], names: Sequence[str]) -> float | None:
@@ -282,10 +386,48 @@ def _group_name(key: Sequence[str]) -> str:
     return "/".join(k for k in key if k)
 
 
+def differing_keys(runs: Sequence[Run], by: Sequence[str] = ()) -> list[str]:
+    """The config keys whose values differ between runs of one (dataset, teacher, student, row
+    name, ``by``) group: what a table keyed by those alone would merge."""
+    keys = (*GROUP_KEYS, *by)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(tuple(run.keys.get(k, "") for k in keys), []).append(i)
+    return configs.differing([r.config for r in runs], groups.values())
+
+
+def split_keys(runs: Sequence[Run]) -> list[str]:
+    """The keys that give every distinct config a row of its own: :func:`differing_keys`. Each
+    run's ``keys`` gets their values (``–`` where its config lacks the key)."""
+    keys = differing_keys(runs)
+    for run in runs:
+        run.keys.update({k: run.config.get(k, configs.ABSENT) for k in keys})
+    return keys
+
+
+def _teacher_split(runs: Sequence[Run], group_keys: Sequence[str]) -> bool:
+    """Give runs their teacher checkpoint as a key when some group holds runs of different ones
+    (``teacher/sha256``): runs of different teachers never share a row. True when it did."""
+    shas: dict[tuple[str, ...], set[str]] = {}
+    for run in runs:
+        if run.sha:
+            shas.setdefault(tuple(run.keys[k] for k in group_keys), set()).add(run.sha)
+    if not any(len(s) > 1 for s in shas.values()):
+        return False
+    for run in runs:
+        run.keys[SHA_KEY] = run.sha[:12] if run.sha else ""
+    return True
+
+
 def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One dict per group: keys, counts, ``<metric>_mean/_std/_n`` (percent where shown so),
-    the published comparison."""
-    group_keys = (*GROUP_KEYS, *by)
+    the published comparison. Runs of different teacher checkpoints never share a row (a
+    ``teacher/sha256`` key is added to ``by`` when they would); a row whose runs' configs differ
+    in keys ``by`` does not name is warned about."""
+    group_keys: tuple[str, ...] = (*GROUP_KEYS, *by)
+    if _teacher_split(runs, group_keys):
+        group_keys = (*group_keys, SHA_KEY)
+        log.warning("runs used different teacher checkpoints (teacher/sha256): each gets rows of its own")
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.keys[k] for k in group_keys), []).append(run)
@@ -306,15 +448,28 @@ def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any
         row["missing"] = sum(r.status == UNFINISHED for r in members)
         row["seeds"] = " ".join(str(s) for s in sorted({r.seed for r in ok if r.seed is not None}))
         seeds = [r.seed for r in ok]
-        if len(seeds) != len(set(seeds)):
+        mixed = configs.differing([r.config for r in members])
+        if mixed:
+            shown = ", ".join(mixed[:6]) + (" ..." if len(mixed) > 6 else "")
+            log.warning(
+                "row %s merges runs whose configs differ in %s: name them with --by, or leave --by out "
+                "to split by every differing key",
+                _group_name(key),
+                shown,
+            )
+        elif len(seeds) != len(set(seeds)):
             log.warning(
                 "group %s holds several runs with the same seed: are different configs mixed? "
                 "split them with --by (e.g. --by experiment)",
                 _group_name(key),
             )
+        row["_values"] = {}
         for metric, _, scale, _ in METRICS:
-            mean, std, n = _mean_std([r.metrics[metric] * scale for r in ok if metric in r.metrics])
+            pairs = [(r.seed, r.metrics[metric] * scale) for r in ok if metric in r.metrics]
+            mean, std, n = _mean_std([v for _, v in pairs])
             row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = mean, std, n
+            row["_values"][metric] = pairs
+        row["_runs"] = [r.path for r in members if r.status == "ok"]
         row.update(_published_columns(row, members, names=(key[3], *methods), group=_group_name(key)))
         rows.append(row)
     return rows
@@ -408,6 +563,27 @@ def _fmt(mean: float, std: float, decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
+def _cell(row: dict[str, Any], key: str, decimals: int) -> str:
+    """mean ± std of ``key``, with ``(n=k)`` when fewer of the row's runs recorded it than it has."""
+    text = _fmt(row[f"{key}_mean"], row[f"{key}_std"], decimals)
+    n = row[f"{key}_n"]
+    return text if n in (0, row["n"]) else f"{text} (n={n})"
+
+
+def _p(value: float) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _seeds(value: float) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    if math.isinf(value):
+        return "∞ (Δ = 0)"
+    return f">{int(value) - 1}" if value > 1000 else str(int(value))
+
+
 def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
 
@@ -426,6 +602,20 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
     present = [m for m in METRICS if any(r[f"{m[0]}_n"] > 0 for r in rows)]
     accuracy = [m for m in present if m[0] in ACCURACY_KEYS]
     others = [m for m in present if m[0] not in ACCURACY_KEYS]
+    # best-checkpoint figures present: each fidelity column says which checkpoint it was measured on
+    best_pairs = {k for k, *_ in others if k.endswith("_best")}
+    paired = {k.removesuffix("_best") for k in best_pairs}
+    others = [
+        (
+            k,
+            f"{label} ({'best' if k in best_pairs else 'last'})"
+            if k.removesuffix("_best") in paired
+            else label,
+            s,
+            d,
+        )
+        for k, label, s, d in others
+    ]
     has_pub = any(not math.isnan(r["published"]) for r in rows)
     has_pub_teacher = any(not math.isnan(r["published_teacher"]) for r in rows)
     has_missing = any(r["missing"] for r in rows)
@@ -442,12 +632,19 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
     if has_pub_teacher:
         header += ["teacher published", "teacher Δ"]
     if versus:
-        header += [f"Δ vs {versus}", "Welch t (df)"]
+        header += [
+            f"Δ vs {versus}",
+            "Welch t (df)",
+            "p",
+            "95 % CI of Δ",
+            "paired p (seeds)",
+            "seeds to resolve",
+        ]
     header += ["failed"] + (["missing"] if has_missing else [])
     body = []
     for r in rows:
         cells = [*keys(r), str(r["n"])]
-        cells += [_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in accuracy]
+        cells += [_cell(r, key, dec) for key, _, _, dec in accuracy]
         if has_pub:
             tol = r["within_tolerance"]
             flag = "–" if tol is None else f"{'yes' if tol else 'no'} (±{r['tolerance']:g})"
@@ -464,15 +661,20 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
             cells += [
                 "" if math.isnan(r["versus_delta"]) else _signed(r["versus_delta"]),
                 "" if math.isnan(t) else f"{t:+.1f} ({df:.1f})" if not math.isnan(df) else f"{t:+.1f}",
+                _p(r["versus_p"]),
+                ""
+                if math.isnan(r["versus_ci_low"])
+                else f"[{r['versus_ci_low']:+.2f}, {r['versus_ci_high']:+.2f}]",
+                ""
+                if math.isnan(r["versus_paired_p"])
+                else f"{_p(r['versus_paired_p'])} ({r['versus_paired_n']})",
+                _seeds(r["versus_seeds_needed"]),
             ]
         cells += [str(r["failed"])] + ([str(r["missing"])] if has_missing else [])
         body.append(cells)
     lines = _md_table(header, body)
     if others:
-        other_body = [
-            [*keys(r), *(_fmt(r[f"{key}_mean"], r[f"{key}_std"], dec) for key, _, _, dec in others)]
-            for r in rows
-        ]
+        other_body = [[*keys(r), *(_cell(r, key, dec) for key, _, _, dec in others)] for r in rows]
         lines += ["", *_md_table([*key_header, *(label for _, label, _, _ in others)], other_body)]
     notes = []
     if rows:
@@ -480,11 +682,24 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
             "Accuracies, agreement and ECE in % (×100); mean ± sample std over seeds (n = successful "
             "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch."
         )
+    if any(r[f"{key}_n"] not in (0, r["n"]) for r in rows for key, *_ in METRICS):
+        notes.append(
+            "(n=k) after a figure: only k of the row's n runs recorded it; the mean is over those k."
+        )
+    if best_pairs:
+        notes.append(
+            "(best) = measured on the checkpoint student best comes from (the monitor's best validation "
+            "epoch); (last) = on the last epoch, like student last."
+        )
     if versus:
         notes.append(
             f"Δ vs {versus} = this row's mean − the {versus} row's mean of the same block on "
             f"{versus_metric}, in points; Welch t (df) = that difference over its standard error from the "
-            "two rows' std and n (|t| ≳ 2.5–3 at these df is a difference the seeds resolve)."
+            "two rows' std and n, p its two-sided p-value and 95 % CI the interval of Δ (scipy "
+            "ttest_ind, equal_var=False); paired p = ttest_rel over the seeds both rows ran (their number "
+            "in brackets), when they share two or more; seeds to resolve = seeds per row at which a "
+            "two-sided t-test (α 0.05) would find the observed Δ with 80 % power, given the rows' std "
+            "(noncentral t)."
         )
     if has_pub:
         metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
@@ -529,7 +744,7 @@ def _problems_markdown(found: Found) -> str:
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import pandas as pd
 
-    frame = pd.DataFrame(list(rows))
+    frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
     frame.to_csv(path, index=False, float_format="%.6g")
 
 
@@ -580,32 +795,59 @@ def plot(
 def _plot_panel(
     ax: Any, members: Sequence[dict[str, Any]], metric: str, by: Sequence[str], legend: dict
 ) -> None:
-    labels = [m["method"] + (f" [{', '.join(str(m[k]) for k in by)}]" if by else "") for m in members]
+    labels = [" ".join([m["method"], *(f"{k.rsplit('.', 1)[-1]}={m[k]}" for k in by)]) for m in members]
     means = [m[f"{metric}_mean"] for m in members]
     stds = [0.0 if math.isnan(m[f"{metric}_std"]) else m[f"{metric}_std"] for m in members]
     xs = list(range(len(members)))
-    legend["ours (mean ± std)"] = ax.errorbar(
-        [x - 0.08 for x in xs], means, yerr=stds, fmt="o", capsize=4, color="tab:blue"
+    # every seed's value, spread a little sideways, under the mean ± std
+    seeds = [
+        (x - 0.08 + 0.05 * ((i % 5) - 2) / 2, v)
+        for x, m in zip(xs, members)
+        for i, (_, v) in enumerate(m.get("_values", {}).get(metric, []))
+    ]
+    points = ax.scatter(
+        [p[0] for p in seeds], [p[1] for p in seeds], s=12, color="tab:blue", alpha=0.45, zorder=2
     )
+    bars = ax.errorbar(
+        [x - 0.08 for x in xs], means, yerr=stds, fmt="o", capsize=4, color="tab:blue", zorder=3
+    )
+    legend["ours (mean ± std)"] = (bars, points) if seeds else bars
     pub = [(x + 0.08, m["published"]) for x, m in zip(xs, members) if not math.isnan(m["published"])]
     if pub:
         legend["published"] = ax.scatter(
             [p[0] for p in pub], [p[1] for p in pub], marker="D", color="black", zorder=3
         )
-    teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
-    if teacher_acc:
-        legend["teacher (ours)"] = ax.axhline(
-            sum(teacher_acc) / len(teacher_acc), color="tab:red", linestyle="--", linewidth=1
-        )
+    # the axis fits the students (seeds, mean ± std, published); the teacher line is drawn when it
+    # falls inside, else named at the edge it lies beyond
     finite = [v + sign * e for v, e in zip(means, stds) for sign in (-1, 1)]
-    finite += [p[1] for p in pub] + teacher_acc
+    finite += [p[1] for p in pub] + [p[1] for p in seeds]
     low, high = min(finite), max(finite)
     pad = max(0.5, 0.1 * (high - low))
     ax.set_ylim(low - pad, high + pad)
+    teacher_acc = [m["teacher/acc_mean"] for m in members if not math.isnan(m["teacher/acc_mean"])]
+    if teacher_acc:
+        from matplotlib.lines import Line2D
+
+        level = sum(teacher_acc) / len(teacher_acc)
+        style = {"color": "tab:red", "linestyle": "--", "linewidth": 1}
+        if low - pad <= level <= high + pad:
+            ax.axhline(level, **style)
+        else:
+            above = level > high + pad
+            ax.annotate(
+                f"teacher {level:.2f} {'↑' if above else '↓'}",
+                xy=(0.99, 0.97 if above else 0.03),
+                xycoords="axes fraction",
+                ha="right",
+                va="top" if above else "bottom",
+                fontsize=8,
+                color="tab:red",
+            )
+        legend["teacher (ours)"] = Line2D([], [], **style)
     ax.set_xlim(-0.6, len(members) - 0.4)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} (%)", fontsize=8)
+    ax.set_ylabel(f"{metric} (%) · dots: seeds", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -623,10 +865,29 @@ def make_table(
     metric: str = "student/acc_best",
     figure: bool = True,
     versus: str | None = None,
+    *,
+    split: bool = False,
+    include_debug: bool = True,
+    curves: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Read, aggregate and (when ``out`` is given) write the files of ``output_files(out)``;
-    ``versus``: a method or run label every row is compared with (:func:`add_versus`)."""
-    found = search(paths, by)
+    """Read, aggregate and (when ``out`` is given and there are rows) write the files of
+    ``output_files(out)``, each to a temporary file first, replacing the old ones only when every
+    one was written; ``versus``: a method or run label every row is compared with
+    (:func:`add_versus`). ``split`` (what ``kdx-table`` does without ``--by``): rows are also keyed
+    by every config value that differs between runs of one row (:func:`split_keys`).
+    ``include_debug=False`` leaves debug runs out (``found.debug``; the markdown says how many).
+    ``curves``: a PNG path for the per-epoch curves of every row's runs (:mod:`kdx.report.curves`)."""
+    by = [k for k in dict.fromkeys(by) if k not in GROUP_KEYS]  # the names are keys already
+    found = search(paths, by, include_debug=include_debug)
+    if found.debug:
+        reasons = sorted({r.debug or "" for r in found.debug})
+        log.warning(
+            "left out %d debug run(s) (%s); --include-debug puts them in the table",
+            len(found.debug),
+            ", ".join(reasons[:4]) + (" ..." if len(reasons) > 4 else ""),
+        )
+    if split and not by:
+        by = split_keys(found.runs)
     rows = aggregate(found.runs, by)
     if versus:
         if not any(r["method"] == versus for r in rows):
@@ -636,14 +897,66 @@ def make_table(
             )
         add_versus(rows, versus, metric, by)
     markdown = to_markdown(rows, by) + _problems_markdown(found)
-    if out is not None:
+    if found.debug:
+        markdown += (
+            f"\n{len(found.debug)} debug run(s) left out (debug=..., trainer.fast_dev_run, "
+            "trainer.limit_*_batches); --include-debug shows them.\n"
+        )
+    if out is not None and rows:
         files = output_files(out)
-        files["md"].parent.mkdir(parents=True, exist_ok=True)
-        files["md"].write_text(markdown, encoding="utf-8")
-        write_csv(rows, files["csv"])
+        writers = {
+            "md": lambda p: p.write_text(markdown, encoding="utf-8"),
+            "csv": lambda p: write_csv(rows, p),
+        }
         if figure:
-            plot(rows, files["png"], metric, by)
+            writers["png"] = lambda p: plot(rows, p, metric, by)
+        _write_all({files[ext]: write for ext, write in writers.items()})
+    if curves is not None and rows:
+        write_curves(rows, curves, by)
     return rows, markdown
+
+
+def write_curves(rows: Sequence[dict[str, Any]], path: str | Path, by: Sequence[str] = ()) -> dict:
+    """The per-epoch curves of every row's successful runs, mean ± std band per row, as the PNG
+    ``path`` (written whole or not at all); returns what was drawn, ``{CSV column: {row label: {run
+    folder: [(epoch, value), ...]}}}`` (:func:`kdx.report.curves.plot_curves`)."""
+    from kdx.report.curves import plot_curves
+
+    groups = {_row_label(r, by): r["_runs"] for r in rows if r["_runs"]}
+    drawn: dict = {}
+    _write_all({Path(path): lambda p: drawn.update(plot_curves(groups, p))})
+    return drawn
+
+
+def _row_label(row: dict[str, Any], by: Sequence[str]) -> str:
+    """``kd hidden=[32]`` (the row name and its --by / differing values), with the pair when the
+    rows span several."""
+    extra = " ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in by if row.get(k) not in (None, ""))
+    return f"{row['dataset']} {row['teacher']}→{row['student']} {row['method']}" + (
+        f" {extra}" if extra else ""
+    )
+
+
+def _write_all(writers: dict[Path, Any]) -> None:
+    """Write every file through ``writers[path](temporary path)`` beside its target, then move them
+    all into place; on any error no target is touched and the temporaries are removed."""
+    done: dict[Path, Path] = {}
+    try:
+        for target, write in writers.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+            os.close(fd)
+            done[target] = Path(name)
+            write(Path(name))
+    except BaseException:
+        for tmp in done.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    for target, tmp in done.items():
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
+        os.replace(tmp, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -664,8 +977,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--by",
         action="append",
         default=[],
-        help="extra grouping key: a config group (experiment, optim...) or a dotted "
-        "config path (method.temperature); repeatable",
+        help="grouping key: a config group (experiment, optim...) or a dotted config path "
+        "(method.temperature, student.model.hidden); repeatable. Without --by, rows are keyed by every "
+        "config value that differs between a row's runs",
     )
     parser.add_argument(
         "--metric",
@@ -675,6 +989,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
+        "--include-debug",
+        action="store_true",
+        help="keep debug runs (debug=..., trainer.fast_dev_run, trainer.limit_*_batches); left out by default",
+    )
+    parser.add_argument(
+        "--curves",
+        default=None,
+        metavar="OUT.png",
+        help="also draw validation accuracy / loss / fidelity per epoch (mean ± std over each row's seeds) "
+        "from every run's csv/metrics.csv",
+    )
+    parser.add_argument(
         "--versus",
         default=None,
         metavar="LABEL",
@@ -683,24 +1009,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="kdx-table: %(message)s")
-    try:
-        rows, markdown = make_table(
-            args.paths, args.out, args.by, args.metric, figure=not args.no_plot, versus=args.versus
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(err, file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"kdx-table: no readable metrics.json under {' '.join(args.paths)}", file=sys.stderr)
-        if markdown.strip():
-            print(markdown, file=sys.stderr)
-        return 1
-    print(markdown)
-    if args.out:
-        files = output_files(args.out)
-        written = [files["md"], files["csv"]] + ([] if args.no_plot else [files["png"]])
-        print("wrote " + ", ".join(map(str, written)))
+    with quiet_broken_pipe():
+        try:
+            rows, markdown = make_table(
+                args.paths,
+                args.out,
+                args.by,
+                args.metric,
+                figure=not args.no_plot,
+                versus=args.versus,
+                split=not args.by,
+                include_debug=args.include_debug,
+                curves=args.curves,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            print(err, file=sys.stderr)
+            return 2
+        if not rows:
+            kept = f"; {args.out} left as it was" if args.out else ""
+            print(f"kdx-table: no readable metrics.json under {' '.join(args.paths)}{kept}", file=sys.stderr)
+            problems = "\n".join(line for line in markdown.splitlines() if not line.startswith("|")).strip()
+            if problems:
+                print(problems, file=sys.stderr)
+            return 1
+        print(markdown)
+        if args.out or args.curves:
+            written = []
+            if args.out:
+                files = output_files(args.out)
+                written = [files["md"], files["csv"]] + ([] if args.no_plot else [files["png"]])
+            written += [Path(args.curves)] if args.curves else []
+            print("wrote " + ", ".join(map(str, written)))
+        sys.stdout.flush()
     return 0
+
+
+class quiet_broken_pipe:
+    """``kdx-table ... | head``: when the reader goes away, stop writing without a traceback
+    (stdout is pointed at /dev/null so the interpreter's final flush stays quiet too)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        if kind is not None and issubclass(kind, BrokenPipeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            raise SystemExit(141)  # 128 + SIGPIPE, as a shell reports a reader that hung up
+        return False
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ def test_metrics(results: list[dict]) -> dict[str, float]:
     return merged
 
 
+# figures measured on both checkpoints, so that a table pairs best-epoch accuracy with the fidelity
+# of the same weights
+BEST_TOO = (
+    "student/acc",
+    "fidelity/agreement",
+    "fidelity/kl",
+    "fidelity/kernel_gap",
+    "fidelity/cka",
+    "student/ece",
+    "student/mcc",  # a task's own scores (GLUE), when the data module declares them
+    "student/f1",
+)
+
+
 def _best_checkpoint(trainer: L.Trainer, monitor: str):
     return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == monitor), None)
 
@@ -50,12 +64,8 @@ def evaluate(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dat
                     module, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=True
                 )
             )
-            metrics["student/acc_best"] = best["student/acc"]
             metrics["student/best_ckpt"] = best_path
         else:
             best = metrics
-            metrics["student/acc_best"] = metrics["student/acc"]
-        for score in ("student/mcc", "student/f1"):  # a task's own scores (GLUE), when it has them
-            if score in best:
-                metrics[f"{score}_best"] = best[score]
+        metrics.update({f"{key}_best": best[key] for key in BEST_TOO if key in best})
     return metrics
