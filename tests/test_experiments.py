@@ -48,7 +48,10 @@ def test_experiment_composes(experiment, tmp_path, cache_dir):
     # the models and the method can be built from the composed config
     instantiate(cfg.method)
     if cfg.dataset.name == "cifar100":
-        assert cfg.published.metric == "student/acc_best" and cfg.published.units == "percent"
+        # every CIFAR-100 row says which figure its source reports (RepDistiller: the last epoch;
+        # KDA: unsettled, both shown); none compares on a fixed metric any more
+        assert "metric" not in cfg.published and cfg.published.units == "percent"
+        assert cfg.published.reported == ("unsettled" if "kda" in experiment else "last")
         assert cfg.published.tolerance > 0 and "seeds" in cfg.published
 
 

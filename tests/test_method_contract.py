@@ -36,7 +36,8 @@ _SRC = Path(kdx.__file__).parent
 WATCHED = tuple(str(_SRC / part) for part in ("module.py", "context.py", "methods", "models"))
 # the main phase from the first step (the init phases of ab, fsp and ft train the connectors alone)
 MAIN_PHASE = {
-    "ab": {"init_epochs": 0, "weight": 1.0},
+    # CNN1D has no pre-activation definition: AB reads its post-activation stages here
+    "ab": {"init_epochs": 0, "weight": 1.0, "features": "stages"},
     "fsp": {"init_epochs": 0, "weight": 1.0},
     "ft": {"init_epochs": 0},
     "kda": {"warm": 0},

@@ -38,6 +38,7 @@ METHODS = options("method")
 LAYERS = "pairs student and teacher layers|needs feature maps|FSP matrices|hint_layer"
 REFUSALS = {m: LAYERS for m in ("ab", "at", "fsp", "nst", "vid", "fitnet", "ft")}
 REFUSALS["backward"] = "method.space=embedding"
+REFUSALS["ab"] = LAYERS + "|method.features=stages"  # text models have no pre-activation stages
 
 
 @pytest.mark.parametrize("method", METHODS)

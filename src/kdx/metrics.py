@@ -3,6 +3,8 @@
 ``FidelityMetrics`` collects, over a whole split:
 
 * ``student/acc``, ``teacher/acc``: top-1 accuracy against the labels;
+* ``student/mcc``, ``student/f1``: the task scores a data module declares (``scores``; GLUE's
+  CoLA: Matthews correlation, MRPC and QQP: F1 of the positive class), on the predicted class;
 * ``fidelity/agreement``: top-1 agreement, the student's accuracy against the teacher's argmax
   (torchmetrics' accuracy with the teacher's prediction as the target);
 * ``fidelity/kl``: KL(p_t ‖ p_s) at T = 1, summed over classes, averaged over examples;
@@ -24,9 +26,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassMatthewsCorrCoef,
+)
 
 from kdx.losses import per_sample_kl
+
+# Task scores a data module may declare (``scores``, e.g. GLUE's CoLA and MRPC/QQP), logged as
+# ``student/<name>`` beside the accuracy: the metric on the predicted class (argmax of the logits).
+SCORES = ("mcc", "f1")
 
 
 class TeacherStudentKL(Metric):
@@ -151,9 +162,12 @@ def linear_cka(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
 
 class FidelityMetrics(nn.Module):
-    def __init__(self, num_classes: int, with_teacher: bool, ece_bins: int = 15):
+    def __init__(
+        self, num_classes: int, with_teacher: bool, ece_bins: int = 15, scores: tuple[str, ...] = ()
+    ):
         super().__init__()
-        self.with_teacher = with_teacher
+        self.with_teacher, self.num_classes = with_teacher, num_classes
+        self.scores = nn.ModuleDict()
 
         def acc() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -166,6 +180,7 @@ class FidelityMetrics(nn.Module):
             self.teacher_acc, self.teacher_ece, self.agreement = acc(), ece(), acc()
             self.kl = TeacherStudentKL()
             self.kernel = KernelGeometry()
+        self.use_scores(scores)
 
     def update(
         self,
@@ -176,6 +191,10 @@ class FidelityMetrics(nn.Module):
         teacher_embedding: Tensor | None = None,
     ) -> None:
         student_logits = student_logits.float()
+        if len(self.scores):
+            predicted = student_logits.argmax(-1)
+            for score in self.scores.values():
+                score.update(predicted, y)
         self.student_acc.update(student_logits, y)
         self.student_ece.update(student_logits.softmax(-1), y)
         if self.with_teacher and teacher_logits is not None:
@@ -189,6 +208,7 @@ class FidelityMetrics(nn.Module):
 
     def compute(self) -> dict[str, Tensor]:
         out = {"student/acc": self.student_acc.compute(), "student/ece": self.student_ece.compute()}
+        out |= {f"student/{name}": score.compute() for name, score in self.scores.items()}
         if self.with_teacher:
             out |= {
                 "teacher/acc": self.teacher_acc.compute(),
@@ -202,7 +222,25 @@ class FidelityMetrics(nn.Module):
                 out["fidelity/cka"] = geometry["cka"]
         return out
 
+    def use_scores(self, scores: tuple[str, ...]) -> None:
+        """Measure the task scores ``scores`` (:data:`SCORES`) from now on: Matthews correlation
+        (CoLA), F1 of class 1 (MRPC, QQP; binary tasks only)."""
+        unknown = [s for s in scores if s not in SCORES]
+        if unknown:
+            raise ValueError(f"unknown task scores {unknown}; kdx measures {', '.join(SCORES)}")
+        if "f1" in scores and self.num_classes != 2:
+            raise ValueError(f"the f1 score is for binary tasks, but the task has {self.num_classes} classes")
+        device = self.student_acc.device
+        for name in scores:
+            if name not in self.scores:
+                metric = (
+                    MulticlassMatthewsCorrCoef(num_classes=self.num_classes)
+                    if name == "mcc"
+                    else BinaryF1Score()
+                )
+                self.scores[name] = metric.to(device)
+
     def reset(self) -> None:
-        for m in self.children():
+        for m in [*self.children(), *self.scores.values()]:
             if isinstance(m, Metric):
                 m.reset()

@@ -134,6 +134,10 @@ class DistillationModule(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        # the task's own scores (GLUE: MCC for CoLA, F1 for MRPC/QQP), declared by the data module
+        scores = tuple(getattr(self.trainer.datamodule, "scores", None) or ())
+        self.val_metrics.use_scores(scores)
+        self.test_metrics.use_scores(scores)
         if stage == "fit":
             if self.teacher_cache is not None:
                 if self.trainer.datamodule is None:

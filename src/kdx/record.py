@@ -108,6 +108,14 @@ class RunRecord:
     student_acc_best: float | None = _key("student/acc_best", NUMBER)
     student_best_ckpt: str | None = _key("student/best_ckpt", TEXT)
     student_ece: float | None = _key("student/ece", NUMBER)
+    # a task's own scores (GLUE: Matthews correlation for CoLA, F1 for MRPC and QQP), last and best
+    student_mcc: float | None = _key("student/mcc", NUMBER)
+    student_mcc_best: float | None = _key("student/mcc_best", NUMBER)
+    student_f1: float | None = _key("student/f1", NUMBER)
+    student_f1_best: float | None = _key("student/f1_best", NUMBER)
+    # the method's pre-training phase (kdx.pipeline.pretrain), when it had one
+    init_epochs: int | None = _key("init/epochs", INTEGER)
+    init_lr: float | None = _key("init/lr", NUMBER)
     teacher_acc: float | None = _key("teacher/acc", NUMBER)
     teacher_ece: float | None = _key("teacher/ece", NUMBER)
     fidelity_agreement: float | None = _key("fidelity/agreement", NUMBER)

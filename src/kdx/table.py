@@ -475,11 +475,33 @@ def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any
     return rows
 
 
+# ``published.reported`` (per source): which of our figures the source's number is. "unsettled":
+# the source does not say; Δ is shown on both, and no verdict is given.
+REPORTED = {"last": "student/acc", "best": "student/acc_best"}
+UNSETTLED = "unsettled"
+
+
+def _reported(published: dict[str, Any], names: Sequence[str]) -> tuple[str | None, str]:
+    """``(reported, source)`` for the first of ``names`` that ``published.sources`` lists, else the
+    block's own ``reported`` (None: the block predates it and names a ``metric``) and ``source``."""
+    sources = published.get("sources")
+    if isinstance(sources, dict):
+        for name in names:
+            for alias in PUBLISHED_ALIASES.get(name, (name,)):
+                entry = sources.get(alias)
+                if isinstance(entry, dict) and entry.get("reported"):
+                    return str(entry["reported"]), str(entry.get("source") or published.get("source") or "")
+    reported = published.get("reported")
+    return (None if reported is None else str(reported)), str(published.get("source") or "")
+
+
 def _published_columns(row: dict[str, Any], members: Sequence[Run], names: Sequence[str], group: str) -> dict:
     out: dict[str, Any] = {
         "published": math.nan,
         "published_metric": "",
+        "published_reported": "",
         "delta": math.nan,
+        "delta_best": math.nan,
         "tolerance": math.nan,
         "within_tolerance": None,
         "published_teacher": math.nan,
@@ -492,11 +514,22 @@ def _published_columns(row: dict[str, Any], members: Sequence[Run], names: Seque
     pub = pubs[0]
     if any(p != pub for p in pubs[1:]):
         log.warning("group %s: runs pin different published numbers; using the first", group)
-    metric = str(pub.get("metric", "student/acc_best"))
+    reported, source = _reported(pub, names)
+    if reported is not None and reported not in (*REPORTED, UNSETTLED):
+        log.warning(
+            "group %s: published.reported=%r is not last, best or unsettled; using last", group, reported
+        )
+        reported = "last"
+    metric = (
+        REPORTED.get(reported or "", "student/acc")
+        if reported
+        else str(pub.get("metric", "student/acc_best"))
+    )
     # our accuracies are in percent; a block written as fractions is scaled to match
     unit = 100.0 if metric in PERCENT_KEYS and str(pub.get("units", "percent")) == "fraction" else 1.0
     out["published_metric"] = metric
-    out["published_source"] = str(pub.get("source") or "")
+    out["published_reported"] = reported or ""
+    out["published_source"] = source
     tolerance = _number(pub.get("tolerance"))
     tolerance = None if tolerance is None else tolerance * unit
     out["tolerance"] = math.nan if tolerance is None else tolerance
@@ -506,8 +539,10 @@ def _published_columns(row: dict[str, Any], members: Sequence[Run], names: Seque
         ours = row.get(f"{metric}_mean", math.nan)
         if not math.isnan(ours):
             out["delta"] = ours - out["published"]
-            if tolerance is not None:
+            if tolerance is not None and reported != UNSETTLED:
                 out["within_tolerance"] = abs(out["delta"]) <= tolerance + 1e-9
+        if reported == UNSETTLED:  # Δ on the best epoch's figure too; no verdict
+            out["delta_best"] = row.get("student/acc_best_mean", math.nan) - out["published"]
     teacher = _number(pub.get("teacher"))
     if teacher is not None:
         out["published_teacher"] = teacher * unit
@@ -613,7 +648,12 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         if has_pub:
             tol = r["within_tolerance"]
             flag = "–" if tol is None else f"{'yes' if tol else 'no'} (±{r['tolerance']:g})"
-            cells += [_fmt(r["published"], math.nan, 2), _signed(r["delta"]), flag]
+            delta = _signed(r["delta"])
+            if r.get("published_reported") == UNSETTLED:
+                delta, flag = f"{delta} last / {_signed(r['delta_best'])} best", "unsettled"
+            elif r.get("published_reported"):
+                delta = f"{delta} ({r['published_reported']})"
+            cells += [_fmt(r["published"], math.nan, 2), delta, flag]
         if has_pub_teacher:
             cells += [_fmt(r["published_teacher"], math.nan, 2), _signed(r["teacher_delta"])]
         if versus:
@@ -664,6 +704,12 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
     if has_pub:
         metrics = sorted({r["published_metric"] for r in rows if r["published_metric"]})
         notes.append(f"Δ = our mean − published, in points, on {', '.join(metrics)}.")
+        if any(r.get("published_reported") for r in rows):
+            notes.append(
+                "(last) / (best): the figure the source reports, compared on ours of the same kind "
+                "(last = student/acc, the last epoch; best = student/acc_best); unsettled: the source "
+                "does not say, Δ shown on both, no verdict."
+            )
         for source in sorted({r["published_source"] for r in rows if r["published_source"]}):
             notes.append(f"Published: {source}.")
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"

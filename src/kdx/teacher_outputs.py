@@ -5,7 +5,7 @@ can read them instead of computing them, provided the input really is the same. 
 
 * ``exact``: for data whose training view of an example is deterministic (MNIST-1D, digits,
   synthetic, text, CIFAR with ``augment=false``). The outputs the method ``reads`` (logits,
-  embedding, stages) are stored once per training example, by its ``index``, in memory-mapped
+  embedding, stages, pre-activation stages) are stored once per training example, by its ``index``, in memory-mapped
   ``.npy`` files. A data set whose training items change from one read to the next is refused.
 * ``views``: for random augmentation (CIFAR's RandomCrop(32, padding=4) + horizontal flip). Each
   example gets a fixed number of augmented views (``teacher.cache_views``) whose augmentation
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdx.data.base import KDDataModule
 from kdx.data.replay import ViewReplayDataset, view_of
 from kdx.errors import KDXError
-from kdx.models.base import EMBEDDING, LOGITS, STAGES, ModelOutput
+from kdx.models.base import EMBEDDING, LOGITS, PREACT_STAGES, STAGES, ModelOutput
 from kdx.utils import (
     atomic_write_json,
     check_file,
@@ -140,7 +140,7 @@ class TeacherOutputCache:
         self.topk, self.batch_size = (None if topk is None else int(topk)), int(batch_size)
         self.path: Path | None = None
         self.arrays: dict[str, np.ndarray] = {}
-        self.stage_count = 0
+        self.stage_count = self.preact_count = 0
         self.num_classes = 0
         self.info: dict[str, Any] = {}
         self._datamodule: KDDataModule | None = None
@@ -343,6 +343,7 @@ class TeacherOutputCache:
                 "parts": sorted(arrays),
                 "num_classes": self.num_classes,
                 "stages": sum(1 for p in arrays if p.startswith("stage")),
+                "preact_stages": sum(1 for p in arrays if p.startswith("preact")),
                 "topk_kl_mean": topk_kl_sum / max(1, row) if self.topk is not None else None,
                 # what reuse checks: every file's size and sha256, every array's shape and dtype
                 "files": {f"{part}.npy": file_record(tmp / f"{part}.npy") for part in arrays},
@@ -363,6 +364,8 @@ class TeacherOutputCache:
             parts[EMBEDDING] = out.embedding.float()
         if STAGES in reads:
             parts.update({f"stage{i}": s.float() for i, s in enumerate(out.stages)})
+        if PREACT_STAGES in reads:
+            parts.update({f"preact{i}": s.float() for i, s in enumerate(out.preact_stages)})
         return parts
 
     def _verify(self, key: dict[str, Any]) -> tuple[dict[str, np.ndarray] | None, str | None]:
@@ -409,6 +412,7 @@ class TeacherOutputCache:
         assert arrays is not None
         self.arrays = arrays
         self.stage_count = int(self.info["stages"])
+        self.preact_count = int(self.info.get("preact_stages", 0))
         self.num_classes = int(self.info.get("num_classes") or 0)
 
     # -- reading -----------------------------------------------------------------------------
@@ -431,4 +435,5 @@ class TeacherOutputCache:
         else:
             logits = parts[LOGITS]
         stages = [parts[f"stage{i}"] for i in range(self.stage_count)]
-        return ModelOutput(logits, parts.get(EMBEDDING), stages)
+        preact = [parts[f"preact{i}"] for i in range(self.preact_count)]
+        return ModelOutput(logits, parts.get(EMBEDDING), stages, preact)

@@ -63,6 +63,13 @@ class Task:
     tsv_dev: str = "dev"
     label_names: tuple[str, ...] = ()  # TSV label strings, in the Hub's integer order
     tsv_header: tuple[str, ...] | None = None  # column names of a header-less TSV
+    # how the GLUE papers score the task besides accuracy (kdx.metrics.SCORES: "mcc", "f1"); the
+    # first one is the task's metric (what picks the best checkpoint), accuracy when there is none
+    scores: tuple[str, ...] = ()
+
+    @property
+    def monitor(self) -> str:
+        return f"val/student/{self.scores[0]}" if self.scores else "val/student/acc"
 
 
 TASKS: dict[str, Task] = {
@@ -74,6 +81,7 @@ TASKS: dict[str, Task] = {
         ("sentence", None),
         "label",
         tsv_header=("source", "label", "original_label", "sentence"),
+        scores=("mcc",),
     ),
     "mnli": Task(
         "MNLI",
@@ -93,7 +101,9 @@ TASKS: dict[str, Task] = {
         "label",
         label_names=("entailment", "not_entailment"),
     ),
-    "qqp": Task("QQP", 2, ("question1", "question2"), ("question1", "question2"), "is_duplicate"),
+    "qqp": Task(
+        "QQP", 2, ("question1", "question2"), ("question1", "question2"), "is_duplicate", scores=("f1",)
+    ),
     "rte": Task(
         "RTE",
         2,
@@ -102,7 +112,9 @@ TASKS: dict[str, Task] = {
         "label",
         label_names=("entailment", "not_entailment"),
     ),
-    "mrpc": Task("MRPC", 2, ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality"),
+    "mrpc": Task(
+        "MRPC", 2, ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", scores=("f1",)
+    ),
 }
 # the other MNLI dev set: dataset.dev_split=validation_mismatched
 _TSV_DEV = {
@@ -266,6 +278,7 @@ class GLUEDataModule(TextDataModule):
             )
         self.task = task
         self.num_classes = TASKS[task].num_classes
+        self.scores = TASKS[task].scores  # read by the module's metrics (kdx.metrics.SCORES)
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir)
         self.tokenizers = {"": student_tokenizer}

@@ -13,25 +13,26 @@ the same shape on both sides, so student and teacher need equally many layers wi
 counts (RepDistiller reports "N/A" for wrn_40_2 → wrn_40_1 for this reason).
 
 RepDistiller uses FSP only to pre-train: for ``--init_epochs 30`` epochs it optimises ``L_fsp`` alone
-(the student's feature layers, ``helper/pretrain.py``); training after that has no FSP term
-(``loss_kd = 0``: CE only, with ``-b 50`` unused). Ours: for the first ``init_epochs`` epochs of the
-run ``loss = L_fsp`` (logged as ``fsp_init``, ``init_phase = 1``); afterwards
-``ce_weight·CE + kd_weight·T²·KL + weight·L_fsp``, weight 0 by default.
+(the student's feature layers, ``helper/pretrain.py``, a fresh SGD at the student's lr, no
+schedule), then runs its full 240 epochs with a new optimizer and no FSP term (``loss_kd = 0``: CE
+only, with ``-b 50`` unused). Ours: the same pre-training phase (:mod:`kdx.pipeline.pretrain`,
+``method.init_epochs`` epochs, logged as ``fsp_init``), then
+``ce_weight·CE + kd_weight·T²·KL + weight·L_fsp`` for all of ``trainer.max_epochs``, weight 0 by
+default.
 
 Defaults (RepDistiller ``train_student.py``, ``scripts/run_cifar_distill.sh``): layers ``feat[:-1]``,
 init_epochs = 30, weight = 0 (the official main phase), γ = 1, α = 0.
 
 Deviations from the paper: the paper sums squared L2 distances with per-pair weights and pre-trains
-then trains on the task (like RepDistiller); we follow RepDistiller's mean-squared form. The init
-epochs count inside ``trainer.max_epochs`` (RepDistiller runs them before its 240 epochs) and share
-the student's optimizer and lr. Vectors are allowed (a single position).
+then trains on the task (like RepDistiller); we follow RepDistiller's mean-squared form. Vectors are
+allowed (a single position).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdx.errors import KDXError
 from kdx.methods.base import register_method
@@ -93,6 +94,9 @@ class FSP(RepDistillerMethod):
         self.check_ready()
         feats_s, feats_t = feature_list(student), feature_list(teacher)
         return [feats_s[i] for i, _ in self.pairs], [feats_t[j] for _, j in self.pairs]
+
+    def init_modules(self, student: nn.Module) -> list[nn.Module]:
+        return [student]  # RepDistiller: init_trainable_list = [model_s.get_feat_modules()]
 
     def init_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         return fsp_loss(*self.selected(student, teacher))

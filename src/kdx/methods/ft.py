@@ -7,7 +7,7 @@ convolutional autoencoder on the teacher's ``feat[-2]``, encoder of three 3×3 c
 feature; a *translator* (three 3×3 convs with BatchNorm to ``rate·C_t`` channels) maps the student's
 ``feat[-2]`` to a factor, and the term compares the two factors::
 
-    init phase:   L = init_loss_scale · mean((dec(enc(f_t)) − f_t)²) / mean(f_t²)   (paraphraser only)
+    init phase:   L = mean((dec(enc(f_t)) − f_t)²)          (nn.MSELoss; paraphraser only)
     φ(x) = normalize(mean_c x_c^p1)                                          (per example)
     L_ft = mean |φ(trans(f_s)) − φ(enc(f_t))|^p2       (p2 = 1: L1)
     L = ce_weight·CE + kd_weight·T²·KL + weight·L_ft                         (paraphraser frozen)
@@ -17,19 +17,16 @@ The larger of the two factor maps is average-pooled to the smaller first.
 Defaults (RepDistiller ``train_student.py``, ``helper/pretrain.py``, ``scripts/run_cifar_distill.sh``):
 ``feat[-2]`` (the last stage output), rate k = 0.5 (``Paraphraser(k=0.5)``, ``Translator(k=0.5)``),
 p1 = 2, p2 = 1 (``FactorTransfer(p1=2, p2=1)``), init_epochs = 30 (``--init_epochs 30``), weight
-β = 200 (``-b 200``), γ = 1, α = 0; init_loss_scale = 0.2: RepDistiller pre-trains the paraphraser at lr 0.01 for ResNet/WRN students,
-which train at 0.05, and with SGD scaling the loss by 0.01/0.05 scales the step the same way
-(weight decay aside); for the other students it pre-trains at the student's own lr (VGG 0.05,
-MobileNetV2/ShuffleNets 0.01): set it to 1 to mirror those rows.
+β = 200 (``-b 200``), γ = 1, α = 0.
+
+Pre-training (RepDistiller ``helper/pretrain.py``), a phase of its own before the main schedule
+(:mod:`kdx.pipeline.pretrain`): only the paraphraser trains, on plain MSE, with a fresh SGD at
+lr 0.01 for ResNet/WRN students (RepDistiller's list: resnet8…resnet110, resnet8x4, resnet32x4,
+wrn_16_1…wrn_40_2) and at the student's own lr otherwise; ``init_lr`` overrides the rule.
 
 Deviations from the paper: RepDistiller's factor comparison (followed here) reduces each factor to a
 channel-mean of squares before normalising, where the paper normalises the whole flattened factor;
-the reconstruction error is relative (divided by the batch's ``mean(f_t²)``, kdx's choice) so that
-the paraphraser's step does not grow with the teacher's feature scale (plain MSE at lr 0.05
-diverged within a few steps in our checks, and at 0.01 on a barely trained teacher);
-the init epochs count inside ``trainer.max_epochs`` and use the student's optimizer and lr
-(RepDistiller: a separate SGD, lr 0.01 for ResNet/WRN students, before its 240 epochs); maps with 1
-or 3 spatial axes use ``ConvNd`` of the same design. Vectors are refused (the factor is a map).
+maps with 1 or 3 spatial axes use ``ConvNd`` of the same design. Vectors are refused (the factor is a map).
 """
 
 from __future__ import annotations
@@ -87,11 +84,29 @@ class Translator(nn.Module):
         return self.encoder(f_s)
 
 
-def relative_reconstruction_error(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """``mean((r − t)²) / mean(t²)`` (the target detached; 0 when ``t`` is all zero and ``r = t``)."""
-    target = target.detach()
-    energy = target.pow(2).mean().clamp_min(torch.finfo(target.dtype).tiny)
-    return F.mse_loss(reconstruction, target) / energy
+# RepDistiller's helper/pretrain.py: the students whose paraphraser pre-trains at lr 0.01
+PARAPHRASER_LR_001_STUDENTS = frozenset(
+    {
+        "resnet8",
+        "resnet14",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "resnet8x4",
+        "resnet32x4",
+        "wrn_16_1",
+        "wrn_16_2",
+        "wrn_40_1",
+        "wrn_40_2",
+    }
+)
+
+
+def reconstruction_error(reconstruction: Tensor, target: Tensor) -> Tensor:
+    """``mean((r − t)²)``, the target detached (``nn.MSELoss()``, RepDistiller's ``criterion_init``)."""
+    return F.mse_loss(reconstruction, target.detach())
 
 
 def factor_map(x: Tensor, p1: float = 2.0) -> Tensor:
@@ -116,7 +131,7 @@ class FT(RepDistillerMethod):
         p1: float = 2.0,
         p2: float = 1.0,
         init_epochs: int = 30,
-        init_loss_scale: float = 0.2,
+        init_lr: float | None = None,
         ce_weight: float = 1.0,
         kd_weight: float = 0.0,
         temperature: float = 4.0,
@@ -126,10 +141,10 @@ class FT(RepDistillerMethod):
             raise ValueError(f"method.rate={rate} must lie in (0, 1]")
         if p1 <= 0 or p2 <= 0:
             raise ValueError("method.p1 and method.p2 must be > 0")
-        if init_loss_scale <= 0:
-            raise ValueError(f"method.init_loss_scale={init_loss_scale} must be > 0")
+        if init_lr is not None and init_lr <= 0:
+            raise ValueError(f"method.init_lr={init_lr} must be > 0 (or null: RepDistiller's rule)")
         self.layer, self.rate, self.p1, self.p2 = layer, rate, p1, p2
-        self.init_loss_scale = init_loss_scale
+        self.init_lr_override = init_lr
         self.paraphraser: Paraphraser | None = None  # sized in setup
         self.translator: Translator | None = None
         self._shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -168,7 +183,15 @@ class FT(RepDistillerMethod):
         self.check_ready()
         f_t = feature_list(teacher)[self.layer].detach()
         _, reconstruction = self.paraphraser(f_t)
-        return relative_reconstruction_error(reconstruction, f_t)
+        return reconstruction_error(reconstruction, f_t)
+
+    def init_modules(self, student: nn.Module) -> list[nn.Module]:
+        return [self.paraphraser]  # RepDistiller: init_trainable_list = [paraphraser]
+
+    def init_lr(self, student_name: str, lr: float) -> float:
+        if self.init_lr_override is not None:
+            return self.init_lr_override
+        return 0.01 if student_name in PARAPHRASER_LR_001_STUDENTS else lr
 
     def feature_term(self, student: ModelOutput, teacher: ModelOutput) -> Tensor:
         factor_s = self.translator(feature_list(student)[self.layer])

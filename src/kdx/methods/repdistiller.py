@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdx.context import StepContext
 from kdx.errors import KDXError
@@ -25,15 +25,15 @@ class RepDistillerMethod(DistillationMethod):
     with γ = 1, α = 0 and a per-method β. A subclass implements :meth:`feature_term` (the term β
     multiplies) and, when it has a pre-training phase, :meth:`init_term`.
 
-    Pre-training (RepDistiller's ``--init_epochs``, ``helper/pretrain.py``): for the first
-    ``init_epochs`` epochs of the run the method returns ``loss = init_term`` alone (unweighted, as
-    the official init loop optimises it; FT scales it, see ``ft.py``) and logs it as ``<name>_init``
-    with ``init_phase = 1``; afterwards the ordinary loss, with ``init_phase = 0``. The epochs count
-    inside ``trainer.max_epochs``.
+    Pre-training (RepDistiller's ``--init_epochs``, ``helper/pretrain.py``) is a phase of its own,
+    run by the pipeline before the main fit (:mod:`kdx.pipeline.pretrain`): for ``init_epochs``
+    epochs :meth:`init_training_step` returns ``loss = init_term`` alone, optimised by a fresh
+    optimizer over :meth:`init_modules` at :meth:`init_lr`, without a schedule; the main phase then
+    starts with its own optimizer and runs all of ``trainer.max_epochs``. :meth:`training_step` is
+    always the main phase.
     """
 
     reads = frozenset({LOGITS, EMBEDDING, STAGES})
-    init_loss_scale: float = 1.0  # the init phase optimises init_loss_scale · init_term (FT sets it)
 
     def __init__(
         self,
@@ -57,9 +57,10 @@ class RepDistillerMethod(DistillationMethod):
 
     # -- setup helpers -------------------------------------------------------------------------
     def probe_features(
-        self, student: Any, teacher: Any, datamodule: Any
+        self, student: Any, teacher: Any, datamodule: Any, features: Any = None
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """The feature lists of a zero batch through both models (shapes only)."""
+        """The feature lists (``features(output)``, default :func:`feature_list`) of a zero batch
+        through both models (shapes only)."""
         if teacher is None:
             raise KDXError(f"method {self.name} needs a teacher; pick one (e.g. teacher=cnn1d)")
         input_shape = None if datamodule is None else datamodule.input_shape
@@ -68,8 +69,8 @@ class RepDistillerMethod(DistillationMethod):
                 f"method {self.name} sizes its connectors by probing the models: "
                 "its setup() needs a datamodule with an input_shape"
             )
-        shape = tuple(input_shape)
-        return feature_list(student.probe(shape, self.reads)), feature_list(teacher.probe(shape, self.reads))
+        shape, features = tuple(input_shape), features or feature_list
+        return features(student.probe(shape, self.reads)), features(teacher.probe(shape, self.reads))
 
     def layer_pairs(
         self, feats_s: list[Tensor], feats_t: list[Tensor], spec: slice | tuple[int, ...], param: str
@@ -118,16 +119,21 @@ class RepDistillerMethod(DistillationMethod):
         if not self._ready:
             raise RuntimeError(f"{self.name}: call setup(student, teacher, datamodule) before the first step")
 
-    # -- step ----------------------------------------------------------------------------------
-    def in_init_phase(self, epoch: int) -> bool:
-        return epoch < self.init_epochs
-
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
-        if not self.in_init_phase(ctx.epoch):
-            return super().training_step(batch, ctx)
+    # -- pre-training phase ------------------------------------------------------------------
+    def init_training_step(self, batch: tuple[Tensor, Tensor, Tensor], ctx: StepContext) -> Terms:
+        """One step of the pre-training phase: ``loss = init_term``, unweighted, as the official init
+        loop optimises it."""
         term = self.init_step(batch[0], ctx)
-        loss = term if self.init_loss_scale == 1.0 else self.init_loss_scale * term
-        return {"loss": loss, f"{self.name}_init": term, "init_phase": term.new_ones(())}
+        return {"loss": term, f"{self.name}_init": term}
+
+    def init_modules(self, student: nn.Module) -> list[nn.Module]:
+        """What the pre-training phase trains (in train mode; everything else stays in eval mode):
+        RepDistiller's ``init_trainable_list`` (default: the student and the method's modules)."""
+        return [student, self]
+
+    def init_lr(self, student_name: str, lr: float) -> float:
+        """The pre-training optimizer's learning rate, given the student's name and main-phase lr."""
+        return lr
 
     def init_step(self, x: Tensor, ctx: StepContext) -> Tensor:
         """The pre-training loss of one batch (default: both models' features into :meth:`init_term`)."""
@@ -155,8 +161,6 @@ class RepDistillerMethod(DistillationMethod):
                 term = term[self.name]
             terms[self.name] = term
             loss = loss + self.weight * term
-        if self.init_epochs > 0:
-            terms["init_phase"] = ce.new_zeros(())
         terms["loss"] = loss
         return terms
 

@@ -31,6 +31,8 @@ BEST_TOO = (
     "fidelity/kernel_gap",
     "fidelity/cka",
     "student/ece",
+    "student/mcc",  # a task's own scores (GLUE), when the data module declares them
+    "student/f1",
 )
 
 

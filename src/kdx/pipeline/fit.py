@@ -19,6 +19,7 @@ from kdx.errors import KDXError
 from kdx.models.weights import read_checkpoint
 from kdx.pipeline.build import Components
 from kdx.pipeline.compose import sweep_group
+from kdx.pipeline.pretrain import init_epochs, init_lr, pretrain, resumes_pretraining
 from kdx.pipeline.record import resolved
 
 log = logging.getLogger("kdx")
@@ -28,6 +29,10 @@ log = logging.getLogger("kdx")
 class Fitted:
     trainer: L.Trainer
     fit_s: float
+    # the method's pre-training phase (kdx.pipeline.pretrain), when it ran in this process
+    pretrainer: L.Trainer | None = None
+    # metrics.json figures of the fit itself (init/epochs, init/lr of a pre-training phase)
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def run_name(cfg: DictConfig, method_name: str) -> str:
@@ -175,10 +180,16 @@ def log_hparams(loggers: list, cfg: DictConfig, metrics: dict[str, float] | None
 
 
 def fit(cfg: DictConfig, parts: Components, callbacks: list, loggers: list) -> Fitted:
-    """Train ``parts.module`` (resuming from ``cfg.ckpt_path`` when set); an error when no step ran."""
-    trainer = parts.make_trainer(callbacks=callbacks, logger=loggers or False)
+    """Train ``parts.module`` (resuming from ``cfg.ckpt_path`` when set); an error when no step ran.
+
+    A method with a pre-training phase (``method.init_epochs``) runs it first, as its own fit
+    (:mod:`kdx.pipeline.pretrain`); callbacks with ``in_pretraining = True`` watch that fit too."""
     started = time.perf_counter()
-    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    pretrainer = pretrain(cfg, parts, callbacks=[c for c in callbacks if getattr(c, "in_pretraining", False)])
+    # a pre-training checkpoint resumes the pre-training; the main phase then starts afresh
+    main_ckpt = None if resumes_pretraining(cfg) else cfg.get("ckpt_path")
+    trainer = parts.make_trainer(callbacks=callbacks, logger=loggers or False)
+    trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=main_ckpt, weights_only=True)
     fit_s = time.perf_counter() - started
     if trainer.global_step == 0:
         raise KDXError(
@@ -186,4 +197,6 @@ def fit(cfg: DictConfig, parts: Components, callbacks: list, loggers: list) -> F
             f"limit_train_batches={cfg.trainer.get('limit_train_batches', 1.0)}); "
             "give the run at least one epoch with at least one batch"
         )
-    return Fitted(trainer, fit_s)
+    epochs = init_epochs(parts.method)
+    figures = {"init/epochs": epochs, "init/lr": init_lr(cfg, parts.method)} if epochs else {}
+    return Fitted(trainer, fit_s, pretrainer, figures)

@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         log_hparams(loggers, cfg)
         fitted = fit(cfg, parts, callbacks, loggers)
-        evaluated = evaluate(cfg, fitted.trainer, parts.module, parts.datamodule)
+        evaluated = {**evaluate(cfg, fitted.trainer, parts.module, parts.datamodule), **fitted.figures}
         status = "success"
     finally:
         finish_loggers(loggers, status)

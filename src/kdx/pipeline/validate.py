@@ -211,10 +211,12 @@ def _epoch_problems(cfg: DictConfig, auto_teacher: bool) -> Iterator[str]:
 
 
 def named_run_checkpoint(path: Path) -> Path:
-    """``path`` if a file; a run folder's ``checkpoints/last.ckpt`` (or ``last.ckpt``) if a folder
-    holds one; else ``path`` unchanged (the caller reports it)."""
+    """``path`` if a file; a run folder's ``checkpoints/last.ckpt`` (or ``last.ckpt``, or, for a run
+    stopped in its pre-training phase, ``checkpoints/init/last.ckpt``) if a folder holds one; else
+    ``path`` unchanged (the caller reports it)."""
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        checkpoints = path / "checkpoints"
+        for candidate in (checkpoints / "last.ckpt", path / "last.ckpt", checkpoints / "init" / "last.ckpt"):
             if candidate.is_file():
                 return candidate
     return path
