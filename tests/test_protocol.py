@@ -5,7 +5,6 @@ kdx-table compares with each source. Golden values derived by hand in the commen
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -14,6 +13,7 @@ from torch import nn
 
 from conftest import compose_train
 from kdx.data.glue import TASKS
+from kdx.data.synthetic import SyntheticDataModule
 from kdx.methods import METHODS
 from kdx.metrics import FidelityMetrics
 from kdx.models.adapter import as_feature_model
@@ -49,7 +49,7 @@ def test_ab_loss_equals_the_official_loss_on_repdistillers_preact_features(teach
     s_model, s_ref = _pair(student)
     s_feat, t_feat = as_feature_model(s_model), as_feature_model(t_model)
     method = METHODS["ab"]()
-    method.setup(s_feat, t_feat, SimpleNamespace(input_shape=(3, 32, 32)))
+    method.setup(s_feat, t_feat, SyntheticDataModule(input_shape=(3, 32, 32), num_classes=100))
     method.eval()  # the connectors' BatchNorm with its running statistics: one output for both sides
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_ab_loss_equals_the_official_loss_on_repdistillers_preact_features(teach
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
     # and it is not the post-activation loss (what AB read before)
     post = METHODS["ab"](features="stages")
-    post.setup(s_feat, t_feat, SimpleNamespace(input_shape=(3, 32, 32)))
+    post.setup(s_feat, t_feat, SyntheticDataModule(input_shape=(3, 32, 32), num_classes=100))
     post.connectors.load_state_dict(method.connectors.state_dict())
     post.eval()
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_ft_init_gradient_equals_nn_mse_loss_gradient():
     s_model, _ = _pair("resnet8x4")
     s_feat, t_feat = as_feature_model(s_model), as_feature_model(t_model)
     method = METHODS["ft"]()
-    method.setup(s_feat, t_feat, SimpleNamespace(input_shape=(3, 32, 32)))
+    method.setup(s_feat, t_feat, SyntheticDataModule(input_shape=(3, 32, 32), num_classes=100))
     reference = copy.deepcopy(method.paraphraser)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -151,6 +151,13 @@ def test_glue_tasks_declare_the_papers_metric():
         assert TASKS[task].scores == ("f1",) and TASKS[task].monitor == "val/student/f1"
     for task in ("sst2", "mnli", "qnli", "rte"):
         assert TASKS[task].scores == () and TASKS[task].monitor == "val/student/acc"
+
+
+@pytest.mark.parametrize("task", ["cola", "mrpc", "qqp", "sst2"])
+def test_a_glue_run_monitors_the_tasks_metric_by_default(task, tmp_path, cache_dir):
+    cfg = compose_train(["dataset=glue", f"dataset.task={task}"], tmp_path, cache_dir)
+    assert cfg.monitor == TASKS[task].monitor == cfg.callbacks.model_checkpoint.monitor
+    assert compose_train([], tmp_path, cache_dir).monitor == "val/student/acc"  # data sets without one
 
 
 @pytest.mark.parametrize("task", ["cola", "mrpc", "qqp", "sst2", "rte"])
