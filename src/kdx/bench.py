@@ -29,6 +29,11 @@ line. Never used as an assert in tests (the machine's load decides the figures).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.bench`: the console script's front door, before torch
+    from kdx.cli import front_door, launch
+
+    front_door("bench")
+
 import contextlib
 import copy
 import json
@@ -459,4 +464,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("bench", main)

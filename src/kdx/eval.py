@@ -13,6 +13,11 @@ a plain set of weights for ``model=student|teacher`` of the composed config.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.eval`: the console script's front door, before torch
+    from kdx.cli import front_door, launch
+
+    front_door("eval")
+
 import sys
 from pathlib import Path
 
@@ -125,4 +130,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("eval", main)

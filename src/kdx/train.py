@@ -12,6 +12,11 @@ through validate → build → fit → evaluate → record and turns a failure i
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.train`: the console script's front door, before torch
+    from kdx.cli import front_door, launch
+
+    front_door("train")
+
 import shutil
 from pathlib import Path
 
@@ -39,4 +44,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    launch("train", main)
