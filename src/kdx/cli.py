@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kdx.configs import conf_root, generated_options, register_signature_schemas
+from kdx.console import pipe_safe_stdio, quiet_broken_pipe
 
 # one line per group: what choosing an option there changes
 GROUPS = {
@@ -338,7 +339,7 @@ def front_door(task: str) -> None:
     """``--help`` and the checks that need no torch; returns if the run may go ahead."""
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
-        _quiet_broken_pipe()
+        quiet_broken_pipe()
         print(help_text(TOOLS[task], task, user_config_dirs(argv)))
         sys.exit(0)
     error = misspelt_group(argv) or composition_error(task, argv, typed=False)
@@ -353,19 +354,11 @@ _front_door = front_door
 def launch(task: str, main: Callable[[], Any]) -> None:
     """Run an entry point's Hydra ``main`` after the checks that need the typed method schemas
     (imported with the entry point): a value of the wrong type is one ``kdx: error:`` line too."""
-    _quiet_broken_pipe()
+    pipe_safe_stdio()
     error = composition_error(task, sys.argv[1:], typed=True)
     if error:
         _exit_with(error)
     main()
-
-
-def _quiet_broken_pipe() -> None:
-    """``kdx-train ... | head``: output the reader no longer wants is dropped without a traceback."""
-    import signal
-
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def train() -> None:

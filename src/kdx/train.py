@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 import kdx.methods  # noqa: F401 - registers every method's schema before composition
+from kdx.console import configure_console, hydra_job_name
 from kdx.pipeline.compose import CONFIG_DIR, name_replaced_models, resume_config
 from kdx.pipeline.run import run, run_job
 
@@ -32,6 +33,7 @@ __all__ = ["CONFIG_DIR", "main", "run"]
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    configure_console(hydra_job_name())  # Hydra has just set up this job's logging
     name_replaced_models(cfg)
     resumed = resume_config(cfg)
     try:
