@@ -125,10 +125,12 @@ def method_signatures() -> dict[str, dict[str, object]]:
 def register_signature_schemas() -> None:
     """Untyped ``schema/method/<name>`` nodes (keys and defaults only) from :func:`method_signatures`,
     so that a command line composes without torch; importing :mod:`kdx.methods` replaces them with
-    the typed schemas."""
-    store = ConfigStore.instance().store
+    the typed schemas (and a typed schema already stored is kept)."""
+    cs = ConfigStore.instance()
+    typed = cs.repo.get("schema", {}).get("method", {})  # kdx.methods imported: never replace those
     for name, params in method_signatures().items():
-        store(group="schema/method", name=name, node=dict(params))
+        if f"{name}.yaml" not in typed:
+            cs.store(group="schema/method", name=name, node=dict(params))
 
 
 @cache

@@ -4,7 +4,8 @@ Hydra sends every log record to the console and to the run's log file (``<task>.
 gets less than the file:
 
 - Lightning's routine notices ("GPU available: False", "TPU available", "`Trainer(...)` was
-  configured", "Be aware that when using `ckpt_path`", its litlogger advertisement) stay in the file;
+  configured", "Be aware that when using `ckpt_path`", "`Trainer.fit` stopped", restoring the best
+  checkpoint for the test, its litlogger advertisement) stay in the file;
 - under DDP only rank 0 speaks on the console (errors excepted);
 - in a multirun every console line names its job (``[job 3 method=kd seed=1]``): with a parallel
   launcher (joblib) the jobs' lines interleave;
@@ -25,6 +26,7 @@ import sys
 ROUTINE_NOTICES = re.compile(
     r"^(GPU available:|TPU available:|HPU available:|IPU available:|`Trainer\(.*\)` was configured"
     r"|Be aware that when using `ckpt_path`|💡 Tip:|.*litlogger|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
+    r"|`Trainer.fit` stopped:|Restoring states from the checkpoint path|Loaded model weights from the checkpoint"
     r"|Initializing distributed:|distributed_backend=|-{20,}|All distributed processes registered)",
     re.S,
 )
