@@ -30,7 +30,7 @@ line. Never used as an assert in tests (the machine's load decides the figures).
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m kdx.bench`: the console script's front door, before torch
-    from kdx.cli import front_door, launch
+    from kdx.front_door import front_door, launch
 
     front_door("bench")
 

@@ -26,7 +26,7 @@ What is generated:
   experiment row: the method's values tuned for that row, which ``method/<method>`` includes when
   the row runs that method (``experiment=crd_cifar100/<row> method=dkd`` gets the row's DKD β).
 
-Nothing here imports torch: the console scripts' front door (:mod:`kdx.cli`) lists these options
+Nothing here imports torch: the console scripts' front door (:mod:`kdx.front_door`) lists these options
 before the heavy imports, so method names are read from the sources of ``kdx/methods/``; so are
 their hyper-parameters (:func:`method_signatures`), which the front door stores as untyped stand-ins
 for the typed ``schema/method/<name>`` nodes while it checks a command line's keys.

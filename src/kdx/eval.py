@@ -14,7 +14,7 @@ a plain set of weights for ``model=student|teacher`` of the composed config.
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m kdx.eval`: the console script's front door, before torch
-    from kdx.cli import front_door, launch
+    from kdx.front_door import front_door, launch
 
     front_door("eval")
 

@@ -13,7 +13,7 @@ through validate → build → fit → evaluate → record and turns a failure i
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m kdx.train`: the console script's front door, before torch
-    from kdx.cli import front_door, launch
+    from kdx.front_door import front_door, launch
 
     front_door("train")
 
