@@ -101,3 +101,52 @@ def test_a_run_piped_into_head_ends_without_a_traceback(tmp_path, cache_dir):
     assert list(tmp_path.glob("logs/train/runs/*/metrics.json"))  # the run went on to its results
     help_proc = run_cli("kdx-train", "--help", root=tmp_path, cache=cache_dir)
     assert help_proc.returncode == 0
+
+
+def _fake_trainer(steps_per_epoch: int, epochs: int):
+    from types import SimpleNamespace
+
+    device = SimpleNamespace(type="cpu")
+    return SimpleNamespace(
+        sanity_checking=False,
+        is_global_zero=True,
+        num_training_batches=steps_per_epoch,
+        max_epochs=epochs,
+        global_step=0,
+        strategy=SimpleNamespace(root_device=device),
+    )
+
+
+def _timed_steps(callback, trainer, seconds_per_step: float, steps: int, monkeypatch) -> None:
+    monkeypatch.setattr("kdx.callbacks.time.perf_counter", lambda: trainer.global_step * seconds_per_step)
+    for i in range(steps):
+        trainer.global_step = i + 1
+        callback.on_train_batch_end(trainer, None, None, None, i)
+
+
+def test_a_teacher_run_says_how_long_it_will_take_once(monkeypatch, caplog):
+    from kdx.callbacks import TimeEstimate
+
+    trainer = _fake_trainer(steps_per_epoch=40, epochs=30)
+    with caplog.at_level(logging.INFO, logger="kdx"):
+        _timed_steps(TimeEstimate("teacher", "cnn1d", steps=4), trainer, 0.1, 12, monkeypatch)
+    # 4 steps timed at 0.1 s; 30 x 40 - 5 steps left: ~120 s
+    assert [r.getMessage() for r in caplog.records] == [
+        "training teacher cnn1d for 30 epochs, ~2 min at this speed (cpu, 0.10 s a step)"
+    ]
+
+
+def test_a_long_run_is_a_warning_and_a_short_student_run_says_nothing(monkeypatch, caplog):
+    from kdx.callbacks import TimeEstimate
+
+    with caplog.at_level(logging.INFO, logger="kdx"):
+        _timed_steps(TimeEstimate("train", "mlp", steps=4), _fake_trainer(40, 150), 0.01, 8, monkeypatch)
+        assert not caplog.records
+        _timed_steps(
+            TimeEstimate("train", "resnet8x4", steps=4), _fake_trainer(782, 240), 1.0, 8, monkeypatch
+        )
+    (warning,) = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(
+        "kdx: warning: this run (resnet8x4, 240 epochs) will take ~52.1 h at this speed (cpu, 1.00 s a step)"
+    )

@@ -247,23 +247,22 @@ class TimeEstimate(L.Callback):
         estimate = per_step * left_steps
         self._said = True
         device = trainer.strategy.root_device.type
-        if self.role == "teacher":
-            logging.getLogger("kdx").info(
-                "training teacher %s for %d epochs, %s at this speed (%s)",
-                self.name,
-                trainer.max_epochs,
-                _duration(estimate),
-                device,
-            )
-        if estimate >= self.long_s:
-            logging.getLogger("kdx").warning(
-                "kdx: warning: this %s run of %s will take %s at this speed on %s (%d epochs of %d "
-                "steps, %.2f s a step); a shorter run: trainer.max_epochs=<n>, or a faster device",
-                self.role,
-                self.name,
-                _duration(estimate),
-                device,
-                trainer.max_epochs,
-                per_epoch,
-                per_step,
-            )
+        what = (
+            f"training teacher {self.name} for {trainer.max_epochs} epochs"
+            if self.role == "teacher"
+            else f"this run ({self.name}, {trainer.max_epochs} epochs)"
+        )
+        speed = f"{_duration(estimate)} at this speed ({device}, {per_step:.2f} s a step)"
+        log = logging.getLogger("kdx")
+        if estimate < self.long_s:
+            if self.role == "teacher":
+                log.info("%s, %s", what, speed)
+            return
+        shorter = (
+            "teacher.train.epochs=<n> or a trained teacher.ckpt=<file>"
+            if self.role == "teacher"
+            else "trainer.max_epochs=<n>"
+        )
+        log.warning(
+            "kdx: warning: %s will take %s; for a shorter run: %s, or a faster device", what, speed, shorter
+        )

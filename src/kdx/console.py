@@ -26,7 +26,7 @@ import sys
 ROUTINE_NOTICES = re.compile(
     r"^(GPU available:|TPU available:|HPU available:|IPU available:|`Trainer\(.*\)` was configured"
     r"|Be aware that when using `ckpt_path`|💡 Tip:|.*litlogger|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
-    r"|`Trainer.fit` stopped:|Restoring states from the checkpoint path|Loaded model weights from the checkpoint"
+    r"|`Trainer.fit` stopped:|Loading `train_dataloader` to estimate number of stepping batches|Restoring states from the checkpoint path|Loaded model weights from the checkpoint"
     r"|Initializing distributed:|distributed_backend=|-{20,}|All distributed processes registered)",
     re.S,
 )

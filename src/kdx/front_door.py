@@ -100,6 +100,8 @@ def help_text(tool: str, config_name: str, extra: list[Path] | tuple[Path, ...] 
         default = defaults.get(group)
         first = ([default] if default in choices else []) + [c for c in choices if c != default]
         shown = [f"[{c}]" if c == default else c for c in first]
+        if len(shown) > 5:
+            shown.append(f"({len(shown)} options)")
         lines += [f"  {group:<15} {what}", *_wrapped(shown, indent=18)]
     lines += [
         "",
