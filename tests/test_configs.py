@@ -130,5 +130,8 @@ def test_digits_carries_the_learning_rate_it_was_measured_with(tmp_path):
     digits = compose_train(["dataset=digits"], tmp_path, tmp_path)
     assert digits.optim.optimizer.lr == 1e-3 and digits.teacher.train.optim.optimizer.lr == 1e-3
     assert compose_train([], tmp_path, tmp_path).optim.optimizer.lr == 0.01  # MNIST-1D's own
-    assert compose_train(["dataset=digits", "optim.optimizer.lr=0.5"], tmp_path, tmp_path).optim.optimizer.lr == 0.5
+    assert (
+        compose_train(["dataset=digits", "optim.optimizer.lr=0.5"], tmp_path, tmp_path).optim.optimizer.lr
+        == 0.5
+    )
     assert compose_train(["dataset=digits", "optim=sgd"], tmp_path, tmp_path).optim.optimizer.lr == 0.1

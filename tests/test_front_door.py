@@ -17,6 +17,7 @@ from omegaconf import open_dict
 
 from conftest import CONF_DIR
 from kdx.cli import composition_error, help_text
+from kdx.front_door import swept_keys
 
 BIN = Path(sys.executable).parent
 
@@ -130,3 +131,12 @@ def test_a_teacher_named_on_the_command_line_keeps_its_name(tmp_path):
         del cfg["hydra"]
     name_replaced_models(cfg)
     assert cfg.teacher.name == "mlp_big"
+
+
+def test_a_multiruns_swept_keys_name_its_jobs():
+    assert swept_keys(["-m", "method=kd,dkd", "seed=0,1", "debug=fdr", "+x=range(2)"]) == [
+        "method",
+        "seed",
+        "x",
+    ]
+    assert swept_keys(["method=kd", "seed=0"]) == []  # not a multirun

@@ -51,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
+from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
@@ -455,6 +456,7 @@ def table(result: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
+    configure_console()  # Lightning's routine notices stay in the log file
     with contextlib.suppress(Exception):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     result = bench(cfg)

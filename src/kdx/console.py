@@ -30,6 +30,8 @@ ROUTINE_NOTICES = re.compile(
     r"|Initializing distributed:|distributed_backend=|-{20,}|All distributed processes registered)",
     re.S,
 )
+# the keys a multirun sweeps, for its jobs' names (set by the front door, read in every job)
+SWEEP_KEYS_ENV = "KDX_SWEEP_KEYS"
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
@@ -121,7 +123,12 @@ def hydra_job_name() -> str | None:
         return None
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
-    overrides = " ".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra"))
+    # the swept keys: the command line's (set by kdx.front_door.launch) and a search's (Optuna)
+    swept = {k for k in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if k}
+    swept |= set((hydra_cfg.sweeper.get("params") or {}).keys())
+    task = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra")]
+    named = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task
+    overrides = " ".join(named)
     if len(overrides) > 60:
         overrides = overrides[:59] + "…"
     return f"job {hydra_cfg.job.num}" + (f" {overrides}" if overrides else "")

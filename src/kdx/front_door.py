@@ -14,6 +14,7 @@ value is the same one ``kdx: error:`` line (exit 2), before Hydra runs the job. 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdx.configs import conf_root, generated_options, register_signature_schemas
-from kdx.console import pipe_safe_stdio, quiet_broken_pipe
+from kdx.console import SWEEP_KEYS_ENV, pipe_safe_stdio, quiet_broken_pipe
 
 # one line per group: what choosing an option there changes
 GROUPS = {
@@ -360,4 +361,20 @@ def launch(task: str, main: Callable[[], Any]) -> None:
     error = composition_error(task, sys.argv[1:], typed=True)
     if error:
         _exit_with(error)
+    os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(sys.argv[1:]))
     main()
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """The keys a multirun sweeps on its command line (``method=kd,dkd seed=0,1`` → method, seed):
+    what names its jobs (:func:`kdx.console.hydra_job_name`, also in a launcher's worker processes)."""
+    args = _hydra_args(argv)
+    if args is None or not args.multirun:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(args.overrides))
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return []
+    return [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
