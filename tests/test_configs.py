@@ -104,7 +104,7 @@ def test_an_experiment_rows_tuned_values_apply_only_to_that_method(tmp_path):
 
 
 def test_method_signatures_read_from_sources_match_the_typed_schemas():
-    from kdx.configs import method_signatures
+    from kdx.configs import _method_sources, method_signatures
     from kdx.methods.base import schema_of
 
     signatures = method_signatures()  # what the front door knows without torch
@@ -113,6 +113,8 @@ def test_method_signatures_read_from_sources_match_the_typed_schemas():
         typed = {f for f in schema_of(cls).__dataclass_fields__ if f != "_target_"}
         assert set(signatures[name]) == typed, name
     assert signatures["kd"] == {"alpha": 0.9, "temperature": 4.0}  # kd.py's __init__ defaults
+    targets = {name: target for name, (target, _) in _method_sources().items()}
+    assert targets == {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in METHODS.items()}
 
 
 def test_any_model_is_a_teacher_without_a_wrapper_file(tmp_path):

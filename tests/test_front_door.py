@@ -87,6 +87,7 @@ def test_a_valid_command_line_and_hydra_flags_pass_the_front_door():
         [],
         ["teacher=mlp", "teacher.name=mlp_big"],
         ["+method.extra=1"],  # kdx's own validation names what no code reads
+        ["-m", "method._target_=my.Fault,kdx.methods.kd.KD"],  # a method of one's own
         ["--cfg", "job"],
         ["hparams_search=kd_optuna"],
         ["--info"],

@@ -75,18 +75,25 @@ def _literal(node: ast.expr | None) -> object:
         return None
 
 
-@cache
 def method_signatures() -> dict[str, dict[str, object]]:
     """``{method: {hyper-parameter: default}}`` read from each registered method's ``__init__``
     signature (its own or the nearest base class's) in the sources of ``kdx/methods/``; a default
     that is not a literal reads ``None``, a required one ``???``."""
+    return {name: params for name, (_, params) in _method_sources().items()}
+
+
+@cache
+def _method_sources() -> dict[str, tuple[str, dict[str, object]]]:
+    """``{method: (its class's import path, {hyper-parameter: default})}`` from the sources."""
     classes: dict[str, ast.ClassDef] = {}
+    modules: dict[str, str] = {}
     registered: dict[str, str] = {}
     for path in sorted(METHODS_DIR.glob("*.py")):
         for node in ast.parse(path.read_text()).body:
             if not isinstance(node, ast.ClassDef):
                 continue
             classes[node.name] = node
+            modules[node.name] = f"kdx.methods.{path.stem}.{node.name}"
             for dec in node.decorator_list:
                 if (
                     isinstance(dec, ast.Call)
@@ -106,7 +113,7 @@ def method_signatures() -> dict[str, dict[str, object]]:
         bases = (init_of(b.id) for b in cls.bases if isinstance(b, ast.Name))
         return next((b for b in bases if b is not None), None)
 
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, tuple[str, dict[str, object]]] = {}
     for method, cls_name in registered.items():
         init = init_of(cls_name)
         params: dict[str, object] = {}
@@ -118,7 +125,7 @@ def method_signatures() -> dict[str, dict[str, object]]:
                 params[arg.arg] = _literal(default)
             for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
                 params[arg.arg] = _literal(default)
-        out[method] = params
+        out[method] = (modules[cls_name], params)
     return out
 
 
@@ -128,9 +135,9 @@ def register_signature_schemas() -> None:
     the typed schemas (and a typed schema already stored is kept)."""
     cs = ConfigStore.instance()
     typed = cs.repo.get("schema", {}).get("method", {})  # kdx.methods imported: never replace those
-    for name, params in method_signatures().items():
+    for name, (target, params) in _method_sources().items():
         if f"{name}.yaml" not in typed:
-            cs.store(group="schema/method", name=name, node=dict(params))
+            cs.store(group="schema/method", name=name, node={"_target_": target, **params})
 
 
 @cache
