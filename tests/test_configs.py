@@ -101,3 +101,39 @@ def test_an_experiment_rows_tuned_values_apply_only_to_that_method(tmp_path):
     assert compose_train(["method=dkd"], tmp_path, tmp_path).method.beta == 8.0  # DKD's own default
     assert compose_train([row, "method=dkd", "method.beta=3"], tmp_path, tmp_path).method.beta == 3.0
     assert "beta" not in compose_train([row], tmp_path, tmp_path).method  # the row's KD has no β
+
+
+def test_method_signatures_read_from_sources_match_the_typed_schemas():
+    from kdx.configs import _method_sources, method_signatures
+    from kdx.methods.base import schema_of
+
+    signatures = method_signatures()  # what the front door knows without torch
+    assert set(signatures) == set(METHODS)
+    for name, cls in METHODS.items():
+        typed = {f for f in schema_of(cls).__dataclass_fields__ if f != "_target_"}
+        assert set(signatures[name]) == typed, name
+    assert signatures["kd"] == {"alpha": 0.9, "temperature": 4.0}  # kd.py's __init__ defaults
+    targets = {name: target for name, (target, _) in _method_sources().items()}
+    assert targets == {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in METHODS.items()}
+
+
+def test_any_model_is_a_teacher_without_a_wrapper_file(tmp_path):
+    cfg = compose_train(["teacher=mlp"], tmp_path, tmp_path)
+    assert cfg.teacher.name == "mlp" and cfg.teacher.model._target_ == cfg.student.model._target_
+    assert cfg.teacher.ckpt == "auto" and cfg.teacher.train.epochs == 240  # conf/teacher/_recipe.yaml
+    assert cfg.teacher.train.optim.optimizer._target_ == "torch.optim.Adam"
+    zoo = compose_train(["teacher=resnet8"], tmp_path, tmp_path)  # a CIFAR zoo model: the CRD recipe
+    assert zoo.teacher.train.optim.optimizer._target_ == "torch.optim.SGD"
+    named = compose_train(["teacher=mlp", "teacher.name=mlp_big"], tmp_path, tmp_path)
+    assert named.teacher.name == "mlp_big"
+
+
+def test_digits_carries_the_learning_rate_it_was_measured_with(tmp_path):
+    digits = compose_train(["dataset=digits"], tmp_path, tmp_path)
+    assert digits.optim.optimizer.lr == 1e-3 and digits.teacher.train.optim.optimizer.lr == 1e-3
+    assert compose_train([], tmp_path, tmp_path).optim.optimizer.lr == 0.01  # MNIST-1D's own
+    assert (
+        compose_train(["dataset=digits", "optim.optimizer.lr=0.5"], tmp_path, tmp_path).optim.optimizer.lr
+        == 0.5
+    )
+    assert compose_train(["dataset=digits", "optim=sgd"], tmp_path, tmp_path).optim.optimizer.lr == 0.1

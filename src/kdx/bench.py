@@ -31,6 +31,11 @@ line. Never used as an assert in tests (the machine's load decides the figures).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.bench`: the console script's front door, before torch
+    from kdx.front_door import front_door, launch
+
+    front_door("bench")
+
 import contextlib
 import copy
 import json
@@ -48,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
+from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
@@ -458,6 +464,7 @@ def table(result: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
+    configure_console()  # Lightning's routine notices stay in the log file
     with contextlib.suppress(Exception):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     result = bench(cfg)
@@ -467,4 +474,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("bench", main)

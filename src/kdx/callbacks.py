@@ -197,7 +197,7 @@ class EpochLog(L.Callback):
     or a person reading the log afterwards, needs to follow training."""
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # one line per epoch under DDP
             return
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
@@ -207,3 +207,62 @@ class EpochLog(L.Callback):
                 value = float(metrics[key])
                 parts.append(f"{key} {100 * value:.2f} %" if key.endswith("/acc") else f"{key} {value:.4g}")
         logging.getLogger("kdx").info("; ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"~{round(seconds / 60)} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+class TimeEstimate(L.Callback):
+    """Says once, from the speed of the first training steps, how long the run will take: always
+    for a teacher run (``training teacher cnn1d for 25 epochs, ~1 min at this speed``), as a warning
+    for any run estimated at ``long_s`` or more (a CIFAR recipe on a CPU). The first step (warm-up)
+    is not timed; validation is not counted."""
+
+    def __init__(self, role: str = "train", name: str = "model", steps: int = 10, long_s: float = 900.0):
+        self.role, self.name, self.steps, self.long_s = role, name, steps, long_s
+        self._start: float | None = None
+        self._timed = 0
+        self._said = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._said or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self._start is None:
+            self._start = time.perf_counter()
+            return
+        self._timed += 1
+        per_epoch = trainer.num_training_batches
+        if self._timed < self.steps and batch_idx + 1 < per_epoch:
+            return
+        if not isinstance(per_epoch, int) or not trainer.max_epochs or trainer.max_epochs < 0:
+            self._said = True  # an iterable without a length or no epoch limit: nothing to extrapolate
+            return
+        per_step = (time.perf_counter() - self._start) / self._timed
+        left_steps = per_epoch * trainer.max_epochs - trainer.global_step
+        estimate = per_step * left_steps
+        self._said = True
+        device = trainer.strategy.root_device.type
+        what = (
+            f"training teacher {self.name} for {trainer.max_epochs} epochs"
+            if self.role == "teacher"
+            else f"this run ({self.name}, {trainer.max_epochs} epochs)"
+        )
+        speed = f"{_duration(estimate)} at this speed ({device}, {per_step:.2f} s a step)"
+        log = logging.getLogger("kdx")
+        if estimate < self.long_s:
+            if self.role == "teacher":
+                log.info("%s, %s", what, speed)
+            return
+        shorter = (
+            "teacher.train.epochs=<n> or a trained teacher.ckpt=<file>"
+            if self.role == "teacher"
+            else "trainer.max_epochs=<n>"
+        )
+        log.warning(
+            "kdx: warning: %s will take %s; for a shorter run: %s, or a faster device", what, speed, shorter
+        )

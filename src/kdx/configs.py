@@ -12,8 +12,10 @@ carries a real recipe keeps its file.
 What is generated:
 
 - ``student/<arch>`` for every ``conf/model/<arch>.yaml``: that model, named after it, no stage names.
-- ``teacher/<arch>`` for every CIFAR zoo model (``kdx.models.registry.create_model``): that model,
-  trained by ``conf/teacher/_crd_recipe.yaml`` when ``teacher.ckpt=auto``.
+- ``teacher/<arch>`` for every ``conf/model/<arch>.yaml``: that model, named after it, trained by
+  ``conf/teacher/_crd_recipe.yaml`` (a CIFAR zoo model, ``kdx.models.registry.create_model``) or by
+  the default teacher recipe ``conf/teacher/_recipe.yaml`` with Adam (any other model) when
+  ``teacher.ckpt=auto``.
 - ``method/<name>`` for every ``@register_method`` class: its typed schema
   (``schema/method/<name>``), plus the values an experiment row tunes for that method (below).
 - ``hparams_search/<name>_optuna`` for every entry of ``conf/hparams_search/_spaces.yaml``: the shared
@@ -24,12 +26,15 @@ What is generated:
   experiment row: the method's values tuned for that row, which ``method/<method>`` includes when
   the row runs that method (``experiment=crd_cifar100/<row> method=dkd`` gets the row's DKD β).
 
-Nothing here imports torch: the console scripts' front door (:mod:`kdx.cli`) lists these options
-before the heavy imports, so method names are read from the sources of ``kdx/methods/``.
+Nothing here imports torch: the console scripts' front door (:mod:`kdx.front_door`) lists these options
+before the heavy imports, so method names are read from the sources of ``kdx/methods/``; so are
+their hyper-parameters (:func:`method_signatures`), which the front door stores as untyped stand-ins
+for the typed ``schema/method/<name>`` nodes while it checks a command line's keys.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from functools import cache
 from importlib import resources
@@ -61,6 +66,78 @@ def method_names() -> tuple[str, ...]:
     """The names of kdx's registered methods, read from their ``@register_method("...")`` lines."""
     pattern = re.compile(r"""^@register_method\(\s*["'](\w+)["']\s*\)""", re.M)
     return tuple(sorted(n for p in METHODS_DIR.glob("*.py") for n in pattern.findall(p.read_text())))
+
+
+def _literal(node: ast.expr | None) -> object:
+    try:
+        return ast.literal_eval(node) if node is not None else "???"
+    except ValueError:  # a default computed in code: its key is what the front door needs
+        return None
+
+
+def method_signatures() -> dict[str, dict[str, object]]:
+    """``{method: {hyper-parameter: default}}`` read from each registered method's ``__init__``
+    signature (its own or the nearest base class's) in the sources of ``kdx/methods/``; a default
+    that is not a literal reads ``None``, a required one ``???``."""
+    return {name: params for name, (_, params) in _method_sources().items()}
+
+
+@cache
+def _method_sources() -> dict[str, tuple[str, dict[str, object]]]:
+    """``{method: (its class's import path, {hyper-parameter: default})}`` from the sources."""
+    classes: dict[str, ast.ClassDef] = {}
+    modules: dict[str, str] = {}
+    registered: dict[str, str] = {}
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            classes[node.name] = node
+            modules[node.name] = f"kdx.methods.{path.stem}.{node.name}"
+            for dec in node.decorator_list:
+                if (
+                    isinstance(dec, ast.Call)
+                    and getattr(dec.func, "id", None) == "register_method"
+                    and dec.args
+                    and isinstance(dec.args[0], ast.Constant)
+                ):
+                    registered[str(dec.args[0].value)] = node.name
+
+    def init_of(name: str) -> ast.FunctionDef | None:
+        cls = classes.get(name)
+        if cls is None:
+            return None
+        for item in cls.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                return item
+        bases = (init_of(b.id) for b in cls.bases if isinstance(b, ast.Name))
+        return next((b for b in bases if b is not None), None)
+
+    out: dict[str, tuple[str, dict[str, object]]] = {}
+    for method, cls_name in registered.items():
+        init = init_of(cls_name)
+        params: dict[str, object] = {}
+        if init is not None:
+            args = init.args
+            positional = [*args.posonlyargs, *args.args][1:]  # without self
+            defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+            for arg, default in zip(positional, defaults, strict=True):
+                params[arg.arg] = _literal(default)
+            for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+                params[arg.arg] = _literal(default)
+        out[method] = (modules[cls_name], params)
+    return out
+
+
+def register_signature_schemas() -> None:
+    """Untyped ``schema/method/<name>`` nodes (keys and defaults only) from :func:`method_signatures`,
+    so that a command line composes without torch; importing :mod:`kdx.methods` replaces them with
+    the typed schemas (and a typed schema already stored is kept)."""
+    cs = ConfigStore.instance()
+    typed = cs.repo.get("schema", {}).get("method", {})  # kdx.methods imported: never replace those
+    for name, (target, params) in _method_sources().items():
+        if f"{name}.yaml" not in typed:
+            cs.store(group="schema/method", name=name, node={"_target_": target, **params})
 
 
 @cache
@@ -107,7 +184,7 @@ def tuned_rows() -> dict[str, dict[str, dict]]:
 def _generated(group: str) -> list[str]:
     names = {
         "student": model_names(),
-        "teacher": zoo_model_names(),
+        "teacher": model_names(),
         "method": method_names(),
         "hparams_search": tuple(f"{m}_optuna" for m in search_spaces()),
     }.get(group, ())
@@ -137,11 +214,13 @@ def register() -> None:
             name=arch,
             node={"defaults": [{"/model@model": arch}, "_self_"], "name": arch, "stage_names": None},
         )
+    zoo = set(zoo_model_names())
     for arch in generated_options("teacher"):
+        recipe = ["_crd_recipe"] if arch in zoo else ["_recipe", {"/optim@train.optim": "adam"}]
         store(
             group="teacher",
             name=arch,
-            node={"defaults": ["_crd_recipe", {"/model@model": arch}, "_self_"], "name": arch},
+            node={"defaults": [*recipe, {"/model@model": arch}, "_self_"], "name": arch},
         )
     for name in generated_options("method"):
         store(group="method", name=name, node=method_node(name))

@@ -13,6 +13,11 @@ a plain set of weights for ``model=student|teacher`` of the composed config.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.eval`: the console script's front door, before torch
+    from kdx.front_door import front_door, launch
+
+    front_door("eval")
+
 import sys
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdx.methods  # noqa: F401 - registers method schemas
+from kdx.console import configure_console
 from kdx.errors import KDXError
 from kdx.methods.base import METHODS
 from kdx.models.weights import load_weights
@@ -113,6 +119,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    configure_console()  # Lightning's routine notices stay in the log file
     try:
         out = evaluate(cfg)
     except KDXError as err:
@@ -125,4 +132,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("eval", main)

@@ -12,6 +12,11 @@ through validate → build → fit → evaluate → record and turns a failure i
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m kdx.train`: the console script's front door, before torch
+    from kdx.front_door import front_door, launch
+
+    front_door("train")
+
 import shutil
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 import kdx.methods  # noqa: F401 - registers every method's schema before composition
+from kdx.console import configure_console, hydra_job_name
 from kdx.pipeline.compose import CONFIG_DIR, name_replaced_models, resume_config
 from kdx.pipeline.run import run, run_job
 
@@ -27,6 +33,7 @@ __all__ = ["CONFIG_DIR", "main", "run"]
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    configure_console(hydra_job_name())  # Hydra has just set up this job's logging
     name_replaced_models(cfg)
     resumed = resume_config(cfg)
     try:
@@ -39,4 +46,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    launch("train", main)

@@ -87,10 +87,12 @@ def log_file(cfg: DictConfig) -> str | None:
 def name_replaced_models(cfg: DictConfig) -> None:
     """A model swapped in on the command line (``student.model._target_=my.Net``,
     ``model@student.model=resnet8``) is recorded under its own name, never the group default's."""
-    for override in HydraConfig.get().overrides.task:
+    task = HydraConfig.get().overrides.task
+    for override in task:
         key, _, value = override.lstrip("+~").partition("=")
         for role in ("student", "teacher"):
-            if key in (f"{role}.model._target_", f"model@{role}.model") and value:
+            named = any(o.lstrip("+").startswith(f"{role}.name=") for o in task)  # the user's own name wins
+            if key in (f"{role}.model._target_", f"model@{role}.model") and value and not named:
                 with open_dict(cfg):
                     cfg[role].name = value.rsplit(".", 1)[-1]
 
