@@ -49,7 +49,8 @@ def save_payload(path: Path, marker: Path, lightning: bool = True) -> Path:
 def assert_refused(proc, marker: Path, reader: str, *records: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdx: error:")]
-    assert len(errors) == 1 and f"{reader} checkpoint" in errors[0] and UNSAFE in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"{reader} checkpoint" in errors[0] and UNSAFE in errors[0], errors[0]
     assert ADVICE not in proc.stdout and ADVICE not in proc.stderr
     for record in records:
         assert ADVICE not in record.read_text()
@@ -90,7 +91,8 @@ def test_a_payload_given_to_kdx_eval(tmp_path, cache_dir, kind):
         run = tmp_path / "runs" / "r"
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "config.yaml").write_text("seed: 0\n")
-        evil, args, reader = save_payload(run / "checkpoints" / "best.ckpt", marker), [], "kdx-eval (ckpt_path)"
+        evil, args = save_payload(run / "checkpoints" / "best.ckpt", marker), []
+        reader = "kdx-eval (ckpt_path)"
     else:
         evil, args, reader = save_payload(tmp_path / "evil.pt", marker, False), ["role=teacher"], "teacher"
     proc = run_cli("kdx-eval", f"ckpt_path={evil}", *args, root=tmp_path, cache=cache_dir)

@@ -93,7 +93,9 @@ def evaluate(cfg: DictConfig) -> dict:
     else:  # a plain set of weights for one model
         role = str(cfg.role)
         if role not in ("student", "teacher"):
-            raise KDXError(f"role={role}: choose role=student or role=teacher (which model the weights are for)")
+            raise KDXError(
+                f"role={role}: choose role=student or role=teacher (which model the weights are for)"
+            )
         model_cfg = cfg[role]
         if model_cfg.get("model") is None:
             raise KDXError(f"{role}={model_cfg.name} has no model to evaluate; pick one, e.g. {role}=cnn1d")
