@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,38 @@ def test_bad_values_fail_before_any_data_or_teacher_work(tmp_path, override, mat
     extra = ["student=resnet8"] if "resnet" in override else []
     extra += ["trainer.fast_dev_run=false"] if "limit_train_batches" in override else []  # fdr ignores it
     fails_before_work([*extra, override], tmp_path, match)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "teacher.name=../../../x",
+        "student.name=../../x",
+        "student.name=a/b",
+        "dataset.name=..",
+        "label=x/../y",
+    ],
+)
+def test_names_that_would_leave_their_folder_are_refused(tmp_path, override):
+    key, value = override.split("=", 1)
+    fails_before_work(
+        [override], tmp_path, rf"^{key}='{re.escape(value)}' would leave its folder .*without '/' or '\.\.'"
+    )
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    fails_before_work(
+        ["trainer=gpu", "trainer.accelerator=gpu"],
+        tmp_path,
+        r"^trainer.accelerator=gpu, but this machine has no GPU .*pass trainer=cpu",
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fails_before_work(
+        ["trainer=gpu", "trainer.accelerator=gpu", "trainer.devices=4"],
+        tmp_path,
+        r"^trainer.devices=4 asks for 4 GPUs, but this machine has 1; pass trainer.devices=1 or fewer",
+    )
 
 
 def test_a_bad_seed_still_gets_a_failure_record(tmp_path):
