@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,38 @@ def test_bad_values_fail_before_any_data_or_teacher_work(tmp_path, override, mat
     fails_before_work([*extra, override], tmp_path, match)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "teacher.name=../../../x",
+        "student.name=../../x",
+        "student.name=a/b",
+        "dataset.name=..",
+        "label=x/../y",
+    ],
+)
+def test_names_that_would_leave_their_folder_are_refused(tmp_path, override):
+    key, value = override.split("=", 1)
+    fails_before_work(
+        [override], tmp_path, rf"^{key}='{re.escape(value)}' would leave its folder .*without '/' or '\.\.'"
+    )
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    fails_before_work(
+        ["trainer=gpu", "trainer.accelerator=gpu"],
+        tmp_path,
+        r"^trainer.accelerator=gpu, but this machine has no GPU .*pass trainer=cpu",
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fails_before_work(
+        ["trainer=gpu", "trainer.accelerator=gpu", "trainer.devices=4"],
+        tmp_path,
+        r"^trainer.devices=4 asks for 4 GPUs, but this machine has 1; pass trainer.devices=1 or fewer",
+    )
+
+
 def test_a_bad_seed_still_gets_a_failure_record(tmp_path):
     cfg = compose_train([*FAST, "seed=abc"], tmp_path, tmp_path / "cache")
     with pytest.raises(KDXError) as err:
@@ -158,11 +191,50 @@ def _added(overrides: list[str], tmp_path: Path):
             "+student.model.width=3",
             r"student.model.width is not read: kdx.models.small.MLP takes no argument",
         ),
+        (  # the auto-teacher's recipe counts epochs; the student's trainer.max_epochs is not it
+            "+teacher.train.max_epochs=3",
+            r"\+teacher.train.max_epochs: no kdx code reads .*the setting is teacher.train.epochs \(without",
+        ),
     ],
 )
 def test_keys_added_with_plus_that_nothing_reads_are_errors(tmp_path, added, named):
     with pytest.raises(KDXError, match=named):
         validate_config(*_added([*FAST, added], tmp_path))
+
+
+def test_a_misplaced_teacher_epoch_count_is_not_sent_to_the_student_trainer(tmp_path):
+    with pytest.raises(KDXError) as err:
+        validate_config(*_added([*FAST, "+teacher.train.max_epochs=3"], tmp_path))
+    assert "trainer.max_epochs" not in str(err.value).split("remove it", 1)[1]
+
+
+# -- token data with a model that reads tensors ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("models", "match"),
+    [
+        (  # the defaults: an MLP student and a CNN teacher, both refused in the same line
+            [],
+            r"^student=mlp reads tensors, but dataset=synthetic_text gives batches of token ids; pick a "
+            r"student made for this data \(a text model, e.g. student=bert_l2_h32 .*; teacher=cnn1d reads tensors",
+        ),
+        (["student=bert_l2_h32"], r"^teacher=cnn1d reads tensors, .*pick a teacher made for this data"),
+        (["student=resnet8", "teacher=none", "method=none"], r"^student=resnet8 reads tensors"),
+    ],
+)
+def test_token_data_with_a_model_that_reads_tensors_is_refused_before_any_work(tmp_path, models, match):
+    fails_before_work(["dataset=synthetic_text", *models], tmp_path, match)
+
+
+def test_token_data_with_text_models_passes_and_its_max_length_is_named(tmp_path):
+    text = ["dataset=synthetic_text", "student=bert_l2_h32", "teacher=bert_l2_h64"]
+    validate_config(compose_train([*FAST, *text], tmp_path, tmp_path / "cache"))
+    fails_before_work(
+        [*text, "dataset.datamodule.max_length=0"],
+        tmp_path,
+        r"^dataset.datamodule.max_length=0 cannot hold a sentence; pass an integer >= 2",
+    )
 
 
 def test_keys_added_with_plus_that_are_read_pass(tmp_path):

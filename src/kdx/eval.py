@@ -1,14 +1,18 @@
 """``kdx-eval``: the test figures of one checkpoint, written to ``eval.json``.
 
     kdx-eval ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt          # that run's own config
-    kdx-eval ckpt_path=.cache/teachers/cnn1d-<key>.pt model=teacher split=val  # a plain state_dict
+    kdx-eval ckpt_path=.cache/teachers/cnn1d-<key>.pt role=teacher split=val   # a plain state_dict
 
 A checkpoint inside a kdx run folder is evaluated with that run's own composed config
 (``<run>/.hydra/config.yaml``): its data set, models, teacher and method, so the figures equal the
 run's ``metrics.json`` (``student/acc`` for ``last.ckpt``, ``student/acc_best`` for ``best.ckpt``),
 fidelity to the teacher included. Overrides on the command line that name run keys
 (``dataset.*``, ``student.*``, ``teacher.*``, ``trainer.*``) still apply on top of it. Any other file is
-a plain set of weights for ``model=student|teacher`` of the composed config.
+a plain set of weights for ``role=student|teacher``: the model of that group in the composed config
+(``teacher=<arch>`` / ``student=<arch>`` pick the architecture; ``model`` is the config group of
+architectures, so the key is ``role``). Every file is read with
+:func:`kdx.models.weights.read_checkpoint` before anything else: a pickle with a payload is refused in
+one line, never run.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import kdx.methods  # noqa: F401 - registers method schemas
 from kdx.console import configure_console
 from kdx.errors import KDXError
 from kdx.methods.base import METHODS
-from kdx.models.weights import load_weights
+from kdx.models.weights import load_weights, read_checkpoint
 from kdx.pipeline.build import build, make_module, make_trainer
 from kdx.pipeline.compose import CONFIG_DIR
 from kdx.pipeline.evaluate import test_metrics
@@ -82,6 +86,8 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     run_cfg = run_config_of(ckpt)
     if run_cfg is not None:
+        # read safely here, before Lightning does: a payload pickle is named as such, never run
+        read_checkpoint(ckpt, "kdx-eval (ckpt_path)")
         cfg = _with_run_config(cfg, run_cfg)
     if cfg.split not in _SPLITS:
         raise KDXError(f"split={cfg.split}: choose one of {', '.join(_SPLITS)}")
@@ -91,16 +97,19 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule, module = parts.datamodule, parts.module
         ckpt_arg, what = str(ckpt), "student"
     else:  # a plain set of weights for one model
-        if cfg.model not in ("student", "teacher"):
-            raise KDXError(f"model={cfg.model}: choose model=student or model=teacher")
-        model_cfg = cfg[cfg.model]
+        role = str(cfg.role)
+        if role not in ("student", "teacher"):
+            raise KDXError(
+                f"role={role}: choose role=student or role=teacher (which model the weights are for)"
+            )
+        model_cfg = cfg[role]
         if model_cfg.get("model") is None:
-            raise KDXError(f"{cfg.model}={model_cfg.name} has no model to evaluate")
-        datamodule = instantiate(cfg.dataset.datamodule)
+            raise KDXError(f"{role}={model_cfg.name} has no model to evaluate; pick one, e.g. {role}=cnn1d")
         network = instantiate(model_cfg.model)
-        load_weights(network, ckpt, what=cfg.model)
+        load_weights(network, ckpt, what=role)  # read_checkpoint: refused before any data work
+        datamodule = instantiate(cfg.dataset.datamodule)
         module = make_module(cfg, network, METHODS["none"](), optim=OmegaConf.create({}))
-        ckpt_arg, what = None, cfg.model
+        ckpt_arg, what = None, role
     trainer = make_trainer(
         cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, devices=1, strategy="auto"
     )

@@ -147,7 +147,7 @@ class TextDataModule(KDDataModule):
     def __init__(self, max_length: int = 128, **loader_kwargs: Any):
         super().__init__(**loader_kwargs)
         if max_length < 2:
-            raise KDXError(f"dataset.max_length={max_length} must be >= 2 ([CLS] and [SEP])")
+            raise KDXError(f"dataset.datamodule.max_length={max_length} must be >= 2 ([CLS] and [SEP])")
         self.max_length = max_length
         self.input_shape = (max_length,)
         self.collate_fn = trim_padding

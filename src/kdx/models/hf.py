@@ -188,6 +188,12 @@ def hf_model(
     return model
 
 
+# what the model reads (the data protocol's ``KDDataModule.input_kind``): run validation refuses a model
+# without this declaration on token data, and a text model declares it
+hf_model.input_kind = "tokens"  # type: ignore[attr-defined]
+HFSequenceClassifier.input_kind = "tokens"  # type: ignore[attr-defined]
+
+
 def load_tokenizer(path: str):
     """A tokenizer from a local folder (or the Hub cache), as a ``PreTrainedTokenizerFast``."""
     transformers = _import_transformers()

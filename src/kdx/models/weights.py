@@ -77,7 +77,7 @@ def read_checkpoint(path: Path, what: str) -> Any:
     except Exception as err:  # noqa: BLE001 - any failure to read means one of the things below
         if _refused_by_weights_only(err):
             raise KDXError(
-                f"{what} checkpoint {path} {UNSAFE[:-1]}; torch: {_torch_reason(err)}); save the weights alone, "
+                f"{what} checkpoint {path} {UNSAFE[:-1]}, torch: {_torch_reason(err)}); save the weights alone, "
                 "torch.save(model.state_dict(), path), and pass that file"
             ) from None
         with open(path, "rb") as f:

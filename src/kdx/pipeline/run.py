@@ -64,10 +64,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    resumed = resumed_from(cfg)  # read safely before any teacher or data work
     parts = build(cfg, train_teacher=run)  # an auto-teacher is trained by this same pipeline
     method_name = parts.method.name
     callbacks = [*make_callbacks(cfg), SaveOnInterrupt(cfg.paths.output_dir)]
-    resumed = resumed_from(cfg)
     history = keep_history(cfg, resumed)  # a resumed run's logs keep the epochs before the restart
     loggers = make_loggers(cfg, run_name(cfg, method_name), resumed=resumed)
     status = "failed"

@@ -42,6 +42,7 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import kdx.conf
@@ -117,6 +118,55 @@ def _value_problems(cfg: DictConfig) -> Iterator[str]:
     yield from _switch_problems(cfg)
     yield from _name_problems(cfg)
     yield from _device_problems(cfg)
+    yield from _input_kind_problems(cfg)
+
+
+def _data_input_kind(cfg: DictConfig) -> str | None:
+    """The data module's declared ``input_kind`` (:class:`kdx.data.base.KDDataModule`), read from its
+    class: nothing is built. ``None`` when the target is not importable here (Hydra says so later)."""
+    target = _select(cfg, "dataset.datamodule._target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        data_class = get_class(target)
+    except Exception:  # noqa: BLE001 - an unknown target is Hydra's error, raised at instantiation
+        return None
+    return str(getattr(data_class, "input_kind", "dense"))
+
+
+def _model_input_kind(node: Any) -> str:
+    """What a model config's target reads: its declared ``input_kind`` (``"tokens"`` for the Hugging
+    Face adapter, :func:`kdx.models.hf.hf_model`); every other model reads dense tensors."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str):
+        return "dense"
+    try:
+        return str(getattr(_locate(target), "input_kind", "dense"))
+    except Exception:  # noqa: BLE001 - an unknown target is Hydra's error, raised at instantiation
+        return "dense"
+
+
+def _input_kind_problems(cfg: DictConfig) -> Iterator[str]:
+    """Token data (batches of token-id dicts) with a model that reads tensors: said before any work
+    (the model would otherwise fail deep inside its first forward)."""
+    if _data_input_kind(cfg) != "tokens":
+        return
+    length = _select(cfg, "dataset.datamodule.max_length")
+    if length is not None and not (_is_int(length) and length >= 2):
+        yield (
+            f"dataset.datamodule.max_length={length!r} cannot hold a sentence; pass an integer >= 2 "
+            "([CLS] and [SEP] take two tokens), e.g. dataset.datamodule.max_length=64"
+        )
+    dataset = _select(cfg, "dataset.name")
+    for role in ("student", "teacher"):
+        node = _select(cfg, f"{role}.model")
+        if node is None or _model_input_kind(node) == "tokens":
+            continue
+        yield (
+            f"{role}={_select(cfg, f'{role}.name')} reads tensors, but dataset={dataset} gives batches of "
+            f"token ids; pick a {role} made for this data (a text model, e.g. {role}=bert_l2_h32 or "
+            f"{role}=hf) or a data set it can read"
+        )
 
 
 def _name_problems(cfg: DictConfig) -> Iterator[str]:
@@ -369,16 +419,33 @@ def _added_key_problems(cfg: DictConfig, overrides: list[str], reference: DictCo
             continue  # one more callback / logger: instantiated like its siblings, its keys checked above
         added = ".".join(parts[: depth + 1])
         where = f"'{anchor_path}'" if anchor_path else "the top level"
-        same_name = sorted(  # a setting of that name, those under the same node first
-            (k for k in _leaf_keys(reference) if k.rsplit(".", 1)[-1] == parts[-1]),
-            key=lambda k: (not k.startswith(f"{anchor_path}."), len(k)),
-        )
+        same_name = _same_settings(reference, anchor_path, parts[-1])
         fix = (
             f"the setting is {' or '.join(same_name[:3])} (without '+')"
             if same_name
             else "for an existing setting drop the '+' and use its real key"
         )
         yield f"+{key}: no kdx code reads '{added}' (it is not in the config of {where}); remove it — {fix}"
+
+
+# the same setting under another name in another part of the config (the student's trainer counts
+# max_epochs, the auto-teacher's recipe epochs)
+_SAME_SETTING = {"max_epochs": ("epochs",), "epochs": ("max_epochs",)}
+
+
+def _same_settings(reference: DictConfig, anchor_path: str, name: str) -> list[str]:
+    """The settings a misplaced ``+<anchor>.<...>.<name>`` most likely meant: those named ``name`` (or
+    its synonym) under the same node; where that node has some, others only where they are the same
+    setting of another copy of the node (``teacher.train.optim.optimizer.lr`` for ``optim.lr``), so
+    that ``+teacher.train.max_epochs`` is not sent to the student's ``trainer.max_epochs``."""
+    names = {name, *_SAME_SETTING.get(name, ())}
+    found = [k for k in _leaf_keys(reference) if k.rsplit(".", 1)[-1] in names]
+    under = [k for k in found if anchor_path and k.startswith(f"{anchor_path}.")]
+    if under:
+        found = [k for k in found if k in under or any(k.endswith(f".{u}") for u in under)]
+    else:
+        found = [k for k in found if k.rsplit(".", 1)[-1] == name]  # a synonym only within its node
+    return sorted(found, key=lambda k: (k not in under, len(k)))
 
 
 def _leaf_keys(node: Any, path: str = "") -> Iterator[str]:
