@@ -9,9 +9,11 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 from kdx.callbacks import _duration
@@ -103,18 +105,25 @@ def test_a_run_piped_into_head_ends_without_a_traceback(tmp_path, cache_dir):
     assert help_proc.returncode == 0
 
 
-def _fake_trainer(steps_per_epoch: int, epochs: int):
-    from types import SimpleNamespace
+@dataclass
+class _Strategy:
+    root_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    device = SimpleNamespace(type="cpu")
-    return SimpleNamespace(
-        sanity_checking=False,
-        is_global_zero=True,
-        num_training_batches=steps_per_epoch,
-        max_epochs=epochs,
-        global_step=0,
-        strategy=SimpleNamespace(root_device=device),
-    )
+
+@dataclass
+class _TrainerState:
+    """What TimeEstimate reads from a Trainer, without running one."""
+
+    num_training_batches: int
+    max_epochs: int
+    sanity_checking: bool = False
+    is_global_zero: bool = True
+    global_step: int = 0
+    strategy: _Strategy = field(default_factory=_Strategy)
+
+
+def _fake_trainer(steps_per_epoch: int, epochs: int) -> _TrainerState:
+    return _TrainerState(num_training_batches=steps_per_epoch, max_epochs=epochs)
 
 
 def _timed_steps(callback, trainer, seconds_per_step: float, steps: int, monkeypatch) -> None:

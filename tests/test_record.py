@@ -61,8 +61,18 @@ OK_RECORD = {
     "teacher/ckpt": "/cache/teachers/cnn1d-0123.pt",
     "teacher/val_acc": 0.82,
     "teacher/retrained_because": "it was trained with other model code",
+    "data/examples": {"train": 4000, "val": 400, "test": 1100},
+    "teacher_cache/status": "rebuilt",
+    "teacher_cache/problem": "logits.npy fails its sha256 checksum",
+    "resumed_from": "/runs/kd/checkpoints/last.ckpt",
     "diag/sim_corr": 0.5,
     "diag/p_t_true_q50": 0.9,
+}
+# what only an interrupted run's record holds
+INTERRUPT_FIELDS = {
+    "interrupt/signal": "SIGTERM",
+    "interrupt/ckpt": "/runs/kd/checkpoints/last.ckpt",
+    "interrupt/resume": "kdx-train ckpt_path=/runs/kd/checkpoints/last.ckpt",
 }
 FAILED_RECORD = {
     "status": "failed",
@@ -86,7 +96,18 @@ FAILED_RECORD = {
 def test_a_record_with_every_field_round_trips():
     record = RunRecord.from_dict(OK_RECORD)
     known = [
-        f.name for f in dataclasses.fields(RunRecord) if f.name not in ("extra", "error", "error_type", "log")
+        f.name
+        for f in dataclasses.fields(RunRecord)
+        if f.name
+        not in (
+            "extra",
+            "error",
+            "error_type",
+            "log",
+            "interrupt_signal",
+            "interrupt_ckpt",
+            "interrupt_resume",
+        )
     ]
     assert all(getattr(record, name) is not None for name in known), "OK_RECORD misses a field"
     assert record.student_acc == 0.69 and record.fit_s == 12.5 and record.teacher_sha256 == "a" * 64
@@ -96,6 +117,8 @@ def test_a_record_with_every_field_round_trips():
     failed = RunRecord.from_dict(FAILED_RECORD)
     assert failed.to_dict() == {**FAILED_RECORD, "schema_version": SCHEMA_VERSION}
     assert not failed.ok and failed.seed == "abc"
+    interrupted = {**FAILED_RECORD, "status": "interrupted", "seed": 1, **INTERRUPT_FIELDS}
+    assert RunRecord.from_dict(interrupted).to_dict() == {**interrupted, "schema_version": SCHEMA_VERSION}
 
 
 def test_each_outcome_writes_its_keys_and_only_measured_figures():

@@ -149,7 +149,12 @@ class MultirunReport(Callback):
             return
         failed: list[str] = []
         lines = [f"kdx multirun: {len(jobs)} jobs in {sweep_dir}"]
-        names = job_names([p.parent for p in jobs])
+        # a job without overrides that set it apart (a resumed or hand-made folder) is named by its seed
+        seeds = {p.parent: _read(p).seed for p in jobs}
+        names = {
+            d: name if name != "—" or seeds[d] is None else f"seed {seeds[d]}"
+            for d, name in job_names([p.parent for p in jobs]).items()
+        }
         width = max(len(n) for n in names.values())
         for path in jobs:
             record = _read(path)
@@ -159,7 +164,8 @@ class MultirunReport(Callback):
             )
             if not record.ok:
                 failed.append(path.parent.name)
-                line += f"  {record.error_type or ''}: {(record.error or '')[:120]}"
+                if record.error_type or record.error:
+                    line += f"  {record.error_type or ''}: {(record.error or '')[:120]}"
             lines.append(line)
         best = _optuna_best(sweep_dir)
         if best:
