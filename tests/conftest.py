@@ -17,6 +17,22 @@ import kdx.methods  # noqa: F401 - registers method schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
+TESTS = Path(__file__).resolve().parent
+
+# Test modules share fixtures of data (test_table's records, test_preact_features' model pairs) across
+# folders: every test folder is importable whatever order pytest collects them in.
+for folder in sorted({p.parent for p in TESTS.rglob("test_*.py")}):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e drives kdx's console scripts in a subprocess: ``-m "not e2e"``
+    leaves those out."""
+    for item in items:
+        if (TESTS / "e2e") in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
 
 torch.set_num_threads(1)  # small models: one thread is fastest, and robust to a busy machine
 

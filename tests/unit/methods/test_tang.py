@@ -23,7 +23,7 @@ from kdx.models.base import ModelOutput
 from kdx.models.small import MLP
 from kdx.module import DistillationModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FAMILY = ("ls", "kd_pt", "kd_sim", "kd_pt_sim")
 LN2, LN3, LN6 = math.log(2), math.log(3), math.log(6)
 

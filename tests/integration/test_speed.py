@@ -22,7 +22,7 @@ from kdx.module import DistillationModule
 METHODS = options("method")
 # kdx's step code: the module, the methods, the models' adapters, the teacher-output cache (the data
 # modules' samplers work on host tensors they make themselves)
-_SRC = Path(__file__).resolve().parents[1] / "src" / "kdx"
+_SRC = Path(__file__).resolve().parents[2] / "src" / "kdx"
 WATCHED = tuple(str(_SRC / part) for part in ("module.py", "methods", "models", "teacher_outputs.py"))
 
 # the tiniest zoo pair on 8×8 synthetic images: every method's code path, little compute

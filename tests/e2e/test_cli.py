@@ -109,7 +109,7 @@ def test_bench_reports_both_sides(tmp_path, cache_dir):
         "num_classes=10",
         "variants=[]",
         "teacher.cache=exact",  # adds the cached side and its ceiling
-        "overhead.enabled=false",  # tests/test_speed.py runs the overhead section
+        "overhead.enabled=false",  # tests/integration/test_speed.py runs the overhead section
         root=tmp_path,
         cache=cache_dir,
     )

@@ -22,7 +22,7 @@ from kdx.data.imagenet import ImageNetDataModule
 from kdx.data.mnist1d import MNIST1DDataModule
 from kdx.data.synthetic import HierSyntheticDataModule, SyntheticDataModule
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[3] / "conf" / "dataset"
 
 
 def check_batches(dm, augmented: bool = False) -> None:

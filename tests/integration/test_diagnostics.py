@@ -35,7 +35,7 @@ from kdx.methods import METHODS
 from kdx.models.small import MLP
 from kdx.module import DistillationModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LN2, LN3, LN6 = math.log(2), math.log(3), math.log(6)
 
 

@@ -18,7 +18,7 @@ from kdx.cli import conf_root, help_text, misspelt_group, options
 from kdx.errors import KDXError
 from kdx.models.registry import list_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_OF = {"kdx-train": "train", "kdx-eval": "eval", "kdx-bench": "bench"}

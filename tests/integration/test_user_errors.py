@@ -3,7 +3,7 @@
 Most cases fail in :func:`kdx.pipeline.validate.validate_config`, before any data or teacher work: they run
 in-process against an empty cache (which must stay empty). The CLI path (exit code, one stderr
 line, metrics.json) is run as a subprocess once. The multirun case (a failing job, exit 1 after the
-others finished) is tests/test_runs.py::test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on.
+others finished) is tests/integration/test_runs.py::test_a_bug_in_one_job_keeps_its_traceback_and_the_sweep_goes_on.
 docs/failures.md has the table of cases.
 """
 
