@@ -82,7 +82,7 @@ def test_a_run_in_a_terminal_speaks_once_and_never_on_the_progress_bar(tmp_path,
     logged = [ANSI.sub("", text[s : text.find("\n", s)]).split("] - ", 1)[-1].strip() for s in starts]
     assert len(logged) == len(set(logged)), logged  # no line twice
     assert sum("epoch " in line for line in logged) == 2
-    (log_file,) = tmp_path.glob("logs/train/runs/*/train.log")
+    (log_file,) = tmp_path.glob("logs/**/train/runs/*/train.log")
     assert "GPU available" in log_file.read_text()  # kept in the run's log
 
 
@@ -100,7 +100,7 @@ def test_a_run_piped_into_head_ends_without_a_traceback(tmp_path, cache_dir):
     )
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) <= 1
-    assert list(tmp_path.glob("logs/train/runs/*/metrics.json"))  # the run went on to its results
+    assert list(tmp_path.glob("logs/**/train/runs/*/metrics.json"))  # the run went on to its results
     help_proc = run_cli("kdx-train", "--help", root=tmp_path, cache=cache_dir)
     assert help_proc.returncode == 0
 

@@ -159,11 +159,11 @@ def test_resume_continues_the_named_run(tmp_path, cache_dir):
 
     first = kdx_train(*small, "method=none", "seed=1", "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    (run,) = tmp_path.glob("logs/train/runs/*")
+    (run,) = tmp_path.glob("logs/**/train/runs/*")
     resumed = kdx_train(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming run {run}" in resumed.stderr and "trainer.max_epochs=2" in resumed.stderr
-    assert list(tmp_path.glob("logs/train/runs/*")) == [run]  # same folder, no new one
+    assert list(tmp_path.glob("logs/**/train/runs/*")) == [run]  # same folder, no new one
     record = json.loads((run / "metrics.json").read_text())
     assert (record["method"], record["seed"], record["dataset"], record["epochs"]) == (
         "none",
@@ -186,5 +186,5 @@ def test_a_model_swapped_in_on_the_command_line_is_recorded_under_its_own_name(t
         cache=cache_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/train/runs/*/metrics.json")]
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/**/train/runs/*/metrics.json")]
     assert record["student"] == "CNN1D" and record["choices"]["student"] == "mlp"

@@ -27,7 +27,7 @@ def kdx(*args: str, root: Path, cache: Path, timeout: int = 300, extra_env: dict
 
 
 def sweep_jobs(root: Path) -> dict[int, Path]:
-    (sweep,) = root.glob("logs/train/multiruns/*")
+    (sweep,) = root.glob("logs/**/train/multiruns/*")
     return {int(p.name): p for p in sweep.iterdir() if p.name.isdigit()}
 
 
@@ -148,7 +148,7 @@ def test_a_bug_in_a_single_run_exits_1_with_the_traceback(tmp_path, cache_dir):
     proc = kdx(*SMALL, "method._target_=kdx_faults.BugInStep", root=tmp_path, cache=cache_dir)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: injected bug" in proc.stderr
-    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/train/runs/*/metrics.json")]
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("logs/**/train/runs/*/metrics.json")]
     assert record["status"] == "failed" and record["error_type"] == "RuntimeError"
 
 
@@ -235,7 +235,7 @@ def test_two_processes_share_one_auto_teacher(tmp_path):
     outputs = [p.communicate(timeout=400) for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outputs[1][1][-2000:]
     records = [
-        json.loads(next((tmp_path / n).glob("logs/train/runs/*/metrics.json")).read_text()) for n in "ab"
+        json.loads(next((tmp_path / n).glob("logs/**/train/runs/*/metrics.json")).read_text()) for n in "ab"
     ]
     assert sorted(r["teacher/source"] for r in records) == ["cache", "trained"]
     assert records[0]["teacher/sha256"] == records[1]["teacher/sha256"]
@@ -291,7 +291,7 @@ def test_checkpoints_hold_the_frozen_teacher_only_when_it_is_trained(tmp_path, c
 def test_kdx_eval_reproduces_a_non_default_run(tmp_path, cache_dir):
     run = kdx(*SMALL, "method=kd_pt", "student.model.hidden=[32]", "seed=4", root=tmp_path, cache=cache_dir)
     assert run.returncode == 0, run.stderr[-3000:]
-    (folder,) = tmp_path.glob("logs/train/runs/*")
+    (folder,) = tmp_path.glob("logs/**/train/runs/*")
     assert folder.name.endswith("_kd_pt_mlp_cnn1d_s4")
     record = json.loads((folder / "metrics.json").read_text())
     for ckpt, key in (("last.ckpt", "student/acc"), ("best.ckpt", "student/acc_best")):

@@ -274,7 +274,7 @@ def test_cli_added_key_exits_2_with_one_line_and_a_failure_record(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdx: error:")]
     assert errors == [errors[0]] and "no kdx code reads 'optim.lr'" in errors[0]
-    (path,) = tmp_path.glob("logs/train/runs/*/metrics.json")
+    (path,) = tmp_path.glob("logs/**/train/runs/*/metrics.json")
     record = strict_json(path)
     assert record["status"] == "failed" and record["error_type"] == "KDXError"
     assert "optim.optimizer.lr" in record["error"]  # the full message, with the fix

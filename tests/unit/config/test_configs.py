@@ -137,3 +137,12 @@ def test_digits_carries_the_learning_rate_it_was_measured_with(tmp_path):
         == 0.5
     )
     assert compose_train(["dataset=digits", "optim=sgd"], tmp_path, tmp_path).optim.optimizer.lr == 0.1
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_runs_land_in_their_own_folder(debug):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        plain = compose(config_name="train")
+        cfg = compose(config_name="train", overrides=[f"debug={debug}"])
+    assert cfg.paths.log_dir == f"{plain.paths.log_dir}/debug"
