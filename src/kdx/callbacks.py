@@ -67,7 +67,7 @@ class TrainingThroughput(L.Callback, ReportsMetrics):
 
 
 class DivergenceMonitor(L.Callback, ReportsMetrics):
-    """No silent success for a run that learned nothing (issue 14).
+    """No silent success for a run that learned nothing.
 
     * The training loss rising above ``loss_factor`` times its first values (the least of the first
       ``reference_steps`` step losses, floored at 1.0 so that a near-zero start is not a hair

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from kdx.errors import KDXError
 from kdx.methods.backward import PERTURBATIONS, Divergence, Perturbation
+from kdx.models.hf import select_inputs
 
 _DELTA = "__embedding_delta__"  # key of the student's move in an auxiliary batch
 _TEACHER_DELTA = "__teacher_embedding_delta__"
@@ -122,8 +123,6 @@ class EmbeddingPerturbation(Perturbation):
         return model.input_embeddings()(inputs["input_ids"])
 
     def _inputs(self, x: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        from kdx.models.hf import select_inputs
-
         if self.student is None or self.teacher is None:
             raise RuntimeError("EmbeddingPerturbation.setup(student, teacher) has not been called")
         return select_inputs(x, self.student.input_prefix), select_inputs(x, self.teacher.input_prefix)

@@ -1,4 +1,4 @@
-"""kdx-table's analysis side (issue 24, issue 21 item 4/10): rows that cannot merge different configs,
+"""kdx-table's analysis side: rows that cannot merge different configs,
 debug runs left out, scipy statistics with golden values by hand, per-seed points, curves from the CSV
 logs, best-checkpoint fidelity, and result files that are never made worse."""
 
@@ -252,7 +252,7 @@ def test_best_checkpoint_fidelity_beside_best_accuracy(tmp_path):
     assert "(best) = measured on the checkpoint student best comes from" in markdown
 
 
-# -- safety (issue 21) ---------------------------------------------------------------------------
+# -- safety: result files never made worse, bad records refused ------------------------------
 
 
 def test_an_empty_folder_leaves_the_old_table_byte_identical(tmp_path, capsys):
