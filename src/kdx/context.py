@@ -83,3 +83,22 @@ class StepContext:
     lr_scheduler_configs: Sequence[Any] = ()
     manual_backward: Callable[[Tensor], None] = _backward
     clip_gradients: Callable[..., None] = _clip_gradients
+
+
+def context_of(module: Any, student: FeatureModel, teacher: FeatureModel | None, **extra: Any) -> StepContext:
+    """The context of a LightningModule ``module`` running in its trainer: data, loader, epoch, step,
+    rank, world size and device read from Lightning; ``extra`` adds the fields only some loops give
+    (cached teacher outputs, manual optimisation)."""
+    trainer = module.trainer
+    return StepContext(
+        student=student,
+        teacher=teacher,
+        datamodule=trainer.datamodule,
+        train_dataloader=trainer.train_dataloader,
+        epoch=module.current_epoch,
+        step=module.global_step,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        device=module.device,
+        **extra,
+    )

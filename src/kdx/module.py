@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kdx.context import StepContext
+from kdx.context import StepContext, context_of
 from kdx.errors import KDXError, NonFiniteLossError, NonFiniteSources
 from kdx.methods.base import DistillationMethod
 from kdx.metrics import FidelityMetrics
@@ -158,26 +158,19 @@ class DistillationModule(L.LightningModule):
 
     def step_context(self) -> StepContext:
         """What the method may use now (:mod:`kdx.context`), read from the trainer this module runs in."""
-        trainer = self.trainer
-        strategy = trainer.strategy
+        strategy = self.trainer.strategy
         # Lightning keeps DDP's constructor options private; ProKT needs one of them, as a plain bool
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        return StepContext(
-            student=self.student,
-            teacher=self.teacher,
-            datamodule=trainer.datamodule,
-            train_dataloader=trainer.train_dataloader,
-            epoch=self.current_epoch,
-            step=self.global_step,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            device=self.device,
+        return context_of(
+            self,
+            self.student,
+            self.teacher,
             ddp_find_unused_parameters=(
                 None if ddp_kwargs is None else bool(ddp_kwargs.get("find_unused_parameters", False))
             ),
             cached_teacher=self.cached_teacher,
             optimizers=self.optimizers,
-            lr_scheduler_configs=trainer.lr_scheduler_configs,
+            lr_scheduler_configs=self.trainer.lr_scheduler_configs,
             manual_backward=self.manual_backward,
             clip_gradients=self.clip_gradients,
         )

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from kdx.context import StepContext
+from kdx.context import context_of
 from kdx.errors import KDXError, NonFiniteLossError
 from kdx.module import DistillationModule
 
@@ -89,18 +89,7 @@ class PretrainModule(L.LightningModule):
         return self._optimizer(self.parameters_trained(), lr=self.lr)
 
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor:
-        trainer = self.trainer
-        ctx = StepContext(
-            student=self.main.student,
-            teacher=self.main.teacher,
-            datamodule=trainer.datamodule,
-            train_dataloader=trainer.train_dataloader,
-            epoch=self.current_epoch,
-            step=self.global_step,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            device=self.device,
-        )
+        ctx = context_of(self, self.main.student, self.main.teacher)
         terms = self.main.method.init_training_step(batch, ctx)
         n = int(batch[1].shape[0])
         with torch.no_grad():
