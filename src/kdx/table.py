@@ -64,6 +64,7 @@ from typing import Any
 
 from kdx.record import RecordError, RunRecord, read_record
 from kdx.report import configs
+from kdx.report.curves import plot_curves
 from kdx.report.stats import compare
 
 log = logging.getLogger("kdx.table")
@@ -920,8 +921,6 @@ def write_curves(rows: Sequence[dict[str, Any]], path: str | Path, by: Sequence[
     """The per-epoch curves of every row's successful runs, mean ± std band per row, as the PNG
     ``path`` (written whole or not at all); returns what was drawn, ``{CSV column: {row label: {run
     folder: [(epoch, value), ...]}}}`` (:func:`kdx.report.curves.plot_curves`)."""
-    from kdx.report.curves import plot_curves
-
     groups = {_row_label(r, by): r["_runs"] for r in rows if r["_runs"]}
     drawn: dict = {}
     _write_all({Path(path): lambda p: drawn.update(plot_curves(groups, p))})

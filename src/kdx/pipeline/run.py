@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from kdx import runlock
 from kdx.errors import KDXError
+from kdx.hydra_callbacks import report_interrupted_sweep
 from kdx.pipeline import interrupt, record
 from kdx.pipeline.build import build, root_cause
 from kdx.pipeline.compose import hydra_output_dir, is_multirun, task_overrides
@@ -202,7 +203,5 @@ def _interrupted(cfg: DictConfig, err: BaseException) -> NoReturn:
         record.write(cfg, record.failure_record(cfg, err).merged(values))
     _say(f"kdx: {values['error']}")
     if is_multirun():
-        from kdx.hydra_callbacks import report_interrupted_sweep  # the sweep's own report
-
         report_interrupted_sweep(signum)
     sys.exit(128 + signum)
