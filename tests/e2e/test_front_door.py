@@ -119,8 +119,10 @@ def test_help_lists_every_option_and_the_users_own(tmp_path):
     )
 
 
-def test_a_teacher_named_on_the_command_line_keeps_its_name(tmp_path):
+def test_a_teacher_named_on_the_command_line_keeps_its_name(tmp_path, monkeypatch):
     from kdx.pipeline.compose import name_replaced_models
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # teardown leaves no Hydra app behind
 
     overrides = ["model@teacher.model=mlp", "teacher.name=mlp_big"]
     GlobalHydra.instance().clear()

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from conftest import run_train
+from conftest import TESTS, run_train
 from kdx.errors import KDXError
 from kdx.methods.crd import (
     CRD,
@@ -250,7 +250,10 @@ def test_ddp_sim_keeps_the_banks_identical_on_both_ranks(tmp_path, cache_dir):
         "KDX_ROOT_DIR": str(tmp_path),
         "KDX_CACHE_DIR": str(cache_dir),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        # this module (its BankProbe callback) and the conftest it imports
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), str(TESTS), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     overrides = [
         "trainer=ddp_sim",
