@@ -97,3 +97,24 @@ def run_cli(
         cwd=root,
         timeout=timeout,
     )
+
+
+class HostReads:
+    """Counts the calls that copy a tensor's value to the host (a device sync on a GPU) made directly
+    by code under the ``watched`` paths while ``active``."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, watched: tuple[str, ...]):
+        self.active, self.calls, self.watched = False, [], watched
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+
+    def _counted(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if self.active and caller.startswith(self.watched):
+                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return counted

@@ -4,7 +4,6 @@ every method, channels_last, torch.compile with checkpoints and resume, the benc
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,14 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, run_train
-from kdx.cli import options
+from conftest import HostReads, run_train
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
 from kdx.module import DistillationModule
 
-METHODS = options("method")
 # kdx's step code: the module, the methods, the models' adapters, the teacher-output cache (the data
 # modules' samplers work on host tensors they make themselves)
 _SRC = Path(__file__).resolve().parents[2] / "src" / "kdx"
@@ -51,30 +48,8 @@ SHORT_KD = [
 ]
 
 
-class _SyncCounter:
-    """Counts the calls that copy a tensor's value to the host (a device sync on a GPU) made directly
-    by kdx's code while ``active``."""
-
-    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-    def __init__(self, monkeypatch):
-        self.active, self.calls = False, []
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
-
-    def _wrap(self, name, original):
-        def counted(tensor, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if self.active and caller.startswith(WATCHED):
-                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
-            return original(tensor, *args, **kwargs)
-
-        return counted
-
-
-def _count_in_training_steps(monkeypatch) -> _SyncCounter:
-    counter = _SyncCounter(monkeypatch)
+def _count_in_training_steps(monkeypatch) -> HostReads:
+    counter = HostReads(monkeypatch, WATCHED)
     step = DistillationModule.training_step
 
     def watched(self, batch, batch_idx):
@@ -104,7 +79,7 @@ def test_nan_check_and_logging_sync_once_per_check_not_per_step(monkeypatch):
     and 30 (the logged loss, one `cpu` each; the NaN check, one `tolist` each) and at the epoch's end
     (the NaN check again), never inside a step or between those steps."""
     L.seed_everything(0, verbose=False)
-    counter = _SyncCounter(monkeypatch)
+    counter = HostReads(monkeypatch, WATCHED)
     counter.active = True
     module = DistillationModule(
         MLP(10, (1, 40)), KD(), 10, lambda p: torch.optim.SGD(p, lr=0.01), teacher=CNN1D(10, (1, 40))
@@ -121,19 +96,6 @@ def test_nan_check_and_logging_sync_once_per_check_not_per_step(monkeypatch):
     trainer.fit(module, datamodule=_Waves(batch_size=32))
     assert trainer.global_step == 30
     assert [c.split(" ")[0] for c in counter.calls] == ["cpu", "tolist"] * 3 + ["tolist"], counter.calls
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_mixed_and_no_sync_inside_any_methods_step(method, tmp_path, cache_dir, monkeypatch):
-    counter = _count_in_training_steps(monkeypatch)
-    metrics = run_train(
-        [*TINY_PAIR, *FAST, f"method={method}", "trainer.precision=bf16-mixed", "test=false"],
-        tmp_path,
-        cache_dir,
-    )
-    assert metrics["status"] == "ok" and metrics["method"] == method
-    assert metrics["steps"] >= 1  # fast_dev_run: one bf16 batch (ProKT steps twice); NaN would raise
-    assert counter.calls == [], f"host syncs inside {method}'s training step: {counter.calls}"
 
 
 def _weights(path) -> dict:

@@ -16,7 +16,6 @@ Per-method tests keep only the golden values and the method's own identities.
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 import kdx
+from conftest import HostReads
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.methods.base import METHODS, TeacherUse
 from kdx.models.small import CNN1D
@@ -60,26 +60,6 @@ def _datamodule() -> SyntheticDataModule:
     return SyntheticDataModule(
         input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, num_train=64, num_val=16, num_test=16, batch_size=16
     )
-
-
-class HostReads:
-    """Counts the calls that copy a tensor's value to the host, made by kdx's step code while ``active``."""
-
-    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.active, self.calls = False, []
-        for name in self.NAMES:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
-
-    def _counted(self, name, original):
-        def counted(tensor, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if self.active and caller.startswith(WATCHED):
-                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
-            return original(tensor, *args, **kwargs)
-
-        return counted
 
 
 class StepRecorder(L.Callback):
@@ -127,7 +107,7 @@ def fits(tmp_path_factory) -> dict:
 def _fit(name: str, fits: dict, tmp_path_factory, monkeypatch) -> dict:
     if name in fits:
         return fits[name]
-    reads = HostReads(monkeypatch)
+    reads = HostReads(monkeypatch, WATCHED)
     student, teacher = _pair(name)
     method = _method(name)
     module = DistillationModule(
