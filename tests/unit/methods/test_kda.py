@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, SMALL_CIFAR, run_train
 from kdx.context import StepContext
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.methods.kda import KDA, kda_loss, landmark_similarities
@@ -411,17 +411,6 @@ def test_resume_restores_centres(tmp_path, cache_dir):
     assert records[1]["centres_epoch"] == 0  # ... with epoch 0's centres, restored, not recomputed
     assert torch.equal(records[1]["student_centres"], saved[prefix + "student_centres"])
     assert torch.equal(records[1]["teacher_centres"], saved[prefix + "teacher_centres"])
-
-
-ZOO = ROOT / "conf"
-# a smaller synthetic CIFAR split: resnet32x4 costs ~1 GFLOP per image on one CPU thread
-SMALL_CIFAR = [
-    "dataset=synthetic_cifar",
-    "dataset.datamodule.num_train=64",
-    "dataset.datamodule.num_val=32",
-    "dataset.datamodule.num_test=32",
-    "dataset.datamodule.batch_size=16",
-]
 
 
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):

@@ -11,7 +11,7 @@ import torch
 from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader
 
-from conftest import FAST, ROOT, run_train
+from conftest import FAST, SMALL_CIFAR, run_train
 from kdx.context import StepContext
 from kdx.data.base import tensor_dataset
 from kdx.data.synthetic import SyntheticDataModule
@@ -302,17 +302,6 @@ def test_fast_dev_run(projection, tmp_path, cache_dir):
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["method"] == "rdim" and math.isfinite(on_disk["fidelity/kernel_gap"])
     assert metrics["fidelity/kernel_gap"] == on_disk["fidelity/kernel_gap"]
-
-
-ZOO = ROOT / "conf"
-# a smaller synthetic CIFAR split: resnet32x4 costs ~1 GFLOP per image on one CPU thread
-SMALL_CIFAR = [
-    "dataset=synthetic_cifar",
-    "dataset.datamodule.num_train=64",
-    "dataset.datamodule.num_val=32",
-    "dataset.datamodule.num_test=32",
-    "dataset.datamodule.batch_size=16",
-]
 
 
 def test_fast_dev_run_cifar_zoo(tmp_path, cache_dir):
