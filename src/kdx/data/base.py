@@ -245,6 +245,16 @@ class KDDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn,
         )
 
+    # -- identity ------------------------------------------------------------------------------
+    def data_fingerprint(self) -> str | None:
+        """A digest of the data's content (the bytes of the files it reads, and what selects from
+        them), which every cache key that names the data uses instead of where the files are: a
+        moved or copied folder reuses the cached teacher, teacher outputs and tokenisation. ``None``
+        (the default): the data are identified by their config (generated data, whose settings
+        decide every example). Cheap to call before ``setup`` (file digests are cached,
+        :func:`kdx.data.cache.content_digest`)."""
+        return None
+
     # -- ground truth --------------------------------------------------------------------------
     def true_class_similarity(self) -> Tensor | None:
         """The ``(K, K)`` similarity of the classes when the data set knows it (generated data with

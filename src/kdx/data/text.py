@@ -25,6 +25,9 @@ from kdx.errors import KDXError
 from kdx.utils import stable_hash
 
 TEACHER_PREFIX = "teacher."  # the same constant as kdx.models.hf.TEACHER_PREFIX (kept import-free)
+TRAIN_TOKENIZER = "train"
+"""``model.tokenizer=train``: the tokenizer a data set trains on its training split (a text data
+module that can, declares ``trained_tokenizer()``: :mod:`kdx.data.glue`)."""
 _KEEP = ("input_ids", "attention_mask", "token_type_ids")
 _FORMAT = 1  # bump when the cached encodings' layout changes
 

@@ -1,4 +1,8 @@
-"""What identifies a teacher's weights and the data they were trained and cached on."""
+"""What identifies a teacher's weights and the data they were trained and cached on.
+
+Data are named by their content where the data module declares it (file-based data:
+:meth:`kdx.data.base.KDDataModule.data_fingerprint`), by their config otherwise (generated data);
+never by the folder they are read from."""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdx.data.base import KDDataModule
 from kdx.utils import stable_hash
 
 DATA_KEY_EXCLUDED = ("num_workers", "pin_memory", "cache_dir", "root", "eval_batch_size")
@@ -19,13 +24,58 @@ every key that names data (the auto-teacher's key here, the teacher-output cache
 :mod:`kdx.pipeline.build`), so moving the data or reading it faster reuses what is cached."""
 
 
+def data_fingerprint(cfg: DictConfig) -> str | None:
+    """The content digest of ``cfg``'s data (:meth:`kdx.data.base.KDDataModule.data_fingerprint`);
+    ``None`` for a data module identified by its config (the data module is only built, never set
+    up, and only when its class declares a fingerprint)."""
+    node = cfg.dataset.get("datamodule")
+    target = node.get("_target_") if node is not None else None
+    if not target:
+        return None
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - an unknown target is the builder's error to report
+        return None
+    if getattr(cls, "data_fingerprint", None) in (None, KDDataModule.data_fingerprint):
+        return None
+    return instantiate(node).data_fingerprint()
+
+
+def portable(value: Any, cache_dir: str | None) -> Any:
+    """``value`` with every path inside the cache folder written relative to it (a tokenizer that
+    kdx trained and cached): a key must not change when the cache folder is moved."""
+    if cache_dir is None:
+        return value
+    prefix = str(Path(str(cache_dir)).expanduser().resolve())
+    if isinstance(value, dict):
+        return {k: portable(v, cache_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, cache_dir) for v in value]
+    if (
+        isinstance(value, str)
+        and value.startswith("/")
+        and str(Path(value).resolve()).startswith(prefix + "/")
+    ):
+        return "${paths.cache_dir}/" + str(Path(value).resolve())[len(prefix) + 1 :]
+    return value
+
+
 def data_key(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.dataset`` resolved, without the arguments of :data:`DATA_KEY_EXCLUDED`."""
+    """``cfg.dataset`` resolved, without the arguments of :data:`DATA_KEY_EXCLUDED`; data with a
+    content fingerprint are named by it (``content``), not by their folder (``root``)."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     datamodule = {
         k: v for k, v in (dataset.pop("datamodule", None) or {}).items() if k not in DATA_KEY_EXCLUDED
     }
-    return {**dataset, "datamodule": datamodule}
+    fingerprint = data_fingerprint(cfg)
+    if fingerprint is not None:
+        dataset.pop("root", None)
+        dataset["content"] = fingerprint
+    return portable({**dataset, "datamodule": datamodule}, _cache_dir(cfg))
+
+
+def _cache_dir(cfg: DictConfig) -> str | None:
+    return OmegaConf.select(cfg, "paths.cache_dir", default=None)
 
 
 def model_code_fingerprint(model: nn.Module) -> str:
@@ -40,7 +90,7 @@ def model_code_fingerprint(model: nn.Module) -> str:
 def teacher_key(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
     """Everything that decides which weights an auto-trained teacher ends up with."""
     return {
-        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "model": portable(OmegaConf.to_container(cfg.teacher.model, resolve=True), _cache_dir(cfg)),
         "model_code": model_code_fingerprint(model),
         "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
         "dataset": data_key(cfg),
