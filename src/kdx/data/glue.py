@@ -312,12 +312,6 @@ class GLUEDataModule(TextDataModule):
         super().__init__(max_length=max_length, **loader_kwargs)
         if task not in TASKS:
             raise KDXError(f"dataset.task={task!r} is not one of {', '.join(TASKS)}")
-        if student_tokenizer is None:
-            raise KDXError(
-                "dataset=glue tokenises with the student's tokenizer: set student.model.tokenizer=<folder> "
-                f"(it defaults to student.model.name_or_path), or student.model.tokenizer={TRAIN_TOKENIZER} "
-                "to train one on the training split"
-            )
         if int(tokenizer_vocab_size) < 16:
             raise KDXError(
                 f"dataset.tokenizer_vocab_size={tokenizer_vocab_size} is too small for a WordPiece "
@@ -329,7 +323,7 @@ class GLUEDataModule(TextDataModule):
         self.root = Path(root).expanduser()
         self.cache_dir = Path(cache_dir)
         self.tokenizer_vocab_size = int(tokenizer_vocab_size)
-        self.tokenizers = {"": str(student_tokenizer)}
+        self.tokenizers = {"": str(student_tokenizer)} if student_tokenizer is not None else {}
         if teacher_tokenizer is not None and str(teacher_tokenizer) != str(student_tokenizer):
             self.tokenizers[TEACHER_PREFIX] = str(teacher_tokenizer)
         self.dev_split = dev_split or TASKS[task].dev
@@ -396,6 +390,12 @@ class GLUEDataModule(TextDataModule):
 
     def tokenizer_folders(self) -> dict[str, str]:
         """:attr:`tokenizers` with ``train`` replaced by the trained tokenizer's folder."""
+        if "" not in self.tokenizers:
+            raise KDXError(
+                "dataset=glue tokenises with the student's tokenizer: set student.model.tokenizer=<folder> "
+                f"(it defaults to student.model.name_or_path), or student.model.tokenizer={TRAIN_TOKENIZER} "
+                "to train one on the training split"
+            )
         return {
             prefix: str(self.trained_tokenizer()) if path == TRAIN_TOKENIZER else path
             for prefix, path in self.tokenizers.items()

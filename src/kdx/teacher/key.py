@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdx.data.base import KDDataModule
-from kdx.utils import stable_hash
+from kdx.utils import file_sha256, stable_hash
 
 DATA_KEY_EXCLUDED = ("num_workers", "pin_memory", "cache_dir", "root", "eval_batch_size")
 """Data-module arguments that say where or how fast the data is read, not what it is: left out of
@@ -42,8 +42,11 @@ def data_fingerprint(cfg: DictConfig) -> str | None:
 
 
 def portable(value: Any, cache_dir: str | None) -> Any:
-    """``value`` with every path inside the cache folder written relative to it (a tokenizer that
-    kdx trained and cached): a key must not change when the cache folder is moved."""
+    """``value`` with every path inside the cache folder (a tokenizer that kdx trained and cached)
+    written relative to it and followed by a digest of its files: a key must not change when the
+    cache folder is moved, and must change when the tokenizer was trained again (WordPiece breaks
+    ties between equally frequent pieces in no fixed order, so a retrained one may number its
+    pieces differently)."""
     if cache_dir is None:
         return value
     prefix = str(Path(str(cache_dir)).expanduser().resolve())
@@ -56,7 +59,10 @@ def portable(value: Any, cache_dir: str | None) -> Any:
         and value.startswith("/")
         and str(Path(value).resolve()).startswith(prefix + "/")
     ):
-        return "${paths.cache_dir}/" + str(Path(value).resolve())[len(prefix) + 1 :]
+        path = Path(value).resolve()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        digest = stable_hash([(str(f.relative_to(path.parent)), file_sha256(f)) for f in files], length=16)
+        return "${paths.cache_dir}/" + str(path)[len(prefix) + 1 :] + "#" + digest
     return value
 
 
