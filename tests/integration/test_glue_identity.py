@@ -52,9 +52,10 @@ def write_sst2(root, train_rows=60, dev_rows=12, seed=0):
     return root
 
 
-def glue_overrides(root, *more):
+def glue_overrides(root, *more, debug="fdr"):
     return [
         *FAST,
+        f"debug={debug}",
         "dataset=glue",
         "dataset.task=sst2",
         f"dataset.root={root}",
@@ -221,10 +222,13 @@ def test_a_moved_glue_folder_reuses_the_cached_teacher_tokenizer_and_tokenisatio
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_kdx_eval_of_a_run_on_another_folder_trains_nothing(tmp_path, cache_dir):
     cache = tmp_path / "cache"
     write_sst2(tmp_path / "glue")
-    train = run_cli("kdx-train", *glue_overrides("glue", "method=kd"), root=tmp_path, cache=cache)
+    train = run_cli(
+        "kdx-train", *glue_overrides("glue", "method=kd", debug="limit"), root=tmp_path, cache=cache
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     (run_dir,) = tmp_path.glob("logs/**/train/runs/*")
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -245,11 +249,6 @@ def test_kdx_eval_of_a_run_on_another_folder_trains_nothing(tmp_path, cache_dir)
     result = json.loads(max(tmp_path.glob("logs/eval/runs/*/eval.json"), key=os.path.getmtime).read_text())
     assert result["ckpt"] == record["student/best_ckpt"] and "teacher_skipped" not in result
     assert "fidelity/kl" in result  # against the run's own teacher
-    # on the run's own folder it reproduces the run's figure
-    proc = run_cli("kdx-eval", f"run={run_dir}", root=tmp_path, cache=cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    own = json.loads(max(tmp_path.glob("logs/eval/runs/*/eval.json"), key=os.path.getmtime).read_text())
-    assert own["acc"] == pytest.approx(record["student/acc_best"], abs=1e-6)
     # the teacher's file gone: the student alone, said so, still nothing trained
     for file in (cache / "teachers").glob("*.pt"):
         file.rename(file.with_suffix(".gone"))
