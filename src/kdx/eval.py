@@ -35,7 +35,6 @@ if __name__ == "__main__":  # `python -m kdx.eval`: the console script's front d
 
     front_door("eval")
 
-import json
 import sys
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from kdx.pipeline.build import build, make_module, make_trainer
 from kdx.pipeline.compose import CONFIG_DIR
 from kdx.pipeline.evaluate import test_metrics
 from kdx.pipeline.validate import named_run_checkpoint
+from kdx.record import RecordError, RunRecord, read_record
 from kdx.utils import atomic_write_json, sha256_file
 
 # kdx-eval's split names -> the data protocol's loaders (``train``: the training split un-augmented)
@@ -109,7 +109,7 @@ def _run_checkpoint(folder: Path) -> Path:
     if not (folder / ".hydra" / "config.yaml").is_file():
         raise KDXError(f"run={folder} is not a kdx run folder (no .hydra/config.yaml); pass a run's folder")
     record = _record_of(folder)
-    best = record.get("student/best_ckpt")
+    best = record.student_best_ckpt if record is not None else None
     if best and Path(best).is_file():
         return Path(best)
     last = named_run_checkpoint(folder)
@@ -118,13 +118,12 @@ def _run_checkpoint(folder: Path) -> Path:
     return last
 
 
-def _record_of(folder: Path) -> dict:
-    """The run's metrics.json (``{}`` when it has none or it cannot be read)."""
+def _record_of(folder: Path) -> RunRecord | None:
+    """The run's metrics.json (``None`` when it has none or it cannot be read)."""
     try:
-        record = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        return read_record(folder)
+    except (OSError, RecordError):
+        return None
 
 
 def _pin_run_facts(cfg: DictConfig, folder: Path) -> str | None:
@@ -132,7 +131,7 @@ def _pin_run_facts(cfg: DictConfig, folder: Path) -> str | None:
     teacher's file), so that evaluating on other files trains nothing; returns why the teacher is
     skipped, or ``None``."""
     record = _record_of(folder)
-    recorded = record.get("config") if isinstance(record.get("config"), dict) else {}
+    recorded = (record.config if record is not None else None) or {}
     with open_dict(cfg):
         for role in ("student", "teacher"):
             model = cfg.get(role, {}).get("model") if cfg.get(role) is not None else None
@@ -153,7 +152,7 @@ def _pin_run_facts(cfg: DictConfig, folder: Path) -> str | None:
     use = getattr(get_class(str(target)), "teacher_use", None) if target else None
     if use is not None and use.trains_teacher:
         return None  # trained along with the student: its weights are in the checkpoint
-    path, digest = record.get("teacher/ckpt"), record.get("teacher/sha256")
+    path, digest = (record.teacher_ckpt, record.teacher_sha256) if record is not None else (None, None)
     if path and digest and Path(path).is_file() and sha256_file(path) == digest:
         with open_dict(cfg):
             cfg.teacher.ckpt = path

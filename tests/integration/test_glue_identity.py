@@ -258,3 +258,13 @@ def test_kdx_eval_of_a_run_on_another_folder_trains_nothing(tmp_path, cache_dir)
     skipped = json.loads(max(tmp_path.glob("logs/eval/runs/*/eval.json"), key=os.path.getmtime).read_text())
     assert "is gone or changed" in skipped["teacher_skipped"]
     assert not list((cache / "teachers").glob("*.pt"))
+
+
+def test_the_sst2_experiment_holds_the_text_recipe_prokt_included(tmp_path):
+    prokt = compose_train(["experiment=sst2/table", "method=prokt"], tmp_path, tmp_path)
+    assert prokt.method.teacher_optim.optimizer._target_ == "torch.optim.AdamW"  # not MNIST-1D's Adam 1e-2
+    assert prokt.method.teacher_optim.interval == "step"
+    assert prokt.optim.optimizer._target_ == "torch.optim.AdamW"
+    assert prokt.dataset.datamodule.val_size == 872  # selected on held-out rows, dev reported
+    kd = compose_train(["experiment=sst2/table", "method=kd"], tmp_path, tmp_path)
+    assert kd.teacher.train.optim.optimizer._target_ == "torch.optim.AdamW"
