@@ -293,6 +293,7 @@ def split_size(value: int | float, rows: int, what: str) -> int:
 
 class GLUEDataModule(TextDataModule):
     name = "glue"
+    trains_tokenizer = True
 
     def __init__(
         self,

@@ -147,6 +147,18 @@ class TextDataModule(KDDataModule):
     """Tokenizer folder per key prefix of the batch's ``x``: ``""`` the student's tokenisation,
     ``"teacher."`` the teacher's when it differs (:data:`TEACHER_PREFIX`)."""
 
+    trains_tokenizer: bool = False
+    """Whether ``model.tokenizer=train`` can name a tokenizer trained on this data's training split
+    (:meth:`trained_tokenizer`); the builder completes the models' configs with it
+    (:func:`kdx.pipeline.build.resolve_tokenizers`)."""
+
+    def trained_tokenizer(self, create: bool = True) -> Path:
+        """The folder of the tokenizer trained on the training split, trained and cached on first
+        use (``create=False``: an error when it is not cached). Only where :attr:`trains_tokenizer`."""
+        raise KDXError(
+            f"dataset={self.name} does not train a tokenizer (dataset=glue does); give the model a tokenizer folder"
+        )
+
     def __init__(self, max_length: int = 128, **loader_kwargs: Any):
         super().__init__(**loader_kwargs)
         if max_length < 2:

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from kdx.data.text import TRAIN_TOKENIZER
+from kdx.data.text import TRAIN_TOKENIZER, TextDataModule
 from kdx.errors import HyperParameterError, KDXError
 from kdx.methods.base import METHODS, DistillationMethod
 from kdx.models.adapter import as_feature_model
@@ -131,7 +131,8 @@ def resolve_tokenizers(cfg: DictConfig, *, train: bool = True) -> None:
     trains = False
     if target:
         try:
-            trains = callable(getattr(get_class(str(target)), "trained_tokenizer", None))
+            cls = get_class(str(target))
+            trains = isinstance(cls, type) and issubclass(cls, TextDataModule) and cls.trains_tokenizer
         except Exception:  # noqa: BLE001 - an unknown target is reported where it is instantiated
             trains = False
     roles = []

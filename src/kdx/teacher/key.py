@@ -36,7 +36,9 @@ def data_fingerprint(cfg: DictConfig) -> str | None:
         cls = get_class(str(target))
     except Exception:  # noqa: BLE001 - an unknown target is the builder's error to report
         return None
-    if getattr(cls, "data_fingerprint", None) in (None, KDDataModule.data_fingerprint):
+    if not (isinstance(cls, type) and issubclass(cls, KDDataModule)):
+        return None
+    if cls.data_fingerprint is KDDataModule.data_fingerprint:
         return None
     return instantiate(node).data_fingerprint()
 
