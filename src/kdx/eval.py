@@ -167,9 +167,7 @@ def _pin_run_facts(cfg: DictConfig, folder: Path) -> str | None:
 def _without_teacher(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.teacher.model = None
-        cfg.method = {
-            "_target_": f"{type(METHODS['none']()).__module__}.{type(METHODS['none']()).__qualname__}"
-        }
+        cfg.method = {"_target_": f"{METHODS['none'].__module__}.{METHODS['none'].__qualname__}"}
 
 
 def evaluate(cfg: DictConfig) -> dict:
