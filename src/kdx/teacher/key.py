@@ -24,11 +24,11 @@ every key that names data (the auto-teacher's key here, the teacher-output cache
 :mod:`kdx.pipeline.build`), so moving the data or reading it faster reuses what is cached."""
 
 
-def data_fingerprint(cfg: DictConfig) -> str | None:
-    """The content digest of ``cfg``'s data (:meth:`kdx.data.base.KDDataModule.data_fingerprint`);
+def data_fingerprint(dataset: DictConfig) -> str | None:
+    """The content digest of a ``dataset`` node's data (:meth:`kdx.data.base.KDDataModule.data_fingerprint`);
     ``None`` for a data module identified by its config (the data module is only built, never set
     up, and only when its class declares a fingerprint)."""
-    node = cfg.dataset.get("datamodule")
+    node = dataset.get("datamodule")
     target = node.get("_target_") if node is not None else None
     if not target:
         return None
@@ -68,14 +68,26 @@ def portable(value: Any, cache_dir: str | None) -> Any:
     return value
 
 
-def data_key(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.dataset`` resolved, without the arguments of :data:`DATA_KEY_EXCLUDED`; data with a
-    content fingerprint are named by it (``content``), not by their folder (``root``)."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+def teacher_dataset(cfg: DictConfig) -> DictConfig:
+    """The data the auto-teacher trains on: ``cfg.dataset`` with the recipe's ``teacher.train.dataset``
+    merged over it (e.g. ``{datamodule: {max_train_samples: null}}``: the teacher learns from the
+    whole training split while the student's runs use a labelled budget)."""
+    override = OmegaConf.select(cfg, "teacher.train.dataset")
+    if not override:
+        return cfg.dataset
+    return OmegaConf.merge(cfg.dataset, override)
+
+
+def data_key(cfg: DictConfig, dataset: DictConfig | None = None) -> dict[str, Any]:
+    """``dataset`` (default ``cfg.dataset``) resolved, without the arguments of
+    :data:`DATA_KEY_EXCLUDED`; data with a content fingerprint are named by it (``content``), not by
+    their folder (``root``)."""
+    node = cfg.dataset if dataset is None else dataset
+    dataset = OmegaConf.to_container(node, resolve=True)
     datamodule = {
         k: v for k, v in (dataset.pop("datamodule", None) or {}).items() if k not in DATA_KEY_EXCLUDED
     }
-    fingerprint = data_fingerprint(cfg)
+    fingerprint = data_fingerprint(node)
     if fingerprint is not None:
         dataset.pop("root", None)
         dataset["content"] = fingerprint
@@ -100,8 +112,10 @@ def teacher_key(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
     return {
         "model": portable(OmegaConf.to_container(cfg.teacher.model, resolve=True), _cache_dir(cfg)),
         "model_code": model_code_fingerprint(model),
-        "recipe": OmegaConf.to_container(cfg.teacher.train, resolve=True),
-        "dataset": data_key(cfg),
+        "recipe": {
+            k: v for k, v in OmegaConf.to_container(cfg.teacher.train, resolve=True).items() if k != "dataset"
+        },
+        "dataset": data_key(cfg, teacher_dataset(cfg)),
     }
 
 
