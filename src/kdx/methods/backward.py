@@ -109,7 +109,8 @@ log = logging.getLogger(__name__)
 
 Divergence = Callable[[Tensor], Tensor]
 STEP_TYPES = ("normalized", "sign")
-STEP_SCALES = ("norm", "rms", "absolute")
+# token: each token's own norm (method.space=embedding only; see kdx.methods.backward_embedding)
+STEP_SCALES = ("norm", "rms", "absolute", "token")
 DIVERGENCES = ("kl", "l2")
 MODES = ("online", "offline")
 # the keyword arguments every Perturbation's __init__ takes (method.* keys of the same names)
@@ -122,10 +123,14 @@ GENERATION_KEYS = (
     "clamp_max",
     "epsilon",
     "direction",
+    "tie",
 )
 # gradient: ascend D (the method) | random: a random direction of the same length (the control that
 # asks whether the gradient's direction matters or any nearby teacher-labelled point would do)
 DIRECTIONS = ("gradient", "random")
+# auto: the space's own rule (input: both models read the one moved tensor) | student: only the
+# student's input moves, the teacher labels the clean input (method.space=embedding only)
+TIES = ("auto", "student")
 
 
 def divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -162,6 +167,17 @@ class Perturbation:
         """Clean and auxiliary inputs as one batch (clean first), for one forward per model."""
         return torch.cat([inputs, aux_inputs])
 
+    def move_terms(self, inputs: Any, aux_inputs: Any) -> dict[str, Tensor]:
+        """How far the auxiliary samples are from the batch (logged under ``aux/``)."""
+        return {"aux/move": self.relative_move(inputs, aux_inputs)}
+
+    def refresh(self) -> None:
+        """At each training epoch's start: re-read what the strategy measures on the models."""
+
+    def check(self, terms: dict[str, Tensor]) -> None:
+        """Once per epoch, on the first batch's terms: warn (or raise KDXError) when the auxiliary
+        samples are too far from the data to mean anything."""
+
     @staticmethod
     def relative_move(inputs: Any, aux_inputs: Any) -> Tensor:
         """Mean ‖x_aux − x‖ / ‖x‖ over the batch (logged as ``aux/move``)."""
@@ -182,7 +198,18 @@ class InputGradientAscent(Perturbation):
         clamp_max: float | None = None,
         epsilon: float | None = None,
         direction: str = "gradient",
+        tie: str = "auto",
     ):
+        if step_scale == "token":
+            raise ValueError(
+                "method.step_scale=token normalises the move per token and needs "
+                "method.space=embedding; use norm, rms or absolute for input tensors"
+            )
+        if tie != "auto":
+            raise ValueError(
+                f"method.tie={tie} chooses which embeddings move and needs method.space=embedding; "
+                "leave method.tie=auto for input tensors"
+            )
         self.steps = steps
         self.step_size = step_size
         self.step = step
@@ -292,6 +319,7 @@ class BackwardPassKD(DistillationMethod):
         cumulative: bool = False,
         space: str = "input",
         direction: str = "gradient",
+        tie: str = "auto",
     ):
         super().__init__()
         check_kd_weights(alpha, temperature)
@@ -323,6 +351,8 @@ class BackwardPassKD(DistillationMethod):
             )
         if direction not in DIRECTIONS:
             raise ValueError(f"method.direction={direction!r} must be one of {', '.join(DIRECTIONS)}")
+        if tie not in TIES:
+            raise ValueError(f"method.tie={tie!r} must be one of {', '.join(TIES)}")
         if space not in PERTURBATIONS:
             raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
         if mode == "offline" and not PERTURBATIONS[space].supports_offline:
@@ -344,7 +374,9 @@ class BackwardPassKD(DistillationMethod):
             clamp_max=clamp_max,
             epsilon=epsilon,
             direction=direction,
+            tie=tie,
         )
+        self._check_pending = True  # the guard reads the first online batch of each epoch
         # offline auxiliary set (CPU): inputs, cached teacher logits, and the draw order
         self._aux_x: Tensor | None = None
         self._aux_teacher: Tensor | None = None
@@ -395,7 +427,10 @@ class BackwardPassKD(DistillationMethod):
         n = y.shape[0]  # x may be a mapping of tensors (text)
         terms = self.terms(student_logits[:n], teacher_logits[:n], y, student_logits[n:], teacher_logits[n:])
         if self.mode == "online":
-            terms["aux/move"] = self.perturb.relative_move(x, x_aux)
+            terms.update(self.perturb.move_terms(x, x_aux))
+            if self._check_pending:
+                self._check_pending = False
+                self.perturb.check(terms)
         return terms
 
     def terms(
@@ -416,6 +451,8 @@ class BackwardPassKD(DistillationMethod):
 
     # -- offline mode -------------------------------------------------------------------------
     def on_train_epoch_start(self, ctx: StepContext) -> None:
+        self._check_pending = True
+        self.perturb.refresh()
         if self.mode != "offline":
             return
         if self._aux_x is None or ctx.epoch % self.regenerate_every == 0:
