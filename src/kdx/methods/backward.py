@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,13 @@ class Perturbation:
         """Read what the strategy needs from the models (a text variant: the embedding tables)."""
 
     supports_offline = True  # can build a stored auxiliary set (method.mode=offline)
+    # what the method.* keys left null stand for in this space
+    defaults: ClassVar[dict[str, Any]] = {
+        "aux_weight": 1.0,
+        "step_size": 0.2,
+        "step_scale": "norm",
+        "tie": "auto",
+    }
 
     def __call__(self, inputs: Any, divergence: Divergence) -> Any:
         raise NotImplementedError
@@ -304,11 +311,11 @@ class BackwardPassKD(DistillationMethod):
         self,
         alpha: float = 0.9,
         temperature: float = 4.0,
-        aux_weight: float = 1.0,
+        aux_weight: float | None = None,
         steps: int = 1,
-        step_size: float = 0.2,
+        step_size: float | None = None,
         step: str = "normalized",
-        step_scale: str = "norm",
+        step_scale: str | None = None,
         divergence: str = "kl",
         clamp_min: float | None = None,
         clamp_max: float | None = None,
@@ -319,10 +326,18 @@ class BackwardPassKD(DistillationMethod):
         cumulative: bool = False,
         space: str = "input",
         direction: str = "gradient",
-        tie: str = "auto",
+        tie: str | None = None,
     ):
         super().__init__()
         check_kd_weights(alpha, temperature)
+        if space not in PERTURBATIONS:
+            raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
+        # null: the space's default (images/vectors and text embeddings need different steps)
+        defaults = PERTURBATIONS[space].defaults
+        aux_weight = defaults["aux_weight"] if aux_weight is None else aux_weight
+        step_size = defaults["step_size"] if step_size is None else step_size
+        step_scale = defaults["step_scale"] if step_scale is None else step_scale
+        tie = defaults["tie"] if tie is None else tie
         if aux_weight < 0:
             raise ValueError(f"method.aux_weight={aux_weight} must be >= 0")
         if steps < 1:
@@ -353,8 +368,6 @@ class BackwardPassKD(DistillationMethod):
             raise ValueError(f"method.direction={direction!r} must be one of {', '.join(DIRECTIONS)}")
         if tie not in TIES:
             raise ValueError(f"method.tie={tie!r} must be one of {', '.join(TIES)}")
-        if space not in PERTURBATIONS:
-            raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
         if mode == "offline" and not PERTURBATIONS[space].supports_offline:
             raise ValueError(f"method.space={space} generates online only; use method.mode=online")
         self.alpha = alpha
