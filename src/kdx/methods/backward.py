@@ -19,7 +19,8 @@ softmax(f_s(x)/T))``; ``divergence=l2``: ``mean_k (f_s(x) − f_t(x))_k²`` on t
   (‖x_aux − x‖ / ‖x‖ = η after one step, for both step rules; ``c`` is the sample's RMS);
   ``rms`` takes ``s`` = the batch's RMS·√n, the same for every sample of the batch; ``absolute``
   takes ``s = c = 1`` (η in input units: the same η moves inputs of different scales by different
-  relative amounts). ``Π`` clamps to the data
+  relative amounts); ``token`` (text only) normalises each token by its own norm
+  (:mod:`kdx.methods.backward_embedding`). ``Π`` clamps to the data
   range ``[clamp_min, clamp_max]`` and/or projects onto the ε-ball around ``x`` (ε scaled like η:
   L2 radius ε·s for the normalized step, L∞ radius ε·c for the sign step), when those are set. A
   zero gradient (teacher and student compute the same function) gives no step.
@@ -57,7 +58,10 @@ Modes:
   size as the clean batch) of a permutation of that set. The set is kept on CPU and not
   checkpointed (after a resume it is rebuilt from the current student, one round).
 
-Defaults: α = 0.9, T = 4 (the RepDistiller KD convention), λ_aux = 1, k = 1, normalized step,
+Defaults (``method.space=input``; the keys ``aux_weight``, ``step_size``, ``step_scale`` and ``tie``
+left null take the space's defaults, ``Perturbation.defaults``, and text embeddings have their own,
+chosen on SST-2: :mod:`kdx.methods.backward_embedding`): α = 0.9, T = 4 (the RepDistiller KD
+convention), λ_aux = 1, k = 1, normalized step,
 ``step_scale=norm`` with η = 0.2 (chosen from measurements on MNIST-1D: at η = 0.2 the auxiliary
 divergence is several times the clean one, ``aux/kl_gain`` > 1.3 through training; at
 η = 0.05 in input units it was only ×1.06 — docs/methods.md §2 has the figures), ``divergence=kl``, no

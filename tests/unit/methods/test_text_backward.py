@@ -274,3 +274,41 @@ def test_input_space_refuses_the_text_only_settings():
         BackwardPassKD(tie="student")
     with pytest.raises(ValueError, match="method.tie"):
         BackwardPassKD(space="embedding", tie="both")
+
+
+def text_batch():
+    torch.manual_seed(1)
+    x = {"input_ids": torch.randint(1, 40, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    x["attention_mask"][0, 4:] = 0
+    return x, torch.tensor([0, 1, 2, 0]), torch.arange(4)
+
+
+@pytest.mark.parametrize("control", [{"step_size": 0.0}, {"direction": "random"}])
+def test_controls_run_on_text(control):
+    student, teacher = tiny_pair()
+    method = BackwardPassKD(space="embedding", **control)
+    method.setup(student, teacher, None)
+    terms = method.training_step(text_batch(), StepContext(student=student, teacher=teacher))
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    if control.get("step_size") == 0.0:
+        assert terms["aux/move"].item() == 0.0 and terms["aux/move_token"].item() == 0.0
+    else:  # the random move has the length of the default step, per token
+        step = method.perturb.step_size
+        assert terms["aux/move_token"].item() == pytest.approx(step, rel=1e-5)
+        assert terms["aux/move_token_max"].item() == pytest.approx(step, rel=1e-5)
+
+
+def test_guard_fires_on_an_extreme_step_and_not_on_the_default(caplog):
+    student, teacher = tiny_pair()
+    ctx = StepContext(student=student, teacher=teacher)
+    method = BackwardPassKD(space="embedding")
+    method.setup(student, teacher, None)
+    with caplog.at_level("WARNING"):
+        terms = method.training_step(text_batch(), ctx)
+    assert "neighbouring words" not in caplog.text
+    assert 0 < terms["aux/move_token"].item() < terms["aux/neighbour"].item()
+    extreme = BackwardPassKD(space="embedding", step_size=3.0)
+    extreme.setup(student, teacher, None)
+    with pytest.raises(KDXError, match="method.step_size=3 .* not sentences"):
+        extreme.training_step(text_batch(), ctx)
