@@ -342,6 +342,15 @@ class BackwardPassKD(DistillationMethod):
         step_size = defaults["step_size"] if step_size is None else step_size
         step_scale = defaults["step_scale"] if step_scale is None else step_scale
         tie = defaults["tie"] if tie is None else tie
+        # the record's config holds the nulls: say what they stood for
+        log.info(
+            "method=backward, space=%s: step_size=%g step_scale=%s tie=%s aux_weight=%g",
+            space,
+            step_size,
+            step_scale,
+            tie,
+            aux_weight,
+        )
         if aux_weight < 0:
             raise ValueError(f"method.aux_weight={aux_weight} must be >= 0")
         if steps < 1:

@@ -212,7 +212,9 @@ def test_tie_student_leaves_the_teacher_input_clean():
     perturb = EmbeddingPerturbation(step_size=0.2, step_scale="token", tie="student")
     perturb.setup(student, teacher)
     aux = perturb(IDS, linear_divergence((0.0, 1.0), (1.0, 0.0, 0.0)))
-    torch.testing.assert_close(aux["__embedding_delta__"], torch.tensor([[[0.0, 1.0], [0.0, 0.4], [0.0, 0.0]]]))
+    torch.testing.assert_close(
+        aux["__embedding_delta__"], torch.tensor([[[0.0, 1.0], [0.0, 0.4], [0.0, 0.0]]])
+    )
     assert not aux["__teacher_embedding_delta__"].any()
     assert perturb.move_terms(IDS, aux)["aux/move_teacher"].item() == 0.0
     # the same width and ids would share one δ under tie=auto; tie=student still keeps the teacher clean
@@ -233,7 +235,9 @@ def test_random_direction_control_has_the_same_length_and_no_backward_pass():
     aux = perturb(IDS, no_backward)
     torch.testing.assert_close(aux["__embedding_delta__"][0].norm(dim=-1), torch.tensor([1.0, 0.4, 0.0]))
     # separate tie: the teacher's rows (norm 2) move 0.2·2 along their own random direction
-    torch.testing.assert_close(aux["__teacher_embedding_delta__"][0].norm(dim=-1), torch.tensor([0.4, 0.4, 0.0]))
+    torch.testing.assert_close(
+        aux["__teacher_embedding_delta__"][0].norm(dim=-1), torch.tensor([0.4, 0.4, 0.0])
+    )
 
 
 def test_neighbour_distance_golden():
