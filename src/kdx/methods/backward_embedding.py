@@ -63,7 +63,7 @@ sentences), a most-moved token beyond it is a warning.
 
 Defaults for ``method.space=embedding`` (the ``method.*`` keys left null; chosen from measurements
 on SST-2, docs/text.md "Backward-pass KD on SST-2"): ``step_scale=token``, ``tie=student``,
-η = STEP, λ_aux = AUX. ``method.space=input`` keeps its own (η = 0.2 of ‖x‖, ``norm``, λ_aux = 1).
+η = 0.05, λ_aux = 1. ``method.space=input`` keeps its own (η = 0.2 of ‖x‖, ``norm``, λ_aux = 1).
 
 Deviations from the paper: only the abstract could be read. Perturbing the word embeddings (not
 the sum with position embeddings), the tie rules, the normalisations and the online (per-batch)
