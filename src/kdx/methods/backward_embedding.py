@@ -59,7 +59,9 @@ averaged) and ``neighbour`` (:func:`neighbour_distance`: the median distance fro
 embedding to the nearest other word's, relative to its norm — about 0.86 for the 32-wide student
 on SST-2). On the first batch of every epoch: a mean token move beyond ``neighbour`` is refused
 (:class:`~kdx.errors.KDXError` naming ``method.step_size``: the auxiliary samples are no
-sentences), a most-moved token beyond it is a warning.
+sentences), a most-moved token beyond it is a warning, and so is one beyond ``COLLAPSE_MOVE`` =
+0.15 of its norm (on SST-2 the students collapsed to chance at 0.2 and trained at 0.10, well
+inside the words' neighbourhoods).
 
 Defaults for ``method.space=embedding`` (the ``method.*`` keys left null; chosen from measurements
 on SST-2, docs/text.md "Backward-pass KD on SST-2"): ``step_scale=token``, ``tie=student``,
@@ -91,6 +93,9 @@ _SEQUENCE_KEYS = ("attention_mask", "token_type_ids", "position_ids")
 
 _MOVES = "__moves__"  # the move's sizes (detached scalars), for the log and the guard
 _NEIGHBOUR_ROWS = 512  # vocabulary rows sampled by neighbour_distance
+# a most-moved token beyond this fraction of its norm is warned about: on SST-2 (2-layer BERTs)
+# 0.10 trained and every setting at 0.2 or more collapsed to chance (docs/text.md)
+COLLAPSE_MOVE = 0.15
 
 
 def _per_sample(values: Tensor) -> Tensor:
@@ -366,6 +371,14 @@ class EmbeddingPerturbation(Perturbation):
                 f"the median distance between neighbouring words ({neighbour:.2f}): the auxiliary samples "
                 "are not sentences; lower method.step_size (the text default, step_scale=token, "
                 f"moves each token by step_size; keep it below {neighbour:.2f})"
+            )
+        if neighbour >= most > COLLAPSE_MOVE:
+            log.warning(
+                "kdx: warning: %s moves the most-moved token of a sentence by %.2f of its norm on average; "
+                "on SST-2 every setting that moved it by 0.2 or more collapsed the student to chance "
+                "(docs/text.md); the text default moves each token by 0.05 (method.step_scale=token)",
+                setting,
+                most,
             )
         if most > neighbour:
             log.warning(

@@ -266,6 +266,10 @@ def test_guard_refuses_an_extreme_move_and_warns_on_a_large_one(caplog):
         perturb.check(terms(0.3, 1.2))
     assert "further than the median distance between neighbouring words" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING"):  # inside the neighbourhood, but where SST-2 students collapsed
+        perturb.check(terms(0.15, 0.2))
+    assert "collapsed the student to chance" in caplog.text and "neighbouring" not in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING"):
         perturb.check(terms(0.1, 0.1))
     assert caplog.text == ""
