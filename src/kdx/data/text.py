@@ -180,10 +180,10 @@ class TextDataModule(KDDataModule):
         self.batching = "length_grouped" if self.length_grouping else "shuffled"
 
     # -- loaders: the training batches grouped by length, the evaluation splits shortest first ------
-    def train_dataloader(self) -> DataLoader:
-        if self.replayed_views is not None:
-            return super().train_dataloader()
-        dataset = self._built(self.train_set)
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if not train:  # train_eval: the training split in index order, as the base gives it
+            return super()._loader(dataset, train)
+        dataset = self._built(dataset)
         seed = torch.initial_seed()  # the run's seed (seed_everything runs before the data module is built)
         batches = LengthGroupedBatchSampler(
             EpochSeededSampler(len(dataset), seed),  # type: ignore[arg-type]
