@@ -65,7 +65,9 @@ def text_lengths(dataset: Dataset) -> Tensor:
         return dataset.lengths
     if isinstance(dataset, Subset):
         return text_lengths(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
-    masks = [[v for k, v in dataset[i][0].items() if k.endswith("attention_mask")] for i in range(len(dataset))]  # type: ignore[arg-type]
+    masks = [
+        [v for k, v in dataset[i][0].items() if k.endswith("attention_mask")] for i in range(len(dataset))
+    ]  # type: ignore[arg-type]
     return torch.tensor([max(int(m.sum()) for m in row) for row in masks], dtype=torch.long)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader
-from lightning.fabric.utilities.data import _replace_dunder_methods
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from kdx.data.sampling import EpochSeededSampler, LengthGroupedBatchSampler, ResumableLoader
