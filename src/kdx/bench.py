@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx import bench_text
-from kdx.bench_loop import _clock, _kd_step, _StepTimer, _sync, _trainer, _use_clock
+from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, _use_clock
 from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
@@ -182,21 +182,6 @@ def plain_segment(
     stamps.append(_clock())
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return samples / (stamps[-1] - stamps[0]), 1000 * statistics.median(gaps)
-
-
-class BareKD(L.LightningModule):
-    """What a user would write by hand in Lightning: the same KD step, nothing logged."""
-
-    def __init__(self, student, teacher, optimizer):
-        super().__init__()
-        self.student, self.teacher, self._optimizer = student, teacher.eval().requires_grad_(False), optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        return _kd_step(self.student, self.teacher, x, y)
-
-    def configure_optimizers(self):
-        return self._optimizer(self.student.parameters())
 
 
 def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:

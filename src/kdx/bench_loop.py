@@ -1,4 +1,5 @@
-"""What every kdx-bench pair shares: the clock, the step timer, the plain loop's KD step, the Trainer."""
+"""What every kdx-bench pair shares: the clock, the step timer, the plain loop's KD step, the Trainer,
+and the bare LightningModule doing that step (Lightning's floor)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,18 @@ def _kd_step(student, teacher, x, y, teacher_logits=None):
             teacher_logits = teacher(x)
     kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean")
     return 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
+
+
+class BareKD(L.LightningModule):
+    """What a user would write by hand in Lightning: the same KD step, nothing logged."""
+
+    def __init__(self, student, teacher, optimizer):
+        super().__init__()
+        self.student, self.teacher, self._optimizer = student, teacher.eval().requires_grad_(False), optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return _kd_step(self.student, self.teacher, x, y)
+
+    def configure_optimizers(self):
+        return self._optimizer(self.student.parameters())

@@ -8,8 +8,11 @@ warm-up; a side's figure is its median over ``text.rounds``:
 
 * ``plain``: a hand-written loop (Hinton KD, live teacher, as in :mod:`kdx.bench`) on length-grouped
   batches trimmed to their longest row;
+* ``lightning``: a bare LightningModule doing the plain loop's step on the same batches, logging
+  nothing (Lightning's floor);
 * ``kdx``: ``Trainer.fit`` on the real ``DistillationModule`` with the configured method on the same
-  batches: ``ratio_kdx_over_plain_kd`` is kdx's cost on text;
+  batches: ``ratio_kdx_over_plain_kd`` is kdx's cost on text, ``ratio_kdx_over_lightning`` the part
+  of it that is kdx's own (the module, the method, the metrics) rather than Lightning's loop;
 * ``kdx_random``: kdx on shuffled batches, each trimmed to its longest row (dynamic padding alone);
 * ``kdx_fixed``: kdx on the same shuffled batches padded to ``max_length`` (no trimming).
 
@@ -30,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
-from kdx.bench_loop import _clock, _kd_step, _StepTimer, _sync, _trainer
+from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer
 from kdx.configs import conf_root
 from kdx.data.base import KDDataModule
 from kdx.data.sampling import EpochSeededSampler, LengthGroupedBatchSampler
@@ -159,15 +162,16 @@ def plain_segment(cfg, student, teacher, device, warmup: int, batches_loader: Da
     return samples / (_clock() - start)
 
 
-def kdx_segment(cfg, student, teacher, device, data: TextBatches) -> float:
-    module_cfg = OmegaConf.create({"dataset": {"num_classes": 2}, "student": {}, "teacher": {"cache": "off"}})
-    module = make_module(
-        module_cfg,
-        student,
-        instantiate(cfg.method),
-        teacher,
-        optim=OmegaConf.create({"optimizer": cfg.optim.optimizer}),
-    )
+def kdx_segment(cfg, student, teacher, device, data: TextBatches, bare: bool = False) -> float:
+    """samples/s of ``Trainer.fit`` on kdx's module (``bare``: on :class:`~kdx.bench_loop.BareKD`)."""
+    if bare:
+        module: Any = BareKD(student, teacher, instantiate(cfg.optim.optimizer))
+    else:
+        module_cfg = OmegaConf.create(
+            {"dataset": {"num_classes": 2}, "student": {}, "teacher": {"cache": "off"}}
+        )
+        optim = OmegaConf.create({"optimizer": cfg.optim.optimizer})
+        module = make_module(module_cfg, student, instantiate(cfg.method), teacher, optim=optim)
     timer = _StepTimer(int(cfg.text.warmup_steps), device)
     _trainer(cfg, timer, 1).fit(module, datamodule=data)
     return timer.samples / (timer.end - timer.start)
@@ -186,7 +190,7 @@ def bench(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     batches["fixed"] = batches["random"]
     student0 = build_model(str(tcfg.student), int(tcfg.vocab_size))
     teacher0 = build_model(str(tcfg.teacher), int(tcfg.vocab_size))
-    sides = ["plain", *(f"kdx_{b}" for b in BATCHINGS)]
+    sides = ["plain", "lightning", *(f"kdx_{b}" for b in BATCHINGS)]
     rates: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(int(tcfg.rounds)):
         for side in sides if round_ % 2 == 0 else sides[::-1]:
@@ -197,9 +201,9 @@ def bench(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
                     plain_segment(cfg, student, teacher, device, int(tcfg.warmup_steps), timed)
                 )
                 continue
-            batching = side.removeprefix("kdx_")
+            batching = "grouped" if side == "lightning" else side.removeprefix("kdx_")
             data = TextBatches(dataset, batches[batching], batching, max_length)
-            rates[side].append(kdx_segment(cfg, student, teacher, device, data))
+            rates[side].append(kdx_segment(cfg, student, teacher, device, data, bare=side == "lightning"))
     median = {side: statistics.median(values) for side, values in rates.items()}
     lengths = dataset.lengths
     timed = {name: b[int(tcfg.warmup_steps) :] for name, b in batches.items()}
@@ -222,6 +226,9 @@ def bench(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         "plain_kd_samples_per_s": round(median["plain"], 2),
         "kdx_samples_per_s": round(median["kdx_grouped"], 2),
         "ratio_kdx_over_plain_kd": round(median["kdx_grouped"] / median["plain"], 4),
+        "lightning_samples_per_s": round(median["lightning"], 2),
+        "ratio_lightning_over_plain_kd": round(median["lightning"] / median["plain"], 4),
+        "ratio_kdx_over_lightning": round(median["kdx_grouped"] / median["lightning"], 4),
         "kdx_random_samples_per_s": round(median["kdx_random"], 2),
         "kdx_fixed_samples_per_s": round(median["kdx_fixed"], 2),
         "gain_grouped_over_random": round(median["kdx_grouped"] / median["kdx_random"], 4),
@@ -238,8 +245,11 @@ def table(result: dict[str, Any]) -> str:
         f"{'side':<44}{'tokens/batch':>13}{'samples/s':>12}{'ratio':>9}",
         f"{'plain PyTorch/HF (kd), length-grouped':<44}{result['mean_batch_tokens_grouped']:>13.1f}"
         f"{result['plain_kd_samples_per_s']:>12.1f}{1:>9.3f}",
+        f"{'bare LightningModule, length-grouped':<44}{result['mean_batch_tokens_grouped']:>13.1f}"
+        f"{result['lightning_samples_per_s']:>12.1f}{result['ratio_lightning_over_plain_kd']:>9.3f}   (Lightning's floor)",
         f"{'kdx (' + result['method'] + '), length-grouped':<44}{result['mean_batch_tokens_grouped']:>13.1f}"
-        f"{result['kdx_samples_per_s']:>12.1f}{result['ratio_kdx_over_plain_kd']:>9.3f}   (kdx / plain)",
+        f"{result['kdx_samples_per_s']:>12.1f}{result['ratio_kdx_over_plain_kd']:>9.3f}   (kdx / plain; "
+        f"kdx / bare Lightning {result['ratio_kdx_over_lightning']:.3f})",
         f"{'kdx, shuffled batches, dynamic padding':<44}{result['mean_batch_tokens_random']:>13.1f}"
         f"{result['kdx_random_samples_per_s']:>12.1f}{1 / result['gain_grouped_over_random']:>9.3f}   (/ kdx grouped)",
         f"{'kdx, shuffled batches, padded to max_length':<44}{result['mean_batch_tokens_fixed']:>13.1f}"

@@ -270,10 +270,13 @@ def test_bench_text_pair_reports_its_ratio_and_the_gains_of_length_grouping():
     assert (
         result["pair"] == "text" and result["student"] == "bert_l2_h32" and result["teacher"] == "bert_l2_h64"
     )
-    for side in ("plain_kd", "kdx", "kdx_random", "kdx_fixed"):
+    for side in ("plain_kd", "lightning", "kdx", "kdx_random", "kdx_fixed"):
         assert result[f"{side}_samples_per_s"] > 0
     assert result["ratio_kdx_over_plain_kd"] == pytest.approx(
         result["kdx_samples_per_s"] / result["plain_kd_samples_per_s"], rel=1e-2
+    )
+    assert result["ratio_kdx_over_lightning"] == pytest.approx(
+        result["kdx_samples_per_s"] / result["lightning_samples_per_s"], rel=1e-2
     )
     assert result["gain_grouped_over_fixed"] == pytest.approx(
         result["kdx_samples_per_s"] / result["kdx_fixed_samples_per_s"], rel=1e-2
