@@ -27,6 +27,10 @@ Also reported: the time share of the method's loss inside the kdx step: the time
 takes on the timed steps' batches (measured after the fit, outside the timed steps, so nothing in
 the module is wrapped) over the time of those steps. Prints a table and one JSON
 line. Never used as an assert in tests (the machine's load decides the figures).
+
+``pair=text`` measures the text pair instead (:mod:`kdx.bench_text`: BERTs on SST-2-shaped token
+batches, kdx against the plain loop and what length grouping gains); every pair other than this
+module's image pair is a module listed in :data:`PAIRS`.
 """
 
 from __future__ import annotations

@@ -137,6 +137,11 @@ def model_config(name: str) -> DictConfig:
 
 def build_model(name: str, vocab_size: int) -> torch.nn.Module:
     cfg = model_config(name)
+    if cfg.get("config") is None:
+        raise ValueError(
+            f"conf/model/{name}.yaml loads a checkpoint; the text bench builds random-init models "
+            "from a model.config (e.g. bert_l2_h64, bert_l2_h32)"
+        )
     return instantiate(cfg, num_classes=2, vocab_size=vocab_size, tokenizer=None, name_or_path=None)
 
 
