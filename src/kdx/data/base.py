@@ -107,6 +107,11 @@ class KDDataModule(L.LightningDataModule):
     batch_size: int
     """Training batch size."""
 
+    batching: str | None = None
+    """How the training loader forms its batches when a data module chooses (text:
+    ``"length_grouped"`` or ``"shuffled"``); recorded in metrics.json (``data/batching``). None:
+    shuffled by (run seed, epoch), the default loader."""
+
     eval_batch_size: int
     """Batch size of the evaluation loaders (``val``, ``test``, ``train_eval``)."""
 
