@@ -177,7 +177,7 @@ class TokenDistillation(DistillationMethod):
         if teacher.topk is not None:
             log_p, log_q = sparse_bins(log_q, teacher.topk)
         else:
-            log_p = F.log_softmax(teacher.logits.float() / t, dim=-1)
+            log_p = F.log_softmax(teacher.logits.detach().float() / t, dim=-1)  # the target only
         return self.divergence(log_p, log_q) * (t * t)
 
     def token_loss(self, student_logits: Tensor, teacher: ModelOutput, y: Tensor, mask: Tensor) -> Terms:

@@ -18,6 +18,7 @@ sequence-level KD) from a seeded generator with the model's key-value cache.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -103,9 +104,11 @@ class CausalLM(nn.Module):
         (0: all), with ``generator`` (seeded by the caller: the same draw for the same seed and step);
         ``temperature=0`` is greedy decoding. The model runs in eval mode (no dropout) inside."""
         tokens = prompt
+        # the key-value cache's argument: `cache` in recent transformers, `past_key_values` before
+        name = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
         with train_mode(self, False):
             out = self.hf(input_ids=prompt, use_cache=True)
-            cache = out.past_key_values
+            cache = out[name]
             logits = out.logits[:, -1]
             for i in range(new_tokens):
                 logits = logits.float()
@@ -119,8 +122,8 @@ class CausalLM(nn.Module):
                     nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
                 tokens = torch.cat([tokens, nxt], dim=1)
                 if i + 1 < new_tokens:
-                    out = self.hf(input_ids=nxt, past_key_values=cache, use_cache=True)
-                    cache, logits = out.past_key_values, out.logits[:, -1]
+                    out = self.hf(input_ids=nxt, use_cache=True, **{name: cache})
+                    cache, logits = out[name], out.logits[:, -1]
         return tokens
 
 
@@ -147,6 +150,10 @@ def causal_lm(
             raise KDXError("model.config needs model_type (e.g. gpt2, llama)")
         if vocab_size is not None:
             settings["vocab_size"] = int(vocab_size)
+        # kdx's blocks carry their own end-of-document token; the architecture's default ids (GPT-2's
+        # 50256) would lie outside a small vocabulary
+        settings.setdefault("bos_token_id", None)
+        settings.setdefault("eos_token_id", None)
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(model_type, **settings)
         )
