@@ -120,7 +120,9 @@ def test_a_topk_target_covering_the_vocabulary_gives_the_live_loss(name):
 def test_gradient_reaches_the_student_logits_only():
     student = torch.randn(1, 4, 6, requires_grad=True)
     teacher = torch.randn(1, 4, 6, requires_grad=True)
-    loss = METHODS["jsd"]().loss(ModelOutput(student), ModelOutput(teacher), torch.zeros(1, 4, dtype=torch.long), None)
+    loss = METHODS["jsd"]().loss(
+        ModelOutput(student), ModelOutput(teacher), torch.zeros(1, 4, dtype=torch.long), None
+    )
     loss["loss"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
@@ -151,7 +153,11 @@ def test_on_policy_coin_never_or_always_samples(lmbda, expected):
     ids = torch.randint(0, 12, (2, 7))
     x, y = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 12, (2, 7))
     flags = [
-        float(method.training_step((x, y, torch.arange(2)), StepContext(student=student, teacher=teacher, step=i))["on_policy"])
+        float(
+            method.training_step(
+                (x, y, torch.arange(2)), StepContext(student=student, teacher=teacher, step=i)
+            )["on_policy"]
+        )
         for i in range(6)
     ]
     assert method.generated == expected and flags == [float(expected > 0)] * 6
