@@ -26,7 +26,7 @@ logging: Lightning's floor), and of kdx's module; ``overhead_ms_over_lightning``
 Also reported: the time share of the method's loss inside the kdx step: the time ``method.loss``
 takes on the timed steps' batches (measured after the fit, outside the timed steps, so nothing in
 the module is wrapped) over the time of those steps. Prints a table and one JSON
-line. Never used as an assert in tests (the machine's load decides the figures).
+line. ``pair=lm`` runs the language-model pair instead (:mod:`kdx.bench_lm`). Never used as an assert in tests (the machine's load decides the figures).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
+from kdx.bench_lm import bench_lm, lm_table
 from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
@@ -467,8 +468,12 @@ def main(cfg: DictConfig) -> None:
     configure_console()  # Lightning's routine notices stay in the log file
     with contextlib.suppress(Exception):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    result = bench(cfg)
-    print(table(result))
+    if str(cfg.get("pair", "image")) == "lm":  # the language-model pair (kdx.bench_lm)
+        result = bench_lm(cfg)
+        print(lm_table(result))
+    else:
+        result = bench(cfg)
+        print(table(result))
     # a variant that could not run reports NaN: null keeps the line strict JSON for whatever parses it
     print(json.dumps(json_safe(result), allow_nan=False))
 

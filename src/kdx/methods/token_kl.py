@@ -114,14 +114,13 @@ def target_mask(y: Tensor, prompt_tokens: int = 0) -> Tensor:
 
 def reduce_positions(values: Tensor, mask: Tensor, average: str) -> Tensor:
     """``values`` (B, L) over the ``mask``ed positions: per token or per sequence (module docstring)."""
-    weights = mask.to(values.dtype)
-    values = torch.where(mask, values, torch.zeros_like(values))
+    values = values.masked_fill(~mask, 0.0)  # whatever a masked position holds, it adds nothing
     if average == "token":
-        return (values * weights).sum() / weights.sum().clamp_min(1.0)
-    counts = weights.sum(-1)
-    rows = (counts > 0).to(values.dtype)
-    per_row = (values * weights).sum(-1) / counts.clamp_min(1.0)
-    return (per_row * rows).sum() / rows.sum().clamp_min(1.0)
+        return values.sum() / mask.sum().clamp_min(1)
+    counts = mask.sum(-1)
+    rows = counts > 0
+    per_row = values.sum(-1) / counts.clamp_min(1)
+    return per_row.sum() / rows.sum().clamp_min(1)
 
 
 def sparse_bins(log_q: Tensor, target: Any) -> tuple[Tensor, Tensor]:
@@ -173,12 +172,14 @@ class TokenDistillation(DistillationMethod):
     def per_position(self, student_logits: Tensor, teacher: ModelOutput) -> Tensor:
         """The divergence at every position, (B, L), times T²."""
         t = self.temperature
-        log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+        scale = (lambda z: z) if t == 1.0 else (lambda z: z / t)  # T = 1: no pass over (B, L, V)
+        log_q = F.log_softmax(scale(student_logits.float()), dim=-1)
         if teacher.topk is not None:
             log_p, log_q = sparse_bins(log_q, teacher.topk)
         else:
-            log_p = F.log_softmax(teacher.logits.detach().float() / t, dim=-1)  # the target only
-        return self.divergence(log_p, log_q) * (t * t)
+            log_p = F.log_softmax(scale(teacher.logits.detach().float()), dim=-1)  # the target only
+        values = self.divergence(log_p, log_q)
+        return values if t == 1.0 else values * (t * t)
 
     def token_loss(self, student_logits: Tensor, teacher: ModelOutput, y: Tensor, mask: Tensor) -> Terms:
         div = reduce_positions(self.per_position(student_logits, teacher), mask, self.average)
