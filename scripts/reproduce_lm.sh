@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The language-model table on a CPU (docs/lm.md): a tiny GPT-2 student (1 layer × 32) alone and
 # distilled from a tiny GPT-2 teacher (2 layers × 64, trained once by its recipe and cached) on the
-# generated corpus (dataset=lm_synthetic, no files) with forward KL, reverse KL, JSD(0.5), skew KL
+# generated corpus (dataset=lm, no files) with forward KL, reverse KL, JSD(0.5), skew KL
 # (α 0.1), on-policy JSD (gkd, λ 0.5) and forward KL from the top-k teacher cache at k = 8 and 32;
 # 3 seeds, one job at a time on one thread, then kdx-table with Welch's t against the student alone
 # on held-out perplexity and on the KL to the teacher.

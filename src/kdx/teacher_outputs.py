@@ -1,4 +1,4 @@
-"""Teacher-output cache (``teacher.cache=off|exact|views``): skip the frozen teacher's forward pass.
+"""Teacher-output cache (``teacher.cache=off|exact|views|topk``): skip the frozen teacher's forward pass.
 
 A frozen teacher in ``eval()`` maps the same input to the same outputs every time, so a training step
 can read them instead of computing them, provided the input really is the same. Two modes:

@@ -1,4 +1,4 @@
-"""Language modelling (``dataset=lm_synthetic``, ``dataset=lm_text``): packed blocks of next-token prediction.
+"""Language modelling (``dataset=lm``): packed blocks of next-token prediction.
 
 Documents come from one of two sources:
 

@@ -14,7 +14,7 @@ What a method declares (class attributes):
   teacher (``logits``, ``embedding``, ``stages``). The adapters compute nothing else.
 * ``teacher_use`` (:class:`TeacherUse`): ``NONE`` trains the student alone; ``FROZEN`` reads a
   frozen teacher's outputs on the batch's input only through :meth:`teacher_forward`, so
-  ``teacher.cache=exact|views`` may serve stored outputs (``ctx.cached_teacher``); ``LIVE`` keeps the
+  ``teacher.cache=exact|views|topk`` may serve stored outputs (``ctx.cached_teacher``); ``LIVE`` keeps the
   teacher frozen but needs it running (input gradients through it, generated inputs), ``live_reason``
   says why; ``TRAINED`` gives the teacher gradients and an optimizer (ProKT). Unless ``TRAINED`` the
   module keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.

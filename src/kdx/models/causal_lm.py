@@ -71,7 +71,7 @@ class CausalLM(nn.Module):
         if not isinstance(x, Mapping):
             raise KDXError(
                 f"a causal language model reads a mapping with input_ids (and attention_mask), got "
-                f"{type(x).__name__}; use a language-modelling data set (dataset=lm_synthetic or lm_text)"
+                f"{type(x).__name__}; use a language-modelling data set (dataset=lm, e.g. experiment=lm/synthetic)"
             )
         own = self.input_prefix and any(str(k).startswith(self.input_prefix) for k in x)
         source = self.input_prefix if own else ""

@@ -169,7 +169,7 @@ def _input_kind_problems(cfg: DictConfig) -> Iterator[str]:
             if node is not None and _model_input_kind(node) == "lm":
                 yield (
                     f"{role}={_select(cfg, f'{role}.name')} is a causal language model, but dataset={dataset} is "
-                    "not language modelling; use dataset=lm_synthetic or dataset=lm_text"
+                    "not language modelling; use dataset=lm (e.g. experiment=lm/synthetic)"
                 )
         return
     length = _select(cfg, "dataset.datamodule.max_length")
@@ -205,7 +205,7 @@ def _method_kind_problems(cfg: DictConfig, data_kind: str | None) -> Iterator[st
     if token_level and data_kind != "lm":
         yield (
             f"method={name} distils a causal language model token by token, but dataset={_select(cfg, 'dataset.name')} "
-            "is not language modelling; use dataset=lm_synthetic (or lm_text), e.g. experiment=lm/synthetic"
+            "is not language modelling; use dataset=lm, e.g. experiment=lm/synthetic"
         )
     elif data_kind == "lm" and needs_teacher and not token_level:
         yield (
