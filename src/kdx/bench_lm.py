@@ -11,7 +11,8 @@ median kept (this thread's CPU time on a CPU, wall time on a GPU):
 
 * ``plain``: a hand-written loop: student forward, teacher forward under ``no_grad``, token-level
   forward KL over the unmasked positions, Adam step;
-* ``kdx``: ``Trainer.fit`` on kdx's ``DistillationModule`` with ``method=fkl`` and the live teacher;
+* ``kdx``: ``Trainer.fit`` on kdx's ``DistillationModule`` (built by ``make_module``, as kdx-train
+  builds it) with ``method=fkl`` and the live teacher;
 * ``cached``: the same with ``teacher.cache=topk`` (k = ``lm.cache_topk``), filled before the timed steps.
 
 Reported: ``ratio_kdx_over_plain`` and ``ratio_cached_over_live`` (cached kdx over live kdx), and for
@@ -27,7 +28,6 @@ import copy
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,8 @@ from kdx.data.lm import BlockDataset, LMDataModule
 from kdx.methods.base import METHODS
 from kdx.models.base import ModelOutput
 from kdx.models.causal_lm import causal_lm
-from kdx.module import DistillationModule
+from kdx.pipeline.build import make_module
 from kdx.teacher_outputs import (
-    TeacherOutputCache,
     TopKTarget,
     topk_bytes_per_token,
     topk_log_probs,
@@ -158,20 +157,34 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
     return samples / (stamps[-1] - stamps[0])
 
 
-def kdx_segment(student, teacher, dataset, cfg, device, cache_dir: str | None) -> float:
-    cache = None
-    if cache_dir is not None:
-        cache = TeacherOutputCache(
-            "topk", cache_dir, {"teacher": str(cfg.lm.teacher)}, topk=int(cfg.lm.cache_topk)
-        )
-    module = DistillationModule(
-        student,
-        METHODS["fkl"](),
-        int(cfg.lm.vocab_size),
-        optimizer=partial(torch.optim.Adam, lr=float(cfg.lm.lr)),
-        teacher=teacher,
-        teacher_cache=cache,
+def kdx_segment(student, teacher, dataset, cfg, device, cache_dir: str) -> float:
+    """Blocks/s of kdx's step, the module built by the one builder (``make_module``) as kdx-train
+    builds it: ``method=fkl``, Adam, the teacher live or (``cached``) from ``teacher.cache=topk``."""
+    cached = cache_dir is not None
+    run = OmegaConf.create(
+        {
+            "seed": int(cfg.seed),
+            "dataset": {
+                "name": "lm_bench",
+                "num_classes": int(cfg.lm.vocab_size),
+                "block_size": int(cfg.lm.block_size),
+            },
+            "student": {"name": str(cfg.lm.student), "stage_names": None},
+            "teacher": {
+                "name": str(cfg.lm.teacher),
+                "model": {"name": str(cfg.lm.teacher)},
+                "stage_names": None,
+                "cache": "topk" if cached else "off",
+                "cache_topk": int(cfg.lm.cache_topk),
+            },
+            "optim": {
+                "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": float(cfg.lm.lr)}
+            },
+            "paths": {"cache_dir": cache_dir},
+            "trainer": {"log_every_n_steps": int(cfg.get("log_every_n_steps", 10))},
+        }
     )
+    module = make_module(run, student, METHODS["fkl"](), teacher)
     timer = _Timer(cfg.warmup_steps, device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
