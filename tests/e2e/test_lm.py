@@ -25,7 +25,12 @@ SMALL = [
 
 
 def test_a_2x2_multirun_of_token_methods_feeds_kdx_table(tmp_path):
-    env = {**os.environ, "KDX_CACHE_DIR": str(tmp_path / "cache"), "KDX_ROOT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "KDX_CACHE_DIR": str(tmp_path / "cache"),
+        "KDX_ROOT_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [KDX_TRAIN, "-m", *SMALL, "method=fkl,jsd", "seed=0,1", f"hydra.sweep.dir={sweep}"],
