@@ -13,9 +13,12 @@ median kept (this thread's CPU time on a CPU, wall time on a GPU):
   forward KL over the unmasked positions, Adam step;
 * ``kdx``: ``Trainer.fit`` on kdx's ``DistillationModule`` (built by ``make_module``, as kdx-train
   builds it) with ``method=fkl`` and the live teacher;
-* ``cached``: the same with ``teacher.cache=topk`` (k = ``lm.cache_topk``), filled before the timed steps.
+* ``cached``: the same with ``teacher.cache=topk`` (k = ``lm.cache_topk``), filled before the timed steps;
+* ``lightning``: a bare ``LightningModule`` doing the plain loop's step, nothing logged: what Lightning's
+  loop costs by itself, the floor of any Lightning-based step.
 
-Reported: ``ratio_kdx_over_plain`` and ``ratio_cached_over_live`` (cached kdx over live kdx), and for
+Reported: ``ratio_kdx_over_plain``, ``ratio_lightning_over_plain``, ``ratio_kdx_over_lightning`` and
+``ratio_cached_over_live`` (cached kdx over live kdx), and for
 every k of ``lm.topk`` on held-out blocks: the bytes the cache stores per token, the KL between the
 full teacher distribution and its reconstruction from the stored (float16) top-k target, per
 position, and the relative difference of the student's forward-KL loss on the cached target against
@@ -184,7 +187,28 @@ def kdx_segment(student, teacher, dataset, cfg, device, cache_dir: str) -> float
             "trainer": {"log_every_n_steps": int(cfg.get("log_every_n_steps", 10))},
         }
     )
-    module = make_module(run, student, METHODS["fkl"](), teacher)
+    return _fit(make_module(run, student, METHODS["fkl"](), teacher), dataset, cfg, device)
+
+
+class BareLM(L.LightningModule):
+    """The plain loop's step as a user would write it in Lightning, nothing logged."""
+
+    def __init__(self, student, teacher, lr: float):
+        super().__init__()
+        self.student, self.teacher, self.lr = student, teacher.eval().requires_grad_(False), lr
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self.student(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return _token_kl(logits, teacher_logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.student.parameters(), lr=self.lr)
+
+
+def _fit(module, dataset, cfg, device) -> float:
     timer = _Timer(cfg.warmup_steps, device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -267,13 +291,15 @@ def bench_lm(cfg: DictConfig) -> dict[str, Any]:
         loader = DataLoader(train, batch_size=int(lm.batch_size), shuffle=True)
         _train(teacher0, loader, int(lm.teacher_steps), float(lm.lr), device)
         _train(student0, loader, int(lm.student_steps), float(lm.lr), device)
-        rates: dict[str, list[float]] = {"plain": [], "kdx": [], "cached": []}
+        rates: dict[str, list[float]] = {"plain": [], "lightning": [], "kdx": [], "cached": []}
         sides = list(rates)
         for round_ in range(int(cfg.rounds)):
             for side in sides if round_ % 2 == 0 else sides[::-1]:
                 student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
                 if side == "plain":
                     rates[side].append(plain_segment(student, teacher, timed, cfg, device))
+                elif side == "lightning":
+                    rates[side].append(_fit(BareLM(student, teacher, float(lm.lr)), timed, cfg, device))
                 else:
                     rates[side].append(
                         kdx_segment(student, teacher, timed, cfg, device, tmp if side == "cached" else None)
@@ -293,7 +319,10 @@ def bench_lm(cfg: DictConfig) -> dict[str, Any]:
         "plain_samples_per_s": round(median["plain"], 2),
         "kdx_samples_per_s": round(median["kdx"], 2),
         "cached_samples_per_s": round(median["cached"], 2),
+        "lightning_samples_per_s": round(median["lightning"], 2),
         "ratio_kdx_over_plain": round(median["kdx"] / median["plain"], 4),
+        "ratio_lightning_over_plain": round(median["lightning"] / median["plain"], 4),
+        "ratio_kdx_over_lightning": round(median["kdx"] / median["lightning"], 4),
         "ratio_cached_over_live": round(median["cached"] / median["kdx"], 4),
         "cache_topk": int(lm.cache_topk),
         "topk": errors,
@@ -309,7 +338,10 @@ def lm_table(result: dict[str, Any]) -> str:
         f"blocks of {result['block_size']}, batch {result['batch_size']} ({result['device']})",
         f"{'side':<40}{'blocks/s':>12}{'ratio':>10}",
         f"{'plain PyTorch (forward KL, live teacher)':<40}{result['plain_samples_per_s']:>12.1f}{1:>10.3f}",
-        f"{'kdx (fkl, live teacher)':<40}{result['kdx_samples_per_s']:>12.1f}{result['ratio_kdx_over_plain']:>10.3f}",
+        f"{'bare LightningModule (the same step)':<40}{result['lightning_samples_per_s']:>12.1f}"
+        f"{result['ratio_lightning_over_plain']:>10.3f}",
+        f"{'kdx (fkl, live teacher)':<40}{result['kdx_samples_per_s']:>12.1f}{result['ratio_kdx_over_plain']:>10.3f}"
+        f"   ({result['ratio_kdx_over_lightning']:.3f} of bare Lightning)",
         f"{'kdx (fkl, top-' + str(result['cache_topk']) + ' cache) / live':<40}"
         f"{result['cached_samples_per_s']:>12.1f}{result['ratio_cached_over_live']:>10.3f}",
         f"{'k':>5}{'bytes/token':>13}{'(fp32 logits)':>15}{'KL(full‖recon)':>17}{'student loss Δ':>17}",

@@ -27,6 +27,7 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
     )
     result = bench_lm(cfg)
     assert result["ratio_kdx_over_plain"] > 0 and result["ratio_cached_over_live"] > 0
+    assert result["ratio_lightning_over_plain"] > 0 and result["ratio_kdx_over_lightning"] > 0
     by_k = {row["k"]: row for row in result["topk"]}
     assert by_k[4]["bytes_per_token"] == 4 * 4 + 2 and by_k[64]["full_fp32_bytes_per_token"] == 256
     # k = the vocabulary: nothing lost but float16 rounding
