@@ -26,7 +26,13 @@ logging: Lightning's floor), and of kdx's module; ``overhead_ms_over_lightning``
 Also reported: the time share of the method's loss inside the kdx step: the time ``method.loss``
 takes on the timed steps' batches (measured after the fit, outside the timed steps, so nothing in
 the module is wrapped) over the time of those steps. Prints a table and one JSON
-line. ``pair=lm`` runs the language-model pair instead (:mod:`kdx.bench_lm`). Never used as an assert in tests (the machine's load decides the figures).
+line. Never used as an assert in tests (the machine's load decides the figures).
+
+``pair=text`` measures the text pair instead (:mod:`kdx.bench_text`: BERTs on SST-2-shaped token
+batches, kdx against the plain loop and what length grouping gains), ``pair=lm`` the language-model
+pair (:mod:`kdx.bench_lm`: tiny GPT-2s, kdx's ``fkl`` step against the plain loop, the top-k cached
+step against the live teacher, the top-k cache's size and error); every pair other than this
+module's image pair is a module listed in :data:`PAIRS`.
 """
 
 from __future__ import annotations
@@ -41,19 +47,18 @@ import copy
 import json
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
-from kdx.bench_lm import bench_lm, lm_table
+from kdx import bench_lm, bench_text
+from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, _use_clock
 from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
@@ -67,61 +72,9 @@ from kdx.utils import json_safe
 VARIANTS = ("cache", "channels_last", "compile", "bf16")
 
 
-_CLOCK = {"fn": time.perf_counter}
-
-
-def _clock() -> float:
-    """The bench's clock: this thread's CPU time on a CPU run (``clock: auto``), so that time the
-    thread spends descheduled on a shared machine is not counted; wall time on a GPU."""
-    return _CLOCK["fn"]()
-
-
-def _use_clock(cfg: DictConfig, device: torch.device) -> str:
-    name = str(cfg.get("clock", "auto"))
-    if name == "auto":
-        name = "thread" if device.type == "cpu" else "wall"
-    if name not in ("thread", "wall"):
-        raise ValueError(f"clock={name!r}: choose auto, thread or wall")
-    _CLOCK["fn"] = time.thread_time if name == "thread" else time.perf_counter
-    return name
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _StepTimer(L.Callback):
-    """Times the steps of the last epoch after its first ``warmup`` batches; keeps each step's time
-    and, with ``keep_batches``, each timed step's batch (as the step received it, on the device)."""
-
-    def __init__(self, warmup: int, device: torch.device, epoch: int = 0, keep_batches: bool = False):
-        self.warmup, self.device, self.epoch, self.keep_batches = warmup, device, epoch, keep_batches
-        self.start = self.end = 0.0
-        self.samples = 0
-        self.stamps: list[float] = []
-        self.batches: list[Any] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
-            _sync(self.device)
-            now = _clock()
-            if batch_idx == self.warmup:
-                self.start = now
-            self.stamps.append(now)
-            if self.keep_batches:
-                self.batches.append(batch)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx >= self.warmup:
-            self.samples += batch[1].shape[0]
-            _sync(self.device)
-            self.end = _clock()
-
-    def step_ms(self) -> float:
-        """The median time from one step's start to the next's (the loop's whole cost per step)."""
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return 1000 * statistics.median(gaps)
+# `pair=<name>`: each pair besides the image pair (this module) is a module with
+# bench(cfg, device) -> dict and table(dict) -> str
+PAIRS: dict[str, Any] = {"image": None, "text": bench_text, "lm": bench_lm}
 
 
 def method_loss_seconds(module, batches: list[Any], device: torch.device) -> float:
@@ -168,24 +121,6 @@ class RandomBatches(KDDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
 
 
-def _trainer(cfg, callback: L.Callback, max_epochs: int, precision: str | None = None) -> L.Trainer:
-    return L.Trainer(
-        accelerator=cfg.accelerator,
-        devices=1,
-        precision=precision or cfg.precision,
-        max_epochs=max_epochs,
-        logger=False,
-        # kdx-train's default: the loggers write (and kdx calls self.log) every 10 steps
-        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[callback],
-    )
-
-
 def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache_dir: str | None = None):
     """samples/s and the loss's share of the step, for kdx with one variant switched on (or none)."""
     method = instantiate(cfg.method)
@@ -211,15 +146,6 @@ def kdx_segment(cfg, student, teacher, device, variant: str | None = None, cache
     seconds = timer.end - timer.start
     loss_seconds = method_loss_seconds(module, timer.batches, device) if variant is None else 0.0
     return timer.samples / seconds, loss_seconds / seconds
-
-
-def _kd_step(student, teacher, x, y, teacher_logits=None):
-    logits = student(x)
-    if teacher_logits is None:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-    kl = F.kl_div(F.log_softmax(logits / 4, -1), F.softmax(teacher_logits / 4, -1), reduction="batchmean")
-    return 0.1 * F.cross_entropy(logits, y) + 0.9 * 16 * kl
 
 
 def plain_segment(
@@ -262,21 +188,6 @@ def plain_segment(
     stamps.append(_clock())
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return samples / (stamps[-1] - stamps[0]), 1000 * statistics.median(gaps)
-
-
-class BareKD(L.LightningModule):
-    """What a user would write by hand in Lightning: the same KD step, nothing logged."""
-
-    def __init__(self, student, teacher, optimizer):
-        super().__init__()
-        self.student, self.teacher, self._optimizer = student, teacher.eval().requires_grad_(False), optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        return _kd_step(self.student, self.teacher, x, y)
-
-    def configure_optimizers(self):
-        return self._optimizer(self.student.parameters())
 
 
 def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -338,6 +249,16 @@ def bench(cfg: DictConfig) -> dict:
         "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     )
     clock = _use_clock(cfg, device)
+    pair = str(cfg.get("pair", "image"))
+    if pair not in PAIRS:
+        raise ValueError(f"pair={pair!r}: choose one of {', '.join(PAIRS)}")
+    if pair != "image":
+        return {**PAIRS[pair].bench(cfg, device), "clock": clock}
+    return bench_image(cfg, device, clock)
+
+
+def bench_image(cfg: DictConfig, device: torch.device, clock: str) -> dict:
+    """The image pair (``cfg.teacher`` → ``cfg.student`` on random image batches)."""
     variants = [str(v) for v in (cfg.get("variants") or [])]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -423,6 +344,8 @@ def bench(cfg: DictConfig) -> dict:
 
 def table(result: dict[str, Any]) -> str:
     """The human-readable lines printed above the JSON line."""
+    if result.get("pair", "image") != "image":
+        return PAIRS[result["pair"]].table(result)
     layout = "channels_last" if result.get("kdx_channels_last") else "contiguous"
     lines = [
         f"kdx sides in the {layout} memory format (channels_last={layout == 'channels_last'}); plain: contiguous"
@@ -468,12 +391,8 @@ def main(cfg: DictConfig) -> None:
     configure_console()  # Lightning's routine notices stay in the log file
     with contextlib.suppress(Exception):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if str(cfg.get("pair", "image")) == "lm":  # the language-model pair (kdx.bench_lm)
-        result = bench_lm(cfg)
-        print(lm_table(result))
-    else:
-        result = bench(cfg)
-        print(table(result))
+    result = bench(cfg)
+    print(table(result))
     # a variant that could not run reports NaN: null keeps the line strict JSON for whatever parses it
     print(json.dumps(json_safe(result), allow_nan=False))
 

@@ -352,3 +352,8 @@ def lm_table(result: dict[str, Any]) -> str:
             f"{row['reconstruction_kl']:>17.5f}{100 * row['student_loss_rel_diff']:>16.2f}%"
         )
     return "\n".join(lines)
+
+
+# the pair protocol of kdx.bench.PAIRS: bench(cfg, device) -> dict, table(dict) -> str
+bench = bench_lm
+table = lm_table

@@ -15,7 +15,10 @@ What is generated:
 - ``teacher/<arch>`` for every ``conf/model/<arch>.yaml``: that model, named after it, trained by
   ``conf/teacher/_crd_recipe.yaml`` (a CIFAR zoo model, ``kdx.models.registry.create_model``) or by
   the default teacher recipe ``conf/teacher/_recipe.yaml`` with Adam (any other model) when
-  ``teacher.ckpt=auto``.
+  ``teacher.ckpt=auto``; a Hugging Face text model built from a config (``conf/model/bert_l4_h128.yaml``...)
+  reads the batch's ``teacher.*`` keys and is trained by the text recipe of
+  ``conf/teacher/bert_l2_h64.yaml``: AdamW at 1e-3 with a linear decay, 10 epochs (an experiment
+  config sets the recipe measured on its data, ``conf/experiment/sst2/table.yaml``).
 - ``method/<name>`` for every ``@register_method`` class: its typed schema
   (``schema/method/<name>``), plus the values an experiment row tunes for that method (below).
 - ``hparams_search/<name>_optuna`` for every entry of ``conf/hparams_search/_spaces.yaml``: the shared
@@ -151,6 +154,25 @@ def zoo_model_names() -> tuple[str, ...]:
     return tuple(n for n in model_names() if ZOO_TARGET in (root / f"{n}.yaml").read_text())
 
 
+@cache
+def text_model_names() -> tuple[str, ...]:
+    """Randomly initialised Hugging Face models (``defaults: [hf]`` with a ``config``)."""
+    root = conf_root() / "model"
+    names = []
+    for name in model_names():
+        spec = _load(root / f"{name}.yaml") or {}
+        if "hf" in (spec.get("defaults") or []) and spec.get("config"):
+            names.append(name)
+    return tuple(names)
+
+
+# the teacher recipe of a generated text teacher (as conf/teacher/bert_l2_h64.yaml)
+_TEXT_TEACHER = {
+    "model": {"input_prefix": "teacher."},
+    "train": {"epochs": 10, "optim": {"optimizer": {"lr": 1.0e-3}}},
+}
+
+
 def _load(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=_LOADER)
 
@@ -214,13 +236,18 @@ def register() -> None:
             name=arch,
             node={"defaults": [{"/model@model": arch}, "_self_"], "name": arch, "stage_names": None},
         )
-    zoo = set(zoo_model_names())
+    zoo, text = set(zoo_model_names()), set(text_model_names())
     for arch in generated_options("teacher"):
-        recipe = ["_crd_recipe"] if arch in zoo else ["_recipe", {"/optim@train.optim": "adam"}]
+        optim = "adamw_linear" if arch in text else "adam"
+        recipe = ["_crd_recipe"] if arch in zoo else ["_recipe", {"/optim@train.optim": optim}]
         store(
             group="teacher",
             name=arch,
-            node={"defaults": [*recipe, {"/model@model": arch}, "_self_"], "name": arch},
+            node={
+                "defaults": [*recipe, {"/model@model": arch}, "_self_"],
+                "name": arch,
+                **(_TEXT_TEACHER if arch in text else {}),
+            },
         )
     for name in generated_options("method"):
         store(group="method", name=name, node=method_node(name))

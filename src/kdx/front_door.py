@@ -338,8 +338,44 @@ def _exit_with(error: str) -> None:
     sys.exit(2)
 
 
+_RUN_GROUPS = ("dataset", "student", "teacher")  # kdx-eval's groups that a run's config chose
+
+
+def run_folder_choices(folder: Path) -> dict[str, str]:
+    """The config-group choices a kdx run was composed with (``{}`` when unreadable)."""
+    import yaml  # PyYAML, Hydra's own dependency
+
+    try:
+        choices = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"][
+            "choices"
+        ]
+    except Exception:  # noqa: BLE001 - an unreadable run config: kdx-eval reports what it needs itself
+        return {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None} if isinstance(choices, dict) else {}
+
+
+def run_choices(argv: list[str]) -> list[str]:
+    """kdx-eval of a run (``run=<folder>``, or ``ckpt_path=`` inside one): the run's own choices of
+    data set, student and teacher (``<run>/.hydra/hydra.yaml``) that this command line does not
+    make, to compose before it, so that ``dataset.root=<dir>`` names a key that exists (no ``+``)."""
+    folder = None
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("run", "ckpt_path") and value:
+            path = Path(value).expanduser()
+            folders = [path, *path.resolve().parents] if key == "run" else list(path.resolve().parents)
+            folder = next((f for f in folders if (f / ".hydra" / "hydra.yaml").is_file()), None)
+    if folder is None:
+        return []
+    choices = run_folder_choices(folder)
+    given = {a.lstrip("+~").partition("=")[0] for a in argv}
+    return [f"{g}={choices[g]}" for g in _RUN_GROUPS if choices.get(g) and g not in given]
+
+
 def front_door(task: str) -> None:
     """``--help`` and the checks that need no torch; returns if the run may go ahead."""
+    if task == "eval":
+        sys.argv[1:] = [*run_choices(sys.argv[1:]), *sys.argv[1:]]
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         quiet_broken_pipe()

@@ -143,6 +143,8 @@ class RunRecord:
     teacher_retrained_because: str | None = _key("teacher/retrained_because", TEXT)
     # what the run read: examples per split (after the data's own checks), the teacher-output cache
     data_examples: dict[str, Any] | None = _key("data/examples", MAPPING, what="a mapping of split -> count")
+    # how the training batches were formed, where the data module chose (text: length_grouped | shuffled)
+    data_batching: str | None = _key("data/batching", TEXT)
     teacher_cache_status: str | None = _key("teacher_cache/status", TEXT)
     teacher_cache_problem: str | None = _key("teacher_cache/problem", TEXT)
     # teacher.cache=topk: stored bytes per token and KL(full teacher ‖ its reconstruction), per position

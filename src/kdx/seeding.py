@@ -3,7 +3,8 @@
 Each formula is written once, here, and each use names the one it draws from:
 
 * :func:`mix` — a SplitMix64 hash of ``(seed, a, b, salt)``, vectorised in numpy: augmentation
-  replay (which view of an example, which crop), where every item needs its own draw.
+  replay (which view of an example, which crop), where every item needs its own draw; the order
+  of length-grouped batches per ``(seed, epoch)``.
 * :func:`epoch_seed` — the training order per ``(seed, epoch)`` (the epoch samplers).
 * :func:`epoch_rank_seed` — backward KD's auxiliary set per ``(run seed, epoch, rank)``.
 * :func:`key_seed` — CRD's negatives per ``(seed, step, rank)``.
@@ -20,6 +21,7 @@ import numpy as np
 # One salt per use, so that equal (seed, a, b) give independent draws.
 SALT_REPLAY_VIEW = 1
 SALT_REPLAY_CROP = 2
+SALT_LENGTH_GROUPS = 3
 
 _MASK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 

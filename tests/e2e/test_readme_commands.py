@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import run_cli, run_train
 from kdx.cli import conf_root, help_text, misspelt_group, options
 from kdx.errors import KDXError
+from kdx.front_door import run_choices
 from kdx.models.registry import list_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +82,13 @@ def test_every_documented_command_composes(where, line, tmp_path):
         stand_in = tmp_path / "stand_in.ckpt"
         stand_in.write_bytes(b"")
         overrides[overrides.index(old)] = f"ckpt_path={stand_in}"
+    for old in [o for o in overrides if o.startswith("run=")]:
+        # a run folder the reader has after a GLUE run: kdx-eval composes its choices first
+        run = tmp_path / "stand_in_run"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      dataset: glue\n")
+        overrides[overrides.index(old)] = f"run={run}"
+        overrides = [*run_choices(overrides), *overrides]
     error = misspelt_group(overrides)
     assert error is None, error
     GlobalHydra.instance().clear()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import HostReads, run_train
+from conftest import CONF_DIR, HostReads, run_train
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
@@ -252,3 +252,42 @@ def test_channels_last_auto_picks_the_layout_per_device_and_model():
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     vector = make_module(cfg, MLP(10, (1, 40)), KD(), CNN1D(10, (1, 40)))
     assert not vector.channels_last  # no Conv2d: nothing to change, and the cache key stays as it was
+
+
+def test_bench_text_pair_reports_its_ratio_and_the_gains_of_length_grouping():
+    """`kdx-bench pair=text` at tiny sizes: the bench's own config, every side, the ratio fields."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdx import bench, bench_text
+
+    tiny = ["text.batch_size=8", "text.max_length=32", "text.pool_batches=8", "text.warmup_steps=1"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench", overrides=["pair=text", *tiny, "text.steps=2", "text.rounds=1"])
+    GlobalHydra.instance().clear()
+    result = bench.bench(cfg)
+    assert (
+        result["pair"] == "text" and result["student"] == "bert_l2_h32" and result["teacher"] == "bert_l2_h64"
+    )
+    for side in ("plain_kd", "lightning", "kdx", "kdx_random", "kdx_fixed"):
+        assert result[f"{side}_samples_per_s"] > 0
+    assert result["ratio_kdx_over_plain_kd"] == pytest.approx(
+        result["kdx_samples_per_s"] / result["plain_kd_samples_per_s"], rel=1e-2
+    )
+    assert result["ratio_kdx_over_lightning"] == pytest.approx(
+        result["kdx_samples_per_s"] / result["lightning_samples_per_s"], rel=1e-2
+    )
+    assert result["gain_grouped_over_fixed"] == pytest.approx(
+        result["kdx_samples_per_s"] / result["kdx_fixed_samples_per_s"], rel=1e-2
+    )
+    # fixed padding computes every batch at max_length; grouping pads least
+    assert result["mean_batch_tokens_fixed"] == 32
+    assert result["mean_batch_tokens_grouped"] < result["mean_batch_tokens_random"] < 32
+    assert "length grouping:" in bench.table(result)
+    # the hard-coded SST-2 histogram: 67,349 sentences, mean 11.4 tokens
+    lengths = torch.arange(len(bench_text.SST2_LENGTHS)) + bench_text.SHORTEST
+    weights = torch.tensor(bench_text.SST2_LENGTHS, dtype=torch.float)
+    assert int(weights.sum()) == 67349 and float((lengths * weights).sum() / weights.sum()) == pytest.approx(
+        11.41, abs=0.01
+    )

@@ -83,3 +83,20 @@ def test_teacher_output_class_mismatch(tmp_path, cache_dir):
             tmp_path,
             cache_dir,
         )
+
+
+def test_teacher_trains_on_its_own_data_when_the_recipe_says_so(tmp_path, cache_dir):
+    """teacher.train.dataset merges over the student's dataset for the teacher's run and key only:
+    students on different labelled budgets share one teacher trained on the whole split."""
+    from kdx.teacher.auto import teacher_run_config
+
+    whole = "teacher.train.dataset={datamodule:{num_samples:5500}}"
+    small = compose_train([*FAST, "dataset.datamodule.num_samples=3000", whole], tmp_path, cache_dir)
+    smaller = compose_train([*FAST, "dataset.datamodule.num_samples=2000", whole], tmp_path, cache_dir)
+    assert small.dataset.datamodule.num_samples == 3000  # the student's run is unchanged
+    assert teacher_run_config(small, tmp_path / "t").dataset.datamodule.num_samples == 5500
+    assert cached_teacher_path(small) == cached_teacher_path(smaller)
+    plain = compose_train([*FAST, "dataset.datamodule.num_samples=3000"], tmp_path, cache_dir)
+    other = compose_train([*FAST, "dataset.datamodule.num_samples=2000"], tmp_path, cache_dir)
+    assert cached_teacher_path(plain) != cached_teacher_path(other)
+    assert cached_teacher_path(plain) != cached_teacher_path(small)

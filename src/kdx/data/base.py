@@ -108,6 +108,11 @@ class KDDataModule(L.LightningDataModule):
     batch_size: int
     """Training batch size."""
 
+    batching: str | None = None
+    """How the training loader forms its batches when a data module chooses (text:
+    ``"length_grouped"`` or ``"shuffled"``); recorded in metrics.json (``data/batching``). None:
+    shuffled by (run seed, epoch), the default loader."""
+
     eval_batch_size: int
     """Batch size of the evaluation loaders (``val``, ``test``, ``train_eval``)."""
 
@@ -245,6 +250,16 @@ class KDDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
         )
+
+    # -- identity ------------------------------------------------------------------------------
+    def data_fingerprint(self) -> str | None:
+        """A digest of the data's content (the bytes of the files it reads, and what selects from
+        them), which every cache key that names the data uses instead of where the files are: a
+        moved or copied folder reuses the cached teacher, teacher outputs and tokenisation. ``None``
+        (the default): the data are identified by their config (generated data, whose settings
+        decide every example). Cheap to call before ``setup`` (file digests are cached,
+        :func:`kdx.data.cache.content_digest`)."""
+        return None
 
     # -- ground truth --------------------------------------------------------------------------
     def true_class_similarity(self) -> Tensor | None:

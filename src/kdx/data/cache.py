@@ -29,17 +29,44 @@ from kdx.errors import KDXError
 from kdx.utils import (
     atomic_torch_save,
     atomic_write_json,
+    atomic_write_text,
     check_file,
     clean_stale_temps,
     file_record,
+    file_sha256,
     is_writable,
     lock_path,
     move_aside,
+    stable_hash,
 )
 
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 of a data file's bytes: what names the data in every cache key, so a moved or copied
+    folder is the same data. Hashed once per (resolved path, size, mtime): remembered for the
+    process and, with ``cache_dir``, in ``<cache_dir>/digests/`` for the next ones (a file changed
+    in place has a new size or mtime, hence a new entry)."""
+    file = Path(path).resolve()
+    stat = file.stat()
+    memo = (str(file), stat.st_size, stat.st_mtime_ns)
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
+    stored = Path(cache_dir) / "digests" / f"{stable_hash(list(memo), length=24)}.txt" if cache_dir else None
+    digest = None
+    if stored is not None and stored.is_file():
+        text = stored.read_text().strip()
+        digest = text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+    if digest is None:
+        digest = file_sha256(file)
+        if stored is not None and is_writable(stored.parent):
+            atomic_write_text(stored, digest + "\n")
+    _DIGESTS[memo] = digest
+    return digest
 
 
 def describe_tensors(value: Any, prefix: str = "") -> dict[str, dict[str, Any]]:

@@ -5,7 +5,9 @@ A text batch is ``(x, y, index)`` with ``x`` a dict of ``(B, L)`` tensors: ``inp
 tokenisation, plus the same keys prefixed ``teacher.`` in the teacher's tokenisation when the
 teacher has a different tokenizer (see :mod:`kdx.models.hf` for how each model picks its keys).
 Splits are stored padded to ``max_length``; ``trim_padding`` (the loaders' collate function) cuts
-each batch to its longest row, so short sentences cost short sequences.
+each batch to its longest row, so short sentences cost short sequences; the training loader
+groups examples of similar length into batches (``length_grouping``, on by default) and the
+evaluation loaders read each split shortest first, so a batch costs what its tokens cost.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from kdx.data.base import KDDataModule
 from kdx.data.cache import load_or_build
+from kdx.data.sampling import EpochSeededSampler, LengthGroupedBatchSampler, ResumableLoader
 from kdx.errors import KDXError
 from kdx.utils import stable_hash
 
 TEACHER_PREFIX = "teacher."  # the same constant as kdx.models.hf.TEACHER_PREFIX (kept import-free)
+TRAIN_TOKENIZER = "train"
+"""``model.tokenizer=train``: the tokenizer a data set trains on its training split (a text data
+module that can, declares ``trained_tokenizer()``: :mod:`kdx.data.glue`)."""
 _KEEP = ("input_ids", "attention_mask", "token_type_ids")
 _FORMAT = 1  # bump when the cached encodings' layout changes
 
@@ -48,6 +54,24 @@ class TextDataset(Dataset):
     @property
     def targets(self) -> Tensor:
         return self.labels
+
+    @property
+    def lengths(self) -> Tensor:
+        """Each example's length in tokens: its longest tokenisation (what its batch is trimmed to)."""
+        masks = [v for k, v in self.encodings.items() if k.endswith("attention_mask")]
+        return torch.stack([m.sum(1) for m in masks]).amax(0).long()
+
+
+def text_lengths(dataset: Dataset) -> Tensor:
+    """The length of every item of a :class:`TextDataset` (or a ``Subset`` of one), in index order."""
+    if isinstance(dataset, TextDataset):
+        return dataset.lengths
+    if isinstance(dataset, Subset):
+        return text_lengths(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    masks = [
+        [v for k, v in dataset[i][0].items() if k.endswith("attention_mask")] for i in range(len(dataset))
+    ]  # type: ignore[arg-type]
+    return torch.tensor([max(int(m.sum()) for m in row) for row in masks], dtype=torch.long)
 
 
 def trim_padding(samples: list) -> Any:
@@ -144,7 +168,24 @@ class TextDataModule(KDDataModule):
     """Tokenizer folder per key prefix of the batch's ``x``: ``""`` the student's tokenisation,
     ``"teacher."`` the teacher's when it differs (:data:`TEACHER_PREFIX`)."""
 
-    def __init__(self, max_length: int = 128, **loader_kwargs: Any):
+    trains_tokenizer: bool = False
+    """Whether ``model.tokenizer=train`` can name a tokenizer trained on this data's training split
+    (:meth:`trained_tokenizer`); the builder completes the models' configs with it
+    (:func:`kdx.pipeline.build.resolve_tokenizers`)."""
+
+    def trained_tokenizer(self, create: bool = True) -> Path:
+        """The folder of the tokenizer trained on the training split, trained and cached on first
+        use (``create=False``: an error when it is not cached). Only where :attr:`trains_tokenizer`."""
+        raise KDXError(
+            f"dataset={self.name} does not train a tokenizer (dataset=glue does); give the model a tokenizer folder"
+        )
+
+    length_grouping: bool
+    """Whether training batches group examples of similar length (:class:`LengthGroupedBatchSampler`);
+    ``False``: plain shuffled batches. Either way the order is a function of (run seed, epoch) and a
+    mid-epoch resume continues with the batches the epoch had left."""
+
+    def __init__(self, max_length: int = 128, length_grouping: bool = True, **loader_kwargs: Any):
         super().__init__(**loader_kwargs)
         if max_length < 2:
             raise KDXError(f"dataset.datamodule.max_length={max_length} must be >= 2 ([CLS] and [SEP])")
@@ -152,6 +193,50 @@ class TextDataModule(KDDataModule):
         self.input_shape = (max_length,)
         self.collate_fn = trim_padding
         self.tokenizers = {}
+        self.length_grouping = bool(length_grouping)
+        self.batching = "length_grouped" if self.length_grouping else "shuffled"
+
+    # -- loaders: the training batches grouped by length, the evaluation splits shortest first ------
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if not train:  # train_eval: the training split in index order, as the base gives it
+            return super()._loader(dataset, train)
+        dataset = self._built(dataset)
+        seed = torch.initial_seed()  # the run's seed (seed_everything runs before the data module is built)
+        batches = LengthGroupedBatchSampler(
+            EpochSeededSampler(len(dataset), seed),  # type: ignore[arg-type]
+            self.batch_size,
+            self.drop_last,
+            lengths=text_lengths(dataset) if self.length_grouping else None,
+            seed=seed,
+            group=self.length_grouping,
+        )
+        return ResumableLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def _by_length(self, dataset: Dataset | None) -> DataLoader:
+        # metrics do not depend on the order; sorted, each batch pads to little more than its rows
+        dataset = self._built(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=torch.argsort(text_lengths(dataset), stable=True).tolist(),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._by_length(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._by_length(self.test_set)
 
     @staticmethod
     def cache_key(*parts: Any) -> str:

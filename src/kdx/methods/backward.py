@@ -19,7 +19,8 @@ softmax(f_s(x)/T))``; ``divergence=l2``: ``mean_k (f_s(x) − f_t(x))_k²`` on t
   (‖x_aux − x‖ / ‖x‖ = η after one step, for both step rules; ``c`` is the sample's RMS);
   ``rms`` takes ``s`` = the batch's RMS·√n, the same for every sample of the batch; ``absolute``
   takes ``s = c = 1`` (η in input units: the same η moves inputs of different scales by different
-  relative amounts). ``Π`` clamps to the data
+  relative amounts); ``token`` (text only) normalises each token by its own norm
+  (:mod:`kdx.methods.backward_embedding`). ``Π`` clamps to the data
   range ``[clamp_min, clamp_max]`` and/or projects onto the ε-ball around ``x`` (ε scaled like η:
   L2 radius ε·s for the normalized step, L∞ radius ε·c for the sign step), when those are set. A
   zero gradient (teacher and student compute the same function) gives no step.
@@ -57,7 +58,10 @@ Modes:
   size as the clean batch) of a permutation of that set. The set is kept on CPU and not
   checkpointed (after a resume it is rebuilt from the current student, one round).
 
-Defaults: α = 0.9, T = 4 (the RepDistiller KD convention), λ_aux = 1, k = 1, normalized step,
+Defaults (``method.space=input``; the keys ``aux_weight``, ``step_size``, ``step_scale`` and ``tie``
+left null take the space's defaults, ``Perturbation.defaults``, and text embeddings have their own,
+chosen on SST-2: :mod:`kdx.methods.backward_embedding`): α = 0.9, T = 4 (the RepDistiller KD
+convention), λ_aux = 1, k = 1, normalized step,
 ``step_scale=norm`` with η = 0.2 (chosen from measurements on MNIST-1D: at η = 0.2 the auxiliary
 divergence is several times the clean one, ``aux/kl_gain`` > 1.3 through training; at
 η = 0.05 in input units it was only ×1.06 — docs/methods.md §2 has the figures), ``divergence=kl``, no
@@ -83,7 +87,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +113,8 @@ log = logging.getLogger(__name__)
 
 Divergence = Callable[[Tensor], Tensor]
 STEP_TYPES = ("normalized", "sign")
-STEP_SCALES = ("norm", "rms", "absolute")
+# token: each token's own norm (method.space=embedding only; see kdx.methods.backward_embedding)
+STEP_SCALES = ("norm", "rms", "absolute", "token")
 DIVERGENCES = ("kl", "l2")
 MODES = ("online", "offline")
 # the keyword arguments every Perturbation's __init__ takes (method.* keys of the same names)
@@ -122,10 +127,14 @@ GENERATION_KEYS = (
     "clamp_max",
     "epsilon",
     "direction",
+    "tie",
 )
 # gradient: ascend D (the method) | random: a random direction of the same length (the control that
 # asks whether the gradient's direction matters or any nearby teacher-labelled point would do)
 DIRECTIONS = ("gradient", "random")
+# auto: the space's own rule (input: both models read the one moved tensor) | student: only the
+# student's input moves, the teacher labels the clean input (method.space=embedding only)
+TIES = ("auto", "student")
 
 
 def divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -154,6 +163,13 @@ class Perturbation:
         """Read what the strategy needs from the models (a text variant: the embedding tables)."""
 
     supports_offline = True  # can build a stored auxiliary set (method.mode=offline)
+    # what the method.* keys left null stand for in this space
+    defaults: ClassVar[dict[str, Any]] = {
+        "aux_weight": 1.0,
+        "step_size": 0.2,
+        "step_scale": "norm",
+        "tie": "auto",
+    }
 
     def __call__(self, inputs: Any, divergence: Divergence) -> Any:
         raise NotImplementedError
@@ -161,6 +177,17 @@ class Perturbation:
     def join(self, inputs: Any, aux_inputs: Any) -> Any:
         """Clean and auxiliary inputs as one batch (clean first), for one forward per model."""
         return torch.cat([inputs, aux_inputs])
+
+    def move_terms(self, inputs: Any, aux_inputs: Any) -> dict[str, Tensor]:
+        """How far the auxiliary samples are from the batch (logged under ``aux/``)."""
+        return {"aux/move": self.relative_move(inputs, aux_inputs)}
+
+    def refresh(self) -> None:
+        """At each training epoch's start: re-read what the strategy measures on the models."""
+
+    def check(self, terms: dict[str, Tensor]) -> None:
+        """Once per epoch, on the first batch's terms: warn (or raise KDXError) when the auxiliary
+        samples are too far from the data to mean anything."""
 
     @staticmethod
     def relative_move(inputs: Any, aux_inputs: Any) -> Tensor:
@@ -182,7 +209,18 @@ class InputGradientAscent(Perturbation):
         clamp_max: float | None = None,
         epsilon: float | None = None,
         direction: str = "gradient",
+        tie: str = "auto",
     ):
+        if step_scale == "token":
+            raise ValueError(
+                "method.step_scale=token normalises the move per token and needs "
+                "method.space=embedding; use norm, rms or absolute for input tensors"
+            )
+        if tie != "auto":
+            raise ValueError(
+                f"method.tie={tie} chooses which embeddings move and needs method.space=embedding; "
+                "leave method.tie=auto for input tensors"
+            )
         self.steps = steps
         self.step_size = step_size
         self.step = step
@@ -277,11 +315,11 @@ class BackwardPassKD(DistillationMethod):
         self,
         alpha: float = 0.9,
         temperature: float = 4.0,
-        aux_weight: float = 1.0,
+        aux_weight: float | None = None,
         steps: int = 1,
-        step_size: float = 0.2,
+        step_size: float | None = None,
         step: str = "normalized",
-        step_scale: str = "norm",
+        step_scale: str | None = None,
         divergence: str = "kl",
         clamp_min: float | None = None,
         clamp_max: float | None = None,
@@ -292,9 +330,27 @@ class BackwardPassKD(DistillationMethod):
         cumulative: bool = False,
         space: str = "input",
         direction: str = "gradient",
+        tie: str | None = None,
     ):
         super().__init__()
         check_kd_weights(alpha, temperature)
+        if space not in PERTURBATIONS:
+            raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
+        # null: the space's default (images/vectors and text embeddings need different steps)
+        defaults = PERTURBATIONS[space].defaults
+        aux_weight = defaults["aux_weight"] if aux_weight is None else aux_weight
+        step_size = defaults["step_size"] if step_size is None else step_size
+        step_scale = defaults["step_scale"] if step_scale is None else step_scale
+        tie = defaults["tie"] if tie is None else tie
+        # the record's config holds the nulls: say what they stood for
+        log.info(
+            "method=backward, space=%s: step_size=%g step_scale=%s tie=%s aux_weight=%g",
+            space,
+            step_size,
+            step_scale,
+            tie,
+            aux_weight,
+        )
         if aux_weight < 0:
             raise ValueError(f"method.aux_weight={aux_weight} must be >= 0")
         if steps < 1:
@@ -323,8 +379,8 @@ class BackwardPassKD(DistillationMethod):
             )
         if direction not in DIRECTIONS:
             raise ValueError(f"method.direction={direction!r} must be one of {', '.join(DIRECTIONS)}")
-        if space not in PERTURBATIONS:
-            raise ValueError(f"method.space={space!r} must be one of {', '.join(PERTURBATIONS)}")
+        if tie not in TIES:
+            raise ValueError(f"method.tie={tie!r} must be one of {', '.join(TIES)}")
         if mode == "offline" and not PERTURBATIONS[space].supports_offline:
             raise ValueError(f"method.space={space} generates online only; use method.mode=online")
         self.alpha = alpha
@@ -344,7 +400,9 @@ class BackwardPassKD(DistillationMethod):
             clamp_max=clamp_max,
             epsilon=epsilon,
             direction=direction,
+            tie=tie,
         )
+        self._check_pending = True  # the guard reads the first online batch of each epoch
         # offline auxiliary set (CPU): inputs, cached teacher logits, and the draw order
         self._aux_x: Tensor | None = None
         self._aux_teacher: Tensor | None = None
@@ -395,7 +453,10 @@ class BackwardPassKD(DistillationMethod):
         n = y.shape[0]  # x may be a mapping of tensors (text)
         terms = self.terms(student_logits[:n], teacher_logits[:n], y, student_logits[n:], teacher_logits[n:])
         if self.mode == "online":
-            terms["aux/move"] = self.perturb.relative_move(x, x_aux)
+            terms.update(self.perturb.move_terms(x, x_aux))
+            if self._check_pending:
+                self._check_pending = False
+                self.perturb.check(terms)
         return terms
 
     def terms(
@@ -416,6 +477,8 @@ class BackwardPassKD(DistillationMethod):
 
     # -- offline mode -------------------------------------------------------------------------
     def on_train_epoch_start(self, ctx: StepContext) -> None:
+        self._check_pending = True
+        self.perturb.refresh()
         if self.mode != "offline":
             return
         if self._aux_x is None or ctx.epoch % self.regenerate_every == 0:

@@ -143,7 +143,8 @@ def hf_model(
 
     Exactly one of ``name_or_path`` (pre-trained weights from a folder or the Hub cache) and
     ``config`` (random init; needs ``model_type``) is given. ``vocab_size`` sets the vocabulary of
-    a config-built model (the synthetic-text tokenizer's size); ``tokenizer`` is the folder of the
+    a config-built model (``None``: its tokenizer's size, else the architecture's default);
+    ``tokenizer`` is the folder of the
     model's tokenizer, read by the data module, and checked here to fit the vocabulary.
     """
     transformers = _import_transformers()
@@ -157,6 +158,8 @@ def hf_model(
         model_type = settings.pop("model_type", None)
         if model_type is None:
             raise KDXError("model.config needs model_type (e.g. bert, roberta, distilbert)")
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = len(load_tokenizer(tokenizer))  # the vocabulary follows the tokenizer
         if vocab_size is not None:
             settings["vocab_size"] = int(vocab_size)
         hf_config = transformers.AutoConfig.for_model(model_type, num_labels=num_classes, **settings)
@@ -181,9 +184,13 @@ def hf_model(
     if tokenizer is not None:
         size = len(load_tokenizer(tokenizer))
         if size > model.vocab_size:
+            fix = (
+                f"leave model.vocab_size null (it follows the tokenizer) or set it >= {size}"
+                if config is not None
+                else "give each model its own tokenizer (model.tokenizer)"
+            )
             raise KDXError(
-                f"tokenizer {tokenizer} has {size} tokens but the model's vocabulary has {model.vocab_size}; "
-                "give each model its own tokenizer (model.tokenizer)"
+                f"tokenizer {tokenizer} has {size} tokens but the model's vocabulary has {model.vocab_size}; {fix}"
             )
     return model
 

@@ -20,19 +20,21 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kdx.data.text import TRAIN_TOKENIZER, TextDataModule
 from kdx.errors import HyperParameterError, KDXError
 from kdx.methods.base import METHODS, DistillationMethod
 from kdx.models.adapter import as_feature_model
 from kdx.models.base import LOGITS
+from kdx.models.hf import load_tokenizer
 from kdx.module import DistillationModule
 from kdx.pipeline.compose import hydra_choices
 from kdx.pipeline.switches import compile_switch, resolve_channels_last
-from kdx.teacher import RunFn, data_key, provide_teacher
+from kdx.teacher import RunFn, data_key, portable, provide_teacher
 from kdx.teacher_outputs import TeacherOutputCache
 
 log = logging.getLogger("kdx")
@@ -65,6 +67,7 @@ def build(cfg: DictConfig, *, train_teacher: RunFn | None = None, for_training: 
     (``None``: such a teacher is an error). ``for_training=False`` (kdx-eval, whose weights come from
     a checkpoint): the teacher is not validated, and no setup warnings are raised.
     """
+    resolve_tokenizers(cfg, train=for_training)
     datamodule: L.LightningDataModule = instantiate(cfg.dataset.datamodule)
     if int(datamodule.num_classes) != int(cfg.dataset.num_classes):
         raise KDXError(
@@ -112,6 +115,56 @@ def build(cfg: DictConfig, *, train_teacher: RunFn | None = None, for_training: 
             log.warning("kdx: warning: %s", warning)
     module = make_module(cfg, student, method, teacher)
     return Components(cfg, datamodule, method, student, teacher, module, info, warnings)
+
+
+def resolve_tokenizers(cfg: DictConfig, *, train: bool = True) -> None:
+    """Complete ``cfg`` in place with the tokenizer a data set trains (GLUE,
+    :meth:`kdx.data.glue.GLUEDataModule.trained_tokenizer`): ``model.tokenizer=train`` becomes the
+    trained tokenizer's folder, shared by every model that names it; a model built from a config
+    (no checkpoint) that names no tokenizer gets it by default; and a config-built model whose
+    ``vocab_size`` is unset takes the tokenizer's size (a larger one wastes embedding rows, a
+    smaller one is refused by :func:`kdx.models.hf.hf_model`). The run's record then names the
+    folder and the size. ``train=False`` (kdx-eval): a tokenizer that is not cached is an error,
+    never trained."""
+    node = cfg.dataset.get("datamodule")
+    target = node.get("_target_") if node is not None else None
+    trains = False
+    if target:
+        try:
+            cls = get_class(str(target))
+            trains = isinstance(cls, type) and issubclass(cls, TextDataModule) and cls.trains_tokenizer
+        except Exception:  # noqa: BLE001 - an unknown target is reported where it is instantiated
+            trains = False
+    roles = []
+    for role in ("student", "teacher"):
+        model = cfg.get(role, {}).get("model") if cfg.get(role) is not None else None
+        if model is None or "tokenizer" not in model:
+            continue
+        built = model.get("name_or_path") is None and model.get("config") is not None
+        tokenizer = model.get("tokenizer")
+        if tokenizer is None and built and trains:
+            tokenizer = TRAIN_TOKENIZER
+        if tokenizer == TRAIN_TOKENIZER:
+            if not trains:
+                raise KDXError(
+                    f"{role}.model.tokenizer={TRAIN_TOKENIZER}: dataset={cfg.dataset.get('name')} does not "
+                    "train a tokenizer (dataset=glue does); give the model a tokenizer folder"
+                )
+            roles.append((role, built))
+    if not roles:
+        return
+    with open_dict(cfg):
+        for role, _ in roles:
+            cfg[role].model.tokenizer = TRAIN_TOKENIZER
+    datamodule = instantiate(cfg.dataset.datamodule)
+    folder = datamodule.trained_tokenizer(create=train)
+    size = len(load_tokenizer(str(folder)))
+    with open_dict(cfg):
+        for role, built in roles:
+            cfg[role].model.tokenizer = str(folder)
+            if built and cfg[role].model.get("vocab_size") is None:
+                cfg[role].model.vocab_size = size
+    log.info("Tokenizer of %s: %s (%d tokens)", " and ".join(r for r, _ in roles), folder, size)
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -285,7 +338,9 @@ def teacher_output_cache_key(cfg: DictConfig, channels_last: bool) -> dict[str, 
     trainer = cfg.get("trainer") or {}
     return {
         "teacher": str(cfg.teacher.get("name")),
-        "teacher_model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
+        "teacher_model": portable(
+            OmegaConf.to_container(cfg.teacher.model, resolve=True), OmegaConf.select(cfg, "paths.cache_dir")
+        ),
         "dataset": data_key(cfg),
         "precision": str(trainer.get("precision", "32-true")),
         "channels_last": channels_last,

@@ -103,6 +103,9 @@ def read_records(parts: Any) -> dict[str, Any]:
     examples = getattr(parts.datamodule, "examples_read", None)
     if examples:
         values["data/examples"] = dict(examples)
+    batching = getattr(parts.datamodule, "batching", None)
+    if batching:
+        values["data/batching"] = batching
     cache = getattr(parts.module, "teacher_cache", None)
     if cache is not None and getattr(cache, "status", None):
         values["teacher_cache/status"] = cache.status

@@ -15,7 +15,7 @@ names the file and what did not fit.
 
 from kdx.models.weights import load_weights
 from kdx.teacher.auto import RunFn, teacher_run_config, train_teacher
-from kdx.teacher.key import DATA_KEY_EXCLUDED, cached_teacher_path, data_key, teacher_key
+from kdx.teacher.key import DATA_KEY_EXCLUDED, cached_teacher_path, data_key, portable, teacher_key
 from kdx.teacher.provide import provide_teacher
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "cached_teacher_path",
     "data_key",
     "load_weights",
+    "portable",
     "provide_teacher",
     "teacher_key",
     "teacher_run_config",

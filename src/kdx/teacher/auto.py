@@ -39,7 +39,7 @@ from torch import nn
 from kdx.errors import KDXError
 from kdx.models.weights import load_weights
 from kdx.record import RunRecord
-from kdx.teacher.key import cached_teacher_path, teacher_key
+from kdx.teacher.key import cached_teacher_path, teacher_dataset, teacher_key
 from kdx.utils import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger("kdx.teacher")
@@ -63,7 +63,7 @@ def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         tcfg.seed = int(recipe.seed)
         tcfg.torch_threads = cfg.get("torch_threads")
         # whole nodes replaced, not merged: nothing of the defaults composed above may survive in them
-        tcfg.dataset = resolved(cfg.dataset)
+        tcfg.dataset = resolved(teacher_dataset(cfg))
         tcfg.student = {
             "name": cfg.teacher.name,
             "model": resolved(cfg.teacher.model),

@@ -62,6 +62,7 @@ OK_RECORD = {
     "teacher/val_acc": 0.82,
     "teacher/retrained_because": "it was trained with other model code",
     "data/examples": {"train": 4000, "val": 400, "test": 1100},
+    "data/batching": "length_grouped",
     "teacher_cache/status": "rebuilt",
     "teacher_cache/problem": "logits.npy fails its sha256 checksum",
     "teacher_cache/bytes_per_token": 130,
