@@ -21,7 +21,8 @@ which no loss and no metric reads. Validation and test blocks are held-out text:
 the held-out perplexity kdx reports.
 
 The blocks and the trained tokenizer are one verified cache entry (:func:`kdx.data.cache.load_or_build`)
-under ``<cache_dir>/lm/<key>/``; the key covers the source (its files' sizes and mtimes), the split,
+under ``<cache_dir>/lm/<key>/``; the key covers the source (generated: its settings; local text: the
+bytes of its files, :meth:`LMDataModule.data_fingerprint`, so a moved folder is the same data), the split,
 the tokenizer and the block size. ``num_classes`` is the vocabulary size (``vocab_size``): the models'
 "classes" are tokens.
 """
@@ -38,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from kdx.data.base import KDDataModule
-from kdx.data.cache import load_or_build
+from kdx.data.cache import content_digest, load_or_build
 from kdx.data.synthetic_text import LANGUAGE_VERSION, make_split
 from kdx.data.text import train_wordpiece
 from kdx.errors import KDXError
@@ -164,13 +165,25 @@ class LMDataModule(KDDataModule):
         self.name = name
 
     # -- the cache entry -----------------------------------------------------------------------
+    def _files(self) -> list[Path]:
+        path = Path(self.source).expanduser()
+        return sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+
+    def data_fingerprint(self) -> str | None:
+        """Local text: the bytes of its files (wherever they are) and what splits them; generated
+        documents are named by their config (None)."""
+        if self.source == "generated":
+            return None
+        missing = [f for f in self._files() if not f.is_file()]
+        if missing or not self._files():
+            read_documents(self.source, self.tsv_column)  # raises the one-line error naming the fix
+        digests = [content_digest(f, self.cache_dir) for f in self._files()]
+        return stable_hash([digests, self.tsv_column, self.fractions, self.seed], length=16)
+
     def _source_key(self) -> Any:
         if self.source == "generated":
             return ["generated", LANGUAGE_VERSION, self.sizes, self.seed]
-        path = Path(self.source).expanduser()
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        stats = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
-        return [stats, self.tsv_column, self.fractions, self.seed]
+        return self.data_fingerprint()
 
     @property
     def folder(self) -> Path:

@@ -71,3 +71,18 @@ def test_local_text_is_split_and_tokenised(tmp_path):
     data.setup()
     assert data.examples_read == {"val": 3, "test": 3, "train": 54}
     assert len(data.val_set) >= 1 and len(data.train_set) > len(data.val_set)
+
+
+def test_local_text_is_named_by_its_bytes_wherever_it_lies(tmp_path):
+    text = "\n".join(f"the film number {i} was good" for i in range(30))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "corpus.txt").write_text(text)
+    one, two = (LMDataModule(str(tmp_path / "cache"), source=str(tmp_path / f / "corpus.txt")) for f in "ab")
+    assert one.data_fingerprint() == two.data_fingerprint() and one.folder == two.folder
+    (tmp_path / "b" / "corpus.txt").write_text(text + "\nanother line")
+    assert (
+        LMDataModule(str(tmp_path / "cache"), source=str(tmp_path / "b" / "corpus.txt")).data_fingerprint()
+        != one.data_fingerprint()
+    )
+    assert LMDataModule(str(tmp_path / "cache")).data_fingerprint() is None  # generated: its config names it
