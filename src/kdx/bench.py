@@ -29,7 +29,9 @@ the module is wrapped) over the time of those steps. Prints a table and one JSON
 line. Never used as an assert in tests (the machine's load decides the figures).
 
 ``pair=text`` measures the text pair instead (:mod:`kdx.bench_text`: BERTs on SST-2-shaped token
-batches, kdx against the plain loop and what length grouping gains); every pair other than this
+batches, kdx against the plain loop and what length grouping gains), ``pair=lm`` the language-model
+pair (:mod:`kdx.bench_lm`: tiny GPT-2s, kdx's ``fkl`` step against the plain loop, the top-k cached
+step against the live teacher, the top-k cache's size and error); every pair other than this
 module's image pair is a module listed in :data:`PAIRS`.
 """
 
@@ -55,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
-from kdx import bench_text
+from kdx import bench_lm, bench_text
 from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, _use_clock
 from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
@@ -72,7 +74,7 @@ VARIANTS = ("cache", "channels_last", "compile", "bf16")
 
 # `pair=<name>`: each pair besides the image pair (this module) is a module with
 # bench(cfg, device) -> dict and table(dict) -> str
-PAIRS: dict[str, Any] = {"image": None, "text": bench_text}
+PAIRS: dict[str, Any] = {"image": None, "text": bench_text, "lm": bench_lm}
 
 
 def method_loss_seconds(module, batches: list[Any], device: torch.device) -> float:

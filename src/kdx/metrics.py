@@ -244,3 +244,88 @@ class FidelityMetrics(nn.Module):
         for m in [*self.children(), *self.scores.values()]:
             if isinstance(m, Metric):
                 m.reset()
+
+
+class LanguageModelMetrics(nn.Module):
+    """The fidelity of a causal language model, over every position whose target is not ``-100``:
+
+    * ``student/acc``, ``teacher/acc``: top-1 next-token accuracy;
+    * ``student/ppl``, ``teacher/ppl``: perplexity, ``exp`` of the mean next-token cross-entropy over
+      the split's tokens (on the held-out splits: held-out perplexity);
+    * ``fidelity/agreement``: top-1 agreement of student and teacher per position;
+    * ``fidelity/kl``: token-level KL(p_t ‖ p_s) at T = 1, summed over the vocabulary, averaged over
+      positions.
+
+    The same interface as :class:`FidelityMetrics` (``update`` with ``(B, L, V)`` logits and ``(B, L)``
+    targets), so the module measures either alike. Sums are float64 metric states, summed across DDP
+    processes.
+    """
+
+    NAMES = ("student_nll", "student_hits", "teacher_nll", "teacher_hits", "agree", "kl", "tokens")
+
+    def __init__(self, num_classes: int, with_teacher: bool, **_: object):
+        super().__init__()
+        self.with_teacher, self.num_classes = with_teacher, num_classes
+        self.sums = _Sums(self.NAMES)
+
+    def update(self, student_logits: Tensor, teacher_logits: Tensor | None, y: Tensor, *_: object) -> None:
+        mask = y != -100
+        target = y.masked_fill(~mask, 0)
+        weights = mask.double()
+        log_q = torch.log_softmax(student_logits.float(), -1)
+        values = {
+            "student_nll": -(log_q.gather(-1, target.unsqueeze(-1)).squeeze(-1).double() * weights).sum(),
+            "student_hits": ((log_q.argmax(-1) == target).double() * weights).sum(),
+            "tokens": weights.sum(),
+        }
+        if self.with_teacher and teacher_logits is not None:
+            log_p = torch.log_softmax(teacher_logits.float(), -1)
+            values["teacher_nll"] = -(
+                log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1).double() * weights
+            ).sum()
+            values["teacher_hits"] = ((log_p.argmax(-1) == target).double() * weights).sum()
+            values["agree"] = ((log_p.argmax(-1) == log_q.argmax(-1)).double() * weights).sum()
+            values["kl"] = ((log_p.exp() * (log_p - log_q)).sum(-1).double() * weights).sum()
+        self.sums.update(values)
+
+    def compute(self) -> dict[str, Tensor]:
+        s = self.sums.compute()
+        n = s["tokens"].clamp_min(1)
+        out = {
+            "student/acc": (s["student_hits"] / n).float(),
+            "student/ppl": (s["student_nll"] / n).exp().float(),
+        }
+        if self.with_teacher:
+            out |= {
+                "teacher/acc": (s["teacher_hits"] / n).float(),
+                "teacher/ppl": (s["teacher_nll"] / n).exp().float(),
+                "fidelity/agreement": (s["agree"] / n).float(),
+                "fidelity/kl": (s["kl"] / n).float(),
+            }
+        return out
+
+    def use_scores(self, scores: tuple[str, ...]) -> None:
+        if scores:
+            raise ValueError(f"a language model is scored by perplexity; task scores {scores} do not apply")
+
+    def reset(self) -> None:
+        self.sums.reset()
+
+
+class _Sums(Metric):
+    """Named float64 sums, reduced across processes by summing."""
+
+    full_state_update = False
+
+    def __init__(self, names: tuple[str, ...], **kwargs):
+        super().__init__(**kwargs)
+        self.names = names
+        for name in names:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.names}

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from kdx.context import StepContext, context_of
 from kdx.errors import KDXError, NonFiniteLossError, NonFiniteSources
 from kdx.methods.base import DistillationMethod
-from kdx.metrics import FidelityMetrics
+from kdx.metrics import FidelityMetrics, LanguageModelMetrics
 from kdx.models.adapter import as_feature_model
 from kdx.models.base import EMBEDDING, LOGITS, ModelOutput
 from kdx.teacher_outputs import TeacherOutputCache
@@ -108,6 +108,12 @@ class DistillationModule(L.LightningModule):
                     f"method={method.name} cannot train from cached teacher outputs: {method.live_reason}; "
                     "set teacher.cache=off for this method"
                 )
+            sparse_problem = method.sparse_target_problem()
+            if self.teacher_cache.mode == "topk" and sparse_problem is not None:
+                raise KDXError(
+                    f"method={method.name} cannot train from the top-k teacher cache: {sparse_problem}; "
+                    "set teacher.cache=off (or exact) for this method"
+                )
         self._cached_for: Any = None  # the training input whose teacher outputs came from the cache
         self._cached_out: ModelOutput | None = None
         self._cached_rows: dict[str, Tensor] | None = None
@@ -123,8 +129,17 @@ class DistillationModule(L.LightningModule):
             self.student.compile(**options)
             if self.teacher is not None and not use.trains_teacher:
                 self.teacher.compile(**options)
-        self.val_metrics = FidelityMetrics(num_classes, has_teacher)
-        self.test_metrics = FidelityMetrics(num_classes, has_teacher)
+        # a causal LM (per-position logits) is measured by perplexity, token KL and agreement
+        language_model = getattr(student, "input_kind", None) == "lm"
+        if language_model != method.token_level and method.teacher_use.needs_teacher:
+            raise KDXError(
+                f"method={method.name} is {'a token-level' if method.token_level else 'a classification'} "
+                f"method, and the student is {'a causal language model' if language_model else 'a classifier'}; "
+                "pick a method made for this model (token-level: fkl, rkl, jsd, skl, srkl, tvd, gkd, seqkd)"
+            )
+        metrics = LanguageModelMetrics if language_model else FidelityMetrics
+        self.val_metrics = metrics(num_classes, has_teacher)
+        self.test_metrics = metrics(num_classes, has_teacher)
 
     # -- modes --------------------------------------------------------------------------------
     def train(self, mode: bool = True):

@@ -129,6 +129,10 @@ class RunRecord:
     fidelity_kernel_gap_best: float | None = _key("fidelity/kernel_gap_best", NUMBER)
     fidelity_cka_best: float | None = _key("fidelity/cka_best", NUMBER)
     student_ece_best: float | None = _key("student/ece_best", NUMBER)
+    # causal language models: held-out perplexity (last and best checkpoint; the teacher's)
+    student_ppl: float | None = _key("student/ppl", NUMBER)
+    student_ppl_best: float | None = _key("student/ppl_best", NUMBER)
+    teacher_ppl: float | None = _key("teacher/ppl", NUMBER)
     train_samples_per_s: float | None = _key("throughput/train_samples_per_s", NUMBER)
     # where the teacher came from
     teacher_sha256: str | None = _key("teacher/sha256", TEXT, SUCCESS)
@@ -143,6 +147,9 @@ class RunRecord:
     data_batching: str | None = _key("data/batching", TEXT)
     teacher_cache_status: str | None = _key("teacher_cache/status", TEXT)
     teacher_cache_problem: str | None = _key("teacher_cache/problem", TEXT)
+    # teacher.cache=topk: stored bytes per token and KL(full teacher ‖ its reconstruction), per position
+    teacher_cache_bytes_per_token: int | None = _key("teacher_cache/bytes_per_token", INTEGER)
+    teacher_cache_topk_kl: float | None = _key("teacher_cache/topk_kl", NUMBER)
     # a run continued from a checkpoint: that checkpoint
     resumed_from: str | None = _key(None, TEXT)
     # a run stopped by a signal (status: interrupted): which, the checkpoint and the command to resume

@@ -78,6 +78,9 @@ METRICS: tuple[tuple[str, str, float, int], ...] = (
     ("student/acc_best", "student best", 100.0, 2),
     ("student/acc", "student last", 100.0, 2),
     ("teacher/acc", "teacher", 100.0, 2),
+    ("student/ppl_best", "student ppl", 1.0, 3),
+    ("student/ppl", "student ppl", 1.0, 3),
+    ("teacher/ppl", "teacher ppl", 1.0, 3),
     ("fidelity/agreement_best", "agreement", 100.0, 2),
     ("fidelity/agreement", "agreement", 100.0, 2),
     ("fidelity/kl_best", "KL(t‖s)", 1.0, 4),
@@ -91,9 +94,12 @@ METRICS: tuple[tuple[str, str, float, int], ...] = (
     ("teacher/ece", "ECE teacher", 100.0, 2),
     ("time/fit_s", "fit s", 1.0, 1),
     ("throughput/train_samples_per_s", "samples/s", 1.0, 0),
+    ("teacher_cache/bytes_per_token", "cache B/token", 1.0, 0),
 )
 PERCENT_KEYS = {key for key, _, scale, _ in METRICS if scale == 100.0}
 ACCURACY_KEYS = ("student/acc_best", "student/acc", "teacher/acc")
+# what --metric may also name for causal language models (perplexity and KL to the teacher: lower is better)
+LM_METRICS = ("student/ppl_best", "student/ppl", "fidelity/kl_best", "fidelity/kl")
 # Published blocks may name the student-alone baseline "scratch"; kdx calls that method "none".
 PUBLISHED_ALIASES = {"none": ("none", "scratch", "baseline")}
 # Methods in this order first (baseline, then KD), then alphabetically.
@@ -983,8 +989,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metric",
         default="student/acc_best",
-        choices=sorted(k for k in PERCENT_KEYS if k.startswith("student/acc")),
-        help="accuracy drawn in the figure (default: student/acc_best)",
+        choices=[*sorted(k for k in PERCENT_KEYS if k.startswith("student/acc")), *LM_METRICS],
+        help="the figure drawn, and what --versus compares (default: student/acc_best; language models: "
+        "student/ppl_best, student/ppl, fidelity/kl)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""Teacher-output cache (``teacher.cache=off|exact|views``): skip the frozen teacher's forward pass.
+"""Teacher-output cache (``teacher.cache=off|exact|views|topk``): skip the frozen teacher's forward pass.
 
 A frozen teacher in ``eval()`` maps the same input to the same outputs every time, so a training step
 can read them instead of computing them, provided the input really is the same. Two modes:
@@ -41,8 +41,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,8 @@ from kdx.utils import (
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("off", "exact", "views", "auto")
+_NUMPY_DTYPES = {torch.int32: np.int32, torch.int16: np.int16, torch.float16: np.float16}
+CACHE_MODES = ("off", "exact", "views", "auto", "topk")
 FORMAT_VERSION = 1
 
 
@@ -115,6 +118,40 @@ def topk_reconstruct(values: Tensor, indices: Tensor, lse: Tensor, num_classes: 
     return logits.scatter_(1, indices.long(), values)
 
 
+@dataclass
+class TopKTarget:
+    """A sparse next-token target: per position the top-k log-probs ``logp`` (…, k), their token ``ids``
+    (…, k) and ``rest`` (…), the log of the probability of every other token together (−inf when k
+    covers the vocabulary)."""
+
+    logp: Tensor
+    ids: Tensor
+    rest: Tensor
+
+
+def topk_target(logits: Tensor, k: int) -> TopKTarget:
+    """The top-k target of ``logits`` (…, V) at T = 1, in float32 (the cache stores it in float16)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = log_p.topk(min(int(k), log_p.shape[-1]), dim=-1)
+    rest = torch.logsumexp(log_p.scatter(-1, ids, float("-inf")), dim=-1)
+    return TopKTarget(values, ids, rest)
+
+
+def topk_log_probs(target: TopKTarget, vocab: int) -> Tensor:
+    """Full log-probs (…, V) from a top-k target: the k tokens keep theirs, the rest's mass is spread
+    evenly over the other ``V − k`` tokens (and renormalised, as float16 rounding may leave a sum ≠ 1)."""
+    logp, ids, rest = target.logp.float(), target.ids.long(), target.rest.float()
+    others = max(1, vocab - logp.shape[-1])
+    fill = (rest - math.log(others)).unsqueeze(-1).expand(*logp.shape[:-1], vocab).clone()
+    full = fill.scatter(-1, ids, logp)
+    return torch.log_softmax(full, dim=-1)
+
+
+def topk_bytes_per_token(k: int, vocab: int) -> int:
+    """Bytes the cache stores per position: k float16 log-probs, k ids, one float16 rest."""
+    return int(k) * (2 + (2 if vocab <= np.iinfo(np.int16).max else 4)) + 2
+
+
 class TeacherOutputCache:
     """The cache of one run; built by :func:`kdx.factory.build_module` from ``cfg.teacher.cache*``."""
 
@@ -134,6 +171,10 @@ class TeacherOutputCache:
             raise KDXError(f"teacher.cache_views={views} must be >= 1")
         if topk is not None and int(topk) < 1:
             raise KDXError(f"teacher.cache_topk={topk} must be >= 1 (or null: all logits)")
+        if mode == "topk" and topk is None:
+            raise KDXError(
+                "teacher.cache=topk needs teacher.cache_topk=<k>, the log-probs kept per position (e.g. 32)"
+            )
         self.mode, self.cache_dir, self.key_fields = mode, Path(cache_dir), dict(key_fields)
         self.seed, self.views = int(seed), int(views) if mode == "views" else 1
         self._views_asked = int(views)
@@ -188,7 +229,7 @@ class TeacherOutputCache:
             log.info("teacher.cache=auto: %s mode for %s", self.mode, type(datamodule).__name__)
             if self.mode == "off":
                 return train_set, {}, None
-        if self.mode == "exact":
+        if self.mode in ("exact", "topk"):
             if datamodule.augment or not _is_deterministic(train_set):
                 raise KDXError(
                     f"teacher.cache=exact needs a deterministic training view, but {type(datamodule).__name__}'s "
@@ -308,6 +349,7 @@ class TeacherOutputCache:
             arrays: dict[str, np.ndarray] = {}
             row = 0
             topk_kl_sum = 0.0
+            positions = 0
             for batch in loader:
                 x = batch[0]
                 x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
@@ -317,7 +359,23 @@ class TeacherOutputCache:
                 with context:
                     out = teacher(x, reads)
                 parts = self._parts(out, reads)
-                if LOGITS in parts and self.topk is not None:
+                if self.mode == "topk":
+                    logits = parts.pop(LOGITS)
+                    self.num_classes = vocab = logits.shape[-1]
+                    target = topk_target(logits, self.topk)
+                    stored = TopKTarget(target.logp.half(), target.ids, target.rest.half())
+                    # what reading back costs: KL(full teacher ‖ reconstruction from the stored target)
+                    p = torch.log_softmax(logits.float(), -1)
+                    kl = (p.exp() * (p - topk_log_probs(stored, vocab))).sum(-1)
+                    topk_kl_sum += float(kl.sum())
+                    positions += kl.numel()
+                    id_dtype = torch.int16 if vocab <= torch.iinfo(torch.int16).max else torch.int32
+                    parts = {
+                        "topk_logp": stored.logp,
+                        "topk_ids": stored.ids.to(id_dtype),
+                        "topk_rest": stored.rest,
+                    }
+                elif LOGITS in parts and self.topk is not None:
                     logits = parts.pop(LOGITS)
                     values, indices = logits.topk(min(self.topk, logits.shape[1]), dim=1)
                     lse = torch.logsumexp(logits, dim=1)
@@ -330,7 +388,7 @@ class TeacherOutputCache:
                 for part, value in parts.items():
                     if part not in arrays:
                         shape = (n, self.views, *value.shape[1:])
-                        dtype = np.int32 if value.dtype == torch.int32 else np.float32
+                        dtype = _NUMPY_DTYPES.get(value.dtype, np.float32)
                         arrays[part] = np.lib.format.open_memmap(tmp / f"{part}.npy", "w+", dtype, shape)
                     flat = arrays[part].reshape(n * self.views, *value.shape[1:])
                     flat[row : row + rows] = value.cpu().numpy()
@@ -344,7 +402,12 @@ class TeacherOutputCache:
                 "num_classes": self.num_classes,
                 "stages": sum(1 for p in arrays if p.startswith("stage")),
                 "preact_stages": sum(1 for p in arrays if p.startswith("preact")),
-                "topk_kl_mean": topk_kl_sum / max(1, row) if self.topk is not None else None,
+                "topk_kl_mean": topk_kl_sum / max(1, positions if self.mode == "topk" else row)
+                if self.topk is not None
+                else None,
+                "bytes_per_token": topk_bytes_per_token(self.topk, self.num_classes)
+                if self.mode == "topk"
+                else None,
                 # what reuse checks: every file's size and sha256, every array's shape and dtype
                 "files": {f"{part}.npy": file_record(tmp / f"{part}.npy") for part in arrays},
                 "arrays": {
@@ -428,6 +491,10 @@ class TeacherOutputCache:
         }
 
     def output(self, parts: dict[str, Tensor]) -> ModelOutput:
+        if "topk_ids" in parts:  # teacher.cache=topk: a sparse target, no logits
+            return ModelOutput(
+                None, topk=TopKTarget(parts["topk_logp"], parts["topk_ids"], parts["topk_rest"])
+            )  # type: ignore[arg-type]
         if "topk_values" in parts:
             logits = topk_reconstruct(
                 parts["topk_values"], parts["topk_indices"], parts["logsumexp"], self.num_classes

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test", "train_eval"]
 SPLITS: tuple[str, ...] = get_args(Split)
-InputKind = Literal["dense", "tokens"]
+InputKind = Literal["dense", "tokens", "lm"]
 INPUT_KINDS: tuple[str, ...] = get_args(InputKind)
 
 
@@ -90,8 +90,9 @@ class KDDataModule(L.LightningDataModule):
     input_kind: InputKind = "dense"
     """What a batch's ``x`` is: ``"dense"``, a float tensor of ``input_shape`` (signals, images), or
     ``"tokens"``, a dict of ``(B, L)`` integer tensors (``input_ids``, ``attention_mask``...; the text
-    data modules, :mod:`kdx.data.text`). Only a model made for that kind can read the batches: run
-    validation refuses the others in one line before any work."""
+    data modules, :mod:`kdx.data.text`), or ``"lm"``, the same mapping of packed next-token blocks whose
+    ``y`` is the next token of every position (:mod:`kdx.data.lm`; causal language models). Only a model
+    made for that kind can read the batches: run validation refuses the others in one line before any work."""
 
     examples_read: dict[str, int]
     """How many examples ``setup`` read per split (``{"train": n, "val": n, "test": n}``; a data

@@ -14,7 +14,7 @@ What a method declares (class attributes):
   teacher (``logits``, ``embedding``, ``stages``). The adapters compute nothing else.
 * ``teacher_use`` (:class:`TeacherUse`): ``NONE`` trains the student alone; ``FROZEN`` reads a
   frozen teacher's outputs on the batch's input only through :meth:`teacher_forward`, so
-  ``teacher.cache=exact|views`` may serve stored outputs (``ctx.cached_teacher``); ``LIVE`` keeps the
+  ``teacher.cache=exact|views|topk`` may serve stored outputs (``ctx.cached_teacher``); ``LIVE`` keeps the
   teacher frozen but needs it running (input gradients through it, generated inputs), ``live_reason``
   says why; ``TRAINED`` gives the teacher gradients and an optimizer (ProKT). Unless ``TRAINED`` the
   module keeps the teacher in ``eval()`` with ``requires_grad=False`` and out of every optimizer.
@@ -104,6 +104,9 @@ class DistillationMethod(nn.Module):
     # why a LIVE or TRAINED method cannot train from stored teacher outputs (the cache's error says it)
     live_reason: ClassVar[str] = ""
     manual_optimization: ClassVar[bool] = False
+    # reads a causal LM's per-position logits (B, L, V) and next-token targets (B, L): trains only on
+    # language-modelling data (KDDataModule.input_kind == "lm"), and only such methods do
+    token_level: ClassVar[bool] = False
     name: ClassVar[str] = "method"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, datamodule: Any) -> None:
@@ -131,6 +134,11 @@ class DistillationMethod(nn.Module):
         """Settings that are legal but likely not what the user meant for a run of ``max_epochs``
         (printed, and kept in metrics.json under ``warnings``)."""
         return []
+
+    def sparse_target_problem(self) -> str | None:
+        """Why the method cannot train from a sparse teacher target (``teacher.cache=topk``: top-k
+        log-probs, :class:`~kdx.teacher_outputs.TopKTarget`), or None when it can."""
+        return "it reads the teacher's full logits"
 
     def uses_teacher_weights(self) -> bool:
         """False when the method starts its teacher from random initialisation (ProKT's default):

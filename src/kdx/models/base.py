@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -49,6 +50,9 @@ class ModelOutput:
     stages: list[Tensor] = field(default_factory=list)  # feature map at the end of each stage
     # the same stages before their final activation (filled only when PREACT_STAGES is read)
     preact_stages: list[Tensor] = field(default_factory=list)
+    # a sparse teacher target in place of full logits (kdx.teacher_outputs.TopKTarget: the top-k
+    # log-probs of a causal LM's vocabulary, served by teacher.cache=topk; logits is None then)
+    topk: Any = None
 
     def detach(self) -> ModelOutput:
         return ModelOutput(
@@ -56,6 +60,7 @@ class ModelOutput:
             None if self.embedding is None else self.embedding.detach(),
             [s.detach() for s in self.stages],
             [s.detach() for s in self.preact_stages],
+            self.topk,
         )
 
 

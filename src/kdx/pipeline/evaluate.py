@@ -33,6 +33,7 @@ BEST_TOO = (
     "student/ece",
     "student/mcc",  # a task's own scores (GLUE), when the data module declares them
     "student/f1",
+    "student/ppl",  # a causal language model's held-out perplexity
 )
 
 

@@ -110,6 +110,9 @@ def read_records(parts: Any) -> dict[str, Any]:
     if cache is not None and getattr(cache, "status", None):
         values["teacher_cache/status"] = cache.status
         values["teacher_cache/problem"] = cache.problem
+        if cache.info.get("bytes_per_token") is not None:  # teacher.cache=topk
+            values["teacher_cache/bytes_per_token"] = cache.info["bytes_per_token"]
+            values["teacher_cache/topk_kl"] = cache.info.get("topk_kl_mean")
     return values
 
 

@@ -147,9 +147,30 @@ def _model_input_kind(node: Any) -> str:
 
 
 def _input_kind_problems(cfg: DictConfig) -> Iterator[str]:
-    """Token data (batches of token-id dicts) with a model that reads tensors: said before any work
-    (the model would otherwise fail deep inside its first forward)."""
-    if _data_input_kind(cfg) != "tokens":
+    """Token data (batches of token-id dicts) with a model that reads tensors, or language-modelling
+    data with a classifier (or the other way round), or a token-level method on anything but a causal
+    LM: said before any work (the model would otherwise fail deep inside its first forward)."""
+    data_kind = _data_input_kind(cfg)
+    dataset = _select(cfg, "dataset.name")
+    yield from _method_kind_problems(cfg, data_kind)
+    if data_kind == "lm":
+        for role in ("student", "teacher"):
+            node = _select(cfg, f"{role}.model")
+            if node is None or _model_input_kind(node) == "lm":
+                continue
+            yield (
+                f"{role}={_select(cfg, f'{role}.name')} is not a causal language model, but dataset={dataset} is "
+                f"language modelling; pick a causal LM (e.g. {role}=gpt2_l1_h32, {role}=llama_l1_h32)"
+            )
+        return
+    if data_kind != "tokens":
+        for role in ("student", "teacher"):
+            node = _select(cfg, f"{role}.model")
+            if node is not None and _model_input_kind(node) == "lm":
+                yield (
+                    f"{role}={_select(cfg, f'{role}.name')} is a causal language model, but dataset={dataset} is "
+                    "not language modelling; use dataset=lm (e.g. experiment=lm/synthetic)"
+                )
         return
     length = _select(cfg, "dataset.datamodule.max_length")
     if length is not None and not (_is_int(length) and length >= 2):
@@ -157,7 +178,6 @@ def _input_kind_problems(cfg: DictConfig) -> Iterator[str]:
             f"dataset.datamodule.max_length={length!r} cannot hold a sentence; pass an integer >= 2 "
             "([CLS] and [SEP] take two tokens), e.g. dataset.datamodule.max_length=64"
         )
-    dataset = _select(cfg, "dataset.name")
     for role in ("student", "teacher"):
         node = _select(cfg, f"{role}.model")
         if node is None or _model_input_kind(node) == "tokens":
@@ -166,6 +186,31 @@ def _input_kind_problems(cfg: DictConfig) -> Iterator[str]:
             f"{role}={_select(cfg, f'{role}.name')} reads tensors, but dataset={dataset} gives batches of "
             f"token ids; pick a {role} made for this data (a text model, e.g. {role}=bert_l2_h32 or "
             f"{role}=hf) or a data set it can read"
+        )
+
+
+def _method_kind_problems(cfg: DictConfig, data_kind: str | None) -> Iterator[str]:
+    """A token-level method (``DistillationMethod.token_level``) needs language-modelling data, and
+    on such data only token-level methods (and the student alone) train."""
+    target = _select(cfg, "method._target_")
+    if not isinstance(target, str) or data_kind is None:
+        return
+    try:
+        method = _locate(target)
+    except Exception:  # noqa: BLE001 - an unknown target is Hydra's error, raised at instantiation
+        return
+    token_level = bool(getattr(method, "token_level", False))
+    needs_teacher = getattr(getattr(method, "teacher_use", None), "needs_teacher", True)
+    name = _select(cfg, "method.name") or getattr(method, "name", target)
+    if token_level and data_kind != "lm":
+        yield (
+            f"method={name} distils a causal language model token by token, but dataset={_select(cfg, 'dataset.name')} "
+            "is not language modelling; use dataset=lm, e.g. experiment=lm/synthetic"
+        )
+    elif data_kind == "lm" and needs_teacher and not token_level:
+        yield (
+            f"method={name} distils classifiers, but dataset={_select(cfg, 'dataset.name')} is language modelling; "
+            "pick a token-level method: fkl, rkl, jsd, skl, srkl, tvd, gkd, seqkd (or none)"
         )
 
 

@@ -1,6 +1,6 @@
 """The method contract, checked for every registered method (``kdx.methods.base.METHODS``).
 
-Each method trains a tiny CNN1D pair for two bf16-mixed steps in a real Lightning fit, through
+Each method trains a tiny CNN1D pair (a token-level method: a tiny GPT-2 pair on packed blocks) for two bf16-mixed steps in a real Lightning fit, through
 :class:`~kdx.module.DistillationModule` and nothing else, and these hold:
 
 * the terms it returns hold ``"loss"`` and only scalar tensors, all finite under bf16 autocast;
@@ -25,8 +25,11 @@ import torch
 
 import kdx
 from conftest import HostReads
+from kdx.data.base import KDDataModule
+from kdx.data.lm import BlockDataset
 from kdx.data.synthetic import SyntheticDataModule
 from kdx.methods.base import METHODS, TeacherUse
+from kdx.models.causal_lm import causal_lm
 from kdx.models.small import CNN1D
 from kdx.module import DistillationModule
 
@@ -41,7 +44,11 @@ MAIN_PHASE = {
     "fsp": {"init_epochs": 0, "weight": 1.0},
     "ft": {"init_epochs": 0},
     "kda": {"warm": 0},
+    "gkd": {"lmbda": 1.0, "prompt_tokens": 4},  # the sampling path, in both steps
+    "seqkd": {"prompt_tokens": 4},
 }
+# token-level methods (causal language models) train a tiny GPT-2 pair on packed blocks instead
+VOCAB, BLOCK = 16, 10
 
 
 def _method(name: str):
@@ -51,12 +58,38 @@ def _method(name: str):
 def _pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A thin student and a wider teacher (equal widths for FSP, which compares them layer by layer)."""
     torch.manual_seed(0)
+    if METHODS[name].token_level:
+        return _lm(8), _lm(16)
     student = CNN1D(NUM_CLASSES, INPUT_SHAPE, channels=(4, 8, 8))
     teacher = CNN1D(NUM_CLASSES, INPUT_SHAPE, channels=(4, 8, 8) if name == "fsp" else (8, 16, 16))
     return student, teacher
 
 
-def _datamodule() -> SyntheticDataModule:
+def _lm(width: int) -> torch.nn.Module:
+    config = {"model_type": "gpt2", "n_embd": width, "n_layer": 1, "n_head": 2, "n_positions": 2 * BLOCK}
+    return causal_lm(config=config, vocab_size=VOCAB)
+
+
+class _Blocks(KDDataModule):
+    """Random packed blocks of a 16-token vocabulary, the last one padded."""
+
+    input_kind, num_classes = "lm", VOCAB
+
+    def __init__(self):
+        super().__init__(batch_size=16)
+
+    def setup(self, stage=None) -> None:
+        g = torch.Generator().manual_seed(0)
+        blocks = torch.randint(0, VOCAB, (64, BLOCK + 1), generator=g)
+        lengths = torch.full((64,), BLOCK + 1)
+        lengths[-1] = 5
+        self.train_set = BlockDataset(blocks, lengths)
+        self.val_set = self.test_set = BlockDataset(blocks[:16], lengths[:16])
+
+
+def _datamodule(name: str = "none"):
+    if METHODS[name].token_level:
+        return _Blocks()
     return SyntheticDataModule(
         input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, num_train=64, num_val=16, num_test=16, batch_size=16
     )
@@ -134,7 +167,7 @@ def _fit(name: str, fits: dict, tmp_path_factory, monkeypatch) -> dict:
         callbacks=[recorder],
         default_root_dir=tmp_path_factory.mktemp(name),
     )
-    trainer.fit(module, datamodule=_datamodule())
+    trainer.fit(module, datamodule=_datamodule(name))
     optimised = {
         id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]
     }
@@ -210,7 +243,7 @@ def test_state_dict_round_trip(fitted):
     module = fitted["module"]
     state = module.method.state_dict()
     fresh = _method(module.method.name)
-    fresh.setup(module.student, module.teacher, _datamodule())
+    fresh.setup(module.student, module.teacher, _datamodule(module.method.name))
     fresh.load_state_dict(state)
     restored = fresh.state_dict()
     assert set(restored) == set(state)

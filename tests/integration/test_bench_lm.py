@@ -1,0 +1,36 @@
+"""kdx-bench's language-model pair reports its fields (figures never asserted: the machine decides them)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from kdx.bench_lm import bench_lm, lm_table
+
+
+def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
+    lm = OmegaConf.load(ROOT / "conf" / "bench.yaml").lm
+    lm.merge_with(
+        {
+            "vocab_size": 64,
+            "block_size": 8,
+            "batch_size": 8,
+            "documents": 60,
+            "teacher_steps": 2,
+            "student_steps": 1,
+            "topk": [4, 64],
+            "cache_topk": 4,
+        }
+    )
+    cfg = OmegaConf.create(
+        {"seed": 0, "accelerator": "cpu", "warmup_steps": 1, "steps": 2, "rounds": 2, "lm": lm}
+    )
+    result = bench_lm(cfg)
+    assert result["ratio_kdx_over_plain"] > 0 and result["ratio_cached_over_live"] > 0
+    assert result["ratio_lightning_over_plain"] > 0 and result["ratio_kdx_over_lightning"] > 0
+    by_k = {row["k"]: row for row in result["topk"]}
+    assert by_k[4]["bytes_per_token"] == 4 * 4 + 2 and by_k[64]["full_fp32_bytes_per_token"] == 256
+    # k = the vocabulary: nothing lost but float16 rounding
+    assert by_k[64]["reconstruction_kl"] < 1e-3 and by_k[64]["student_loss_rel_diff"] < 1e-2
+    assert by_k[4]["reconstruction_kl"] > by_k[64]["reconstruction_kl"]
+    assert "top-4 cache" in lm_table(result)
