@@ -39,6 +39,8 @@ LAYERS = "pairs student and teacher layers|needs feature maps|FSP matrices|hint_
 REFUSALS = {m: LAYERS for m in ("ab", "at", "fsp", "nst", "vid", "fitnet", "ft")}
 REFUSALS["backward"] = "method.space=embedding"
 REFUSALS["ab"] = LAYERS + "|method.features=stages"  # text models have no pre-activation stages
+# token-level methods distil next-token distributions: a sequence classifier has none
+REFUSALS.update({m: "use dataset=lm" for m in ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "gkd", "seqkd")})
 
 
 @pytest.mark.parametrize("method", METHODS)
