@@ -128,6 +128,11 @@ def test_each_outcome_writes_its_keys_and_only_measured_figures():
     assert "student/acc" not in ok and "teacher/acc" not in ok and "error" not in ok
     failed = RunRecord(status="diverged", seed=0, error="loss is NaN", error_type="DivergenceError").to_dict()
     assert failed["log"] is None and "time/fit_s" not in failed and "warnings" not in failed
+    # a run that finished at chance: the keys of both outcomes, its figures kept
+    at_chance = RunRecord(status="no_learning", seed=0, method="none", student_acc=0.509)
+    written = at_chance.to_dict()
+    assert written["monitor/best"] is None and written["error"] is None and written["student/acc"] == 0.509
+    assert at_chance.finished and not at_chance.ok and not RunRecord(status="failed").finished
 
 
 def test_a_record_without_schema_version_reads():
