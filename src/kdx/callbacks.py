@@ -44,9 +44,11 @@ class ChanceTest:
     (``scipy.stats.binom``). Not 1/classes: on a 2-class split with 51 % of one class, predicting that
     class scores 51 %, and 1.5/classes would call an honest 74 % "chance".
 
-    A split too small for the test to reject at ``alpha`` even at 100 % accuracy (``p0**n >= alpha``:
-    at most 9 examples of 2 balanced classes at 0.001; 12 examples of which 7 share a class) is not
-    judged: :attr:`judges` is False and :meth:`at_chance` says False.
+    A split too small for the test to reject at ``alpha`` unless every example is right (``n - 1``
+    correct is not significant) is not judged: there only a perfect score passes, so the test cannot
+    tell a student that learned from one that did not. :attr:`judges` is False and :meth:`at_chance`
+    says False. At 0.001 that is every 2-class split of 13 examples or fewer ((n + 1) / 2**n >= 0.001;
+    12 examples: 13/4096 = 0.0032), and 8 examples of which 3 share a class.
     """
 
     examples: int
@@ -67,8 +69,8 @@ class ChanceTest:
 
     @property
     def judges(self) -> bool:
-        """Whether any accuracy on this split can be significantly above chance (100 % can)."""
-        return self.examples > 0 and self.p_value(1.0) < self.alpha
+        """Whether an accuracy below 100 % (``n - 1`` correct) can be significantly above chance."""
+        return self.examples > 1 and self.p_value((self.examples - 1) / self.examples) < self.alpha
 
     def p_value(self, accuracy: float) -> float:
         """``P(X >= k)``, ``X ~ Binomial(n, p0)``, ``k = round(accuracy·n)`` correct examples."""
@@ -162,8 +164,8 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
       metrics.json, with every figure the run reached, the checkpoints kept, the message in
       ``warnings`` and ``error``, exit code 2. Not judged: Lightning's ``fast_dev_run`` (a smoke
       test of one batch); a validation over part of the split (``trainer.limit_val_batches``), where
-      the accuracy is not the split's; a split too small for the test ever to reject
-      (``p0**n >= chance_alpha``: e.g. at most 9 examples of 2 balanced classes); a data module
+      the accuracy is not the split's; a split so small that only a perfect score could be
+      significant (:attr:`ChanceTest.judges`: e.g. 2 classes, 13 examples or fewer); a data module
       that is not a :class:`~kdx.data.base.KDDataModule`.
 
     Defaults: ``loss_factor=1000`` is far above any legitimate rise we know of (a KD term ramped in

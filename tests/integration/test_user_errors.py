@@ -354,14 +354,14 @@ def test_chance_test_golden_values():
     assert sst2.at_chance(0.509)  # the collapse seen on SST-2: the majority class
     assert sst2.at_chance(490 / 872) and not sst2.at_chance(491 / 872)
     assert not sst2.at_chance(0.74)  # an honest run (1.5 x 1/classes called it chance)
-    # a split too small for the test ever to reject at 0.001 is never judged: 12 examples of which
-    # 7 share a class (p0**12 = (7/12)**12 = 0.00155 >= 0.001), any 2-class split of 9 (p0 >= 5/9)
-    for small in (ChanceTest(12, 7), ChanceTest(9, 5), ChanceTest(0, 0)):
+    # a split so small that only a perfect score could be significant is never judged: 12 examples
+    # of 2 classes, 6 each: 12/12 has p = 0.5**12 = 0.00024 but 11/12 has (1 + 12) / 4096 = 0.0032;
+    # 8 examples, 3 of one class: 7/8 has 8 * 0.375**7 * 0.625 + 0.375**8 = 0.0056
+    for small in (ChanceTest(12, 6), ChanceTest(12, 7), ChanceTest(8, 3), ChanceTest(1, 1), ChanceTest(0, 0)):
         assert not small.judges and small.threshold() is None
         assert not small.at_chance(0.0) and not small.at_chance(1.0)
-    # 12 balanced examples can reject, at 12/12 only (0.5**12 = 0.00024; 11/12: 13/4096 = 0.0032)
-    balanced = ChanceTest(12, 6)
-    assert balanced.judges and balanced.threshold() == 1.0 and balanced.at_chance(11 / 12)
+    # the first 2-class split judged: 14 examples, 13/14 has (1 + 14) / 2**14 = 0.00092 < 0.001
+    assert ChanceTest(14, 7).judges and ChanceTest(14, 7).threshold() == 13 / 14
     # 10 classes, 1000 examples, the largest class 112: p0 = 11.2 %, not 1/classes
     ten = ChanceTest.of(torch.tensor([0] * 112 + [c for c in range(1, 10) for _ in range(98)]))
     assert (ten.examples, ten.majority) == (994, 112)
