@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from scipy.stats import binom
+from torch import Tensor
 
-from kdx.errors import DivergenceError
+from kdx.data.base import KDDataModule
+from kdx.errors import DivergenceError, KDXError, NoLearningError
 
 
 class ReportsMetrics:
@@ -21,6 +25,82 @@ class ReportsMetrics:
 
     def report(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def verdict(self) -> KDXError | None:
+        """The error a run that finished ends with (its ``status``, e.g. ``no_learning``), when this
+        callback judges that the run did not do what was asked; None: no objection. The run's figures
+        are recorded all the same."""
+        return None
+
+
+@dataclass(frozen=True)
+class ChanceTest:
+    """Is an accuracy significantly above chance on a labelled split?
+
+    Chance is the best a model that ignores its input can score: always predicting the split's
+    majority class, at rate ``p0 = majority / examples``. An accuracy ``a`` over ``n = examples``
+    examples (``k = a·n`` correct) is *at chance* when a one-sided binomial test does not reject
+    "no better than p0" at level ``alpha``: ``P(X >= k) >= alpha`` for ``X ~ Binomial(n, p0)``
+    (``scipy.stats.binom``). Not 1/classes: on a 2-class split with 51 % of one class, predicting that
+    class scores 51 %, and 1.5/classes would call an honest 74 % "chance".
+
+    A split too small for the test to reject at ``alpha`` unless every example is right (``n - 1``
+    correct is not significant) is not judged: there only a perfect score passes, so the test cannot
+    tell a student that learned from one that did not. :attr:`judges` is False and :meth:`at_chance`
+    says False. At 0.001 that is every 2-class split of 13 examples or fewer ((n + 1) / 2**n >= 0.001;
+    12 examples: 13/4096 = 0.0032), and 8 examples of which 3 share a class.
+    """
+
+    examples: int
+    majority: int
+    alpha: float = 0.001
+
+    @classmethod
+    def of(cls, targets: Tensor, alpha: float = 0.001) -> ChanceTest:
+        """The test for the labels ``targets`` of a split."""
+        targets = targets.reshape(-1).long()
+        majority = int(torch.bincount(targets).max()) if targets.numel() else 0
+        return cls(int(targets.numel()), majority, alpha)
+
+    @property
+    def rate(self) -> float:
+        """The majority class's share of the split, ``p0``."""
+        return self.majority / self.examples if self.examples else 1.0
+
+    @property
+    def judges(self) -> bool:
+        """Whether an accuracy below 100 % (``n - 1`` correct) can be significantly above chance."""
+        return self.examples > 1 and self.p_value((self.examples - 1) / self.examples) < self.alpha
+
+    def p_value(self, accuracy: float) -> float:
+        """``P(X >= k)``, ``X ~ Binomial(n, p0)``, ``k = round(accuracy·n)`` correct examples."""
+        correct = round(float(accuracy) * self.examples)
+        return float(binom.sf(correct - 1, self.examples, self.rate))
+
+    def at_chance(self, accuracy: float) -> bool:
+        """True when the split is judged and ``accuracy`` is not significantly above :attr:`rate`."""
+        return self.judges and self.p_value(accuracy) >= self.alpha
+
+    def threshold(self) -> float | None:
+        """The least accuracy that is significantly above chance; None when none is."""
+        if not self.judges:
+            return None
+        correct = int(binom.isf(self.alpha, self.examples, self.rate))  # near the answer; settled below
+        while binom.sf(correct - 1, self.examples, self.rate) >= self.alpha:
+            correct += 1
+        while correct > 0 and binom.sf(correct - 2, self.examples, self.rate) < self.alpha:
+            correct -= 1
+        return correct / self.examples
+
+    def describe(self, accuracy: float) -> str:
+        """``50.9 % is not significantly above ...``: the test's figures, for a message."""
+        threshold = self.threshold()
+        return (
+            f"{100 * accuracy:.1f} % is not significantly above the majority class's "
+            f"{100 * self.rate:.1f} % of the {self.examples} validation examples (one-sided binomial "
+            f"test: p = {self.p_value(accuracy):.2g} >= {self.alpha:g}"
+            + (f"; significant from {100 * threshold:.1f} %)" if threshold is not None else ")")
+        )
 
 
 class TrainingThroughput(L.Callback, ReportsMetrics):
@@ -76,28 +156,41 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
       end from a device-side running maximum (no host sync per step); non-finite losses are left
       to the module's NaN check, which names their source. Methods with manual optimisation return
       no loss per step; their epoch means (``train/loss_epoch``) are compared instead.
-    * Validation accuracy of the student below ``chance_factor`` × chance (1 / classes) at every
-      validation of the run is a warning in metrics.json and the summary (the run itself finished).
-      Lightning's ``fast_dev_run`` (a smoke test of one batch) is not judged.
+    * A student whose best validation accuracy over the whole run is at chance — not significantly
+      above the validation split's majority class (:class:`ChanceTest`: one-sided binomial test at
+      level ``chance_alpha``, class counts read from the data module's
+      :meth:`~kdx.data.base.KDDataModule.val_targets`) — ends the finished run with
+      :class:`~kdx.errors.NoLearningError` (:meth:`verdict`): ``status: no_learning`` in
+      metrics.json, with every figure the run reached, the checkpoints kept, the message in
+      ``warnings`` and ``error``, exit code 2. Not judged: Lightning's ``fast_dev_run`` (a smoke
+      test of one batch); a validation over part of the split (``trainer.limit_val_batches``), where
+      the accuracy is not the split's; a split so small that only a perfect score could be
+      significant (:attr:`ChanceTest.judges`: e.g. 2 classes, 13 examples or fewer); a data module
+      that is not a :class:`~kdx.data.base.KDDataModule`.
 
     Defaults: ``loss_factor=1000`` is far above any legitimate rise we know of (a KD term ramped in
     by a warm-up multiplies the first loss by < 20), far below what a blown-up optimiser reaches
-    (Adam at lr 1e9: 1e31).
+    (Adam at lr 1e9: 1e31). ``chance_alpha=0.001``: on SST-2's dev split (872 examples, 444 of one
+    class: 50.9 %) accuracies from 56.3 % on are above chance; a collapse to the majority class
+    (50.9 %) is at chance, an honest 74 % far above.
     """
 
-    def __init__(self, loss_factor: float = 1000.0, reference_steps: int = 3, chance_factor: float = 1.5):
+    def __init__(self, loss_factor: float = 1000.0, reference_steps: int = 3, chance_alpha: float = 0.001):
         if not loss_factor > 1:
             raise ValueError(f"DivergenceMonitor: loss_factor={loss_factor} must be > 1")
+        if not 0 < chance_alpha < 1:
+            raise ValueError(f"DivergenceMonitor: chance_alpha={chance_alpha} must lie in (0, 1), e.g. 0.001")
         self.loss_factor = float(loss_factor)
         self.reference_steps = max(1, int(reference_steps))
-        self.chance_factor = float(chance_factor)
+        self.chance_alpha = float(chance_alpha)
         self._reference: Any = None
         self._seen = 0
         self._peak: Any = None
         self._epoch_reference: float | None = None
         self._best_acc: float | None = None
-        self._chance: float | None = None
+        self._test: ChanceTest | None = None
         self._validations = 0
+        self._partial = False  # a validation saw part of the split only: not judged
 
     # a resumed run goes on judging against the first values of the whole run
     def state_dict(self) -> dict[str, Any]:
@@ -106,8 +199,8 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
             "reference": reference,
             "epoch_reference": self._epoch_reference,
             "best_acc": self._best_acc,
-            "chance": self._chance,
             "validations": self._validations,
+            "partial": self._partial,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -118,8 +211,9 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
             self._reference = torch.tensor(float(state_dict["reference"]))
             self._seen = self.reference_steps
         self._epoch_reference = state_dict.get("epoch_reference")
-        self._best_acc, self._chance = state_dict.get("best_acc"), state_dict.get("chance")
+        self._best_acc = state_dict.get("best_acc")
         self._validations = int(state_dict.get("validations") or 0)
+        self._partial = bool(state_dict.get("partial"))
 
     @staticmethod
     def _step_loss(outputs: Any) -> Any:
@@ -172,24 +266,37 @@ class DivergenceMonitor(L.Callback, ReportsMetrics):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         accuracy = trainer.callback_metrics.get("val/student/acc")
-        if accuracy is None:
+        datamodule = trainer.datamodule
+        if accuracy is None or not isinstance(datamodule, KDDataModule):
             return
         self._validations += 1
-        self._chance = 1.0 / int(pl_module.num_classes)
+        loaders = trainer.val_dataloaders
+        batches = len(loaders[0] if isinstance(loaders, (list, tuple)) else loaders)
+        if sum(trainer.num_val_batches) < batches:  # trainer.limit_val_batches: part of the split
+            self._partial = True
+        if self._test is None:  # the split's labels are read once
+            self._test = ChanceTest.of(datamodule.val_targets(), self.chance_alpha)
         value = float(accuracy)
         self._best_acc = value if self._best_acc is None else max(self._best_acc, value)
 
-    def report(self) -> dict[str, Any]:
-        best, chance = self._best_acc, self._chance
-        if best is None or chance is None or best >= self.chance_factor * chance:
-            return {}
-        warning = (
-            f"the student stayed at chance level: best validation accuracy {100 * best:.1f} % over "
-            f"{self._validations} validations (chance: {100 * chance:.1f} %); the run learned nothing — "
-            "check optim.optimizer.lr, the method's loss weights and the data"
+    def verdict(self) -> NoLearningError | None:
+        """:class:`~kdx.errors.NoLearningError` when the student's best validation accuracy is at
+        chance (see the class docstring for what is not judged)."""
+        best, test = self._best_acc, self._test
+        if best is None or test is None or self._partial or not test.at_chance(best):
+            return None
+        return NoLearningError(
+            f"the student stayed at chance level: its best validation accuracy over {self._validations} "
+            f"validations, {test.describe(best)}; the run learned nothing — check optim.optimizer.lr, the "
+            "method's loss weights and the data (the level is callbacks.divergence.chance_alpha)"
         )
-        logging.getLogger("kdx").warning("kdx: warning: %s", warning)
-        return {"warnings": [warning]}
+
+    def report(self) -> dict[str, Any]:
+        verdict = self.verdict()
+        if verdict is None:
+            return {}
+        logging.getLogger("kdx").warning("kdx: warning: %s", verdict)
+        return {"warnings": [str(verdict)]}
 
 
 class EpochLog(L.Callback):

@@ -8,6 +8,9 @@ traceback to stderr and the run's log and exits 1, where a :class:`KDXError` exi
 class KDXError(Exception):
     """A user error (configuration, files, shapes). Entry points print it as one line and exit 2."""
 
+    status = "failed"
+    """The ``status`` the run's metrics.json records."""
+
 
 class HyperParameterError(KDXError, ValueError):
     """A method's hyper-parameter is out of range (raised from the method's ``__init__``)."""
@@ -29,6 +32,14 @@ class DivergenceError(KDXError):
     """The training loss ran away (kdx.callbacks.DivergenceMonitor); the run records ``status: diverged``."""
 
     status = "diverged"
+
+
+class NoLearningError(KDXError):
+    """The student's validation accuracy never rose significantly above chance
+    (kdx.callbacks.DivergenceMonitor). Not raised: the finished run records ``status: no_learning``
+    with its figures and this message, and exits 2 like any user error."""
+
+    status = "no_learning"
 
 
 class NonFiniteSources:

@@ -13,6 +13,9 @@ Which keys a record carries:
   ``config``, ``versions``), null when unknown;
 - a successful run (``status: ok``): also the monitor's figures, the fit time, epochs, steps, the
   teacher's checksum and the warnings, null or empty when the run had none;
+- a run that finished but learned nothing (``no_learning``: its best validation accuracy is at
+  chance, :class:`kdx.callbacks.DivergenceMonitor`): the keys of a successful run (its figures
+  stand) and those of one that did not succeed;
 - a run that did not succeed (``failed``, ``diverged``, ``interrupted``, ...): also ``error``,
   ``error_type``, ``log``; an interrupted one also ``interrupt/signal``, ``interrupt/ckpt``,
   ``interrupt/resume`` (the command that continues it), ``epochs`` and ``steps``;
@@ -41,6 +44,9 @@ from kdx.utils import atomic_write_json
 SCHEMA_VERSION: int = 1
 RECORD_NAME = "metrics.json"
 OK = "ok"
+NO_LEARNING = "no_learning"
+# statuses of a run that finished: its figures are what it reached (kdx-table averages them)
+FINISHED = (OK, NO_LEARNING)
 
 # Field groups: which outcome always writes a key (as null when unknown).
 EVERY = "every"
@@ -168,7 +174,7 @@ class RunRecord:
             raise RecordError("no 'status' (kdx-train writes ok, failed, ...)")
         for f, key in _FIELD_KEYS.items():
             _check(key, getattr(self, f.name), f.metadata)
-        if self.status == OK:  # only a run that failed on its seed records one that is not an integer
+        if self.status in FINISHED:  # only a run that failed on its seed records one that is not an integer
             _check("seed", self.seed, {"types": int, "what": "an integer"})
         if not isinstance(self.extra, dict):
             raise RecordError(f"'extra' should be a mapping, not {type(self.extra).__name__}")
@@ -206,11 +212,11 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         """The metrics.json keys: every field its outcome always writes (null when unknown), every
         other field that holds a value, the extra figures, and ``schema_version``."""
-        outcome = SUCCESS if self.status == OK else FAILURE
+        outcomes = {OK: (SUCCESS,), NO_LEARNING: (SUCCESS, FAILURE)}.get(self.status, (FAILURE,))
         out: dict[str, Any] = {}
         for f, key in _FIELD_KEYS.items():
             value = getattr(self, f.name)
-            if value is not None or f.metadata["always"] in (EVERY, outcome):
+            if value is not None or f.metadata["always"] in (EVERY, *outcomes):
                 out[key] = _copy(value)
         out.update(self.extra)
         out["schema_version"] = SCHEMA_VERSION
@@ -234,6 +240,11 @@ class RunRecord:
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+    @property
+    def finished(self) -> bool:
+        """The run ran to its end and its figures stand (``ok``, or ``no_learning``: at chance)."""
+        return self.status in FINISHED
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ tree of them: the search is recursive). ``metrics.json`` is the only thing read,
 :class:`~kdx.record.RunRecord` — Hydra's ``.hydra/`` folders may be deleted. What the table uses
 from a run's record:
 
-- ``status`` (``ok`` | ``failed`` | ``diverged`` | ...), with ``error`` / ``error_type`` when not ok;
+- ``status`` (``ok`` | ``no_learning`` | ``failed`` | ``diverged`` | ...), with ``error`` / ``error_type`` when not ok;
 - ``seed``, ``dataset``, ``teacher``, ``student``, ``method``: display names;
 - ``label`` (optional): replaces the method as the row name, so a method run with a control switch
   (``backward-step0``) forms a row of its own;
@@ -38,7 +38,10 @@ validation curves of every row from its runs' ``csv/metrics.csv`` (:mod:`kdx.rep
 A successful run's record whose figures are not finite numbers in range is refused with a warning
 naming the file and the field; a folder that cannot be listed is warned about.
 Runs that did not succeed are counted (``failed``; ``missing`` for a record still ``running``),
-never averaged, and listed under the table with their error. A folder whose ``metrics.json`` cannot
+never averaged, and listed under the table with their error. A run that finished with its student
+at chance (``no_learning``) is averaged with the row's other runs — dropping it would hide a
+method's collapse behind the seeds that learned — and counted in an ``at chance`` column (shown
+when a row has one) and listed under the table. A folder whose ``metrics.json`` cannot
 be read or is malformed is skipped with a warning naming it; a job folder of a sweep without any
 ``metrics.json`` (killed before it could write one) is listed too.
 
@@ -62,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdx.record import RecordError, RunRecord, read_record
+from kdx.record import FINISHED, NO_LEARNING, RecordError, RunRecord, read_record
 from kdx.report import configs
 from kdx.report.curves import plot_curves
 from kdx.report.stats import compare
@@ -114,7 +117,7 @@ SHA_KEY = "teacher/sha256"
 @dataclass
 class Run:
     path: Path  # the run folder
-    status: str  # ok | failed | diverged | ... | running
+    status: str  # ok | no_learning | failed | diverged | ... | running
     keys: dict[str, str]  # GROUP_KEYS and the --by keys, as shown in the table
     method: str  # the registered method (the row name is the label when there is one)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -180,7 +183,7 @@ def _by_value(record: RunRecord, key: str) -> str:
 def check_record(record: RunRecord, file: Path) -> None:
     """Refuse (:class:`~kdx.record.RecordError` naming the file and the field) a successful run's
     record whose figures are not finite numbers in range, or that names no method."""
-    if not record.ok:
+    if not record.finished:
         return
     problems = record.figure_problems()
     if problems:
@@ -202,7 +205,7 @@ def read_run(metrics_path: Path, by: Sequence[str] = ()) -> Run:
     keys = {**names, "method": record.label or method}
     keys.update({k: _by_value(record, k) for k in by})
     metrics = {}
-    if record.ok:
+    if record.finished:  # ok, or no_learning: the figures it reached stand
         metrics = {k: v for k, _, _, _ in METRICS if (v := _number(record.get(k))) is not None}
     return Run(
         path=metrics_path.parent,
@@ -446,12 +449,13 @@ def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any
     rows = []
     for key in sorted(groups, key=order):
         members = groups[key]
-        ok = [r for r in members if r.status == "ok"]
+        ok = [r for r in members if r.status in FINISHED]  # a collapse (no_learning) is averaged in
         methods = sorted({r.method for r in members}, key=_method_rank)
         row: dict[str, Any] = dict(zip(group_keys, key))
         row["base_method"] = " ".join(methods)
         row["n"] = len(ok)
-        row["failed"] = sum(r.status not in ("ok", UNFINISHED) for r in members)
+        row["failed"] = sum(r.status not in (*FINISHED, UNFINISHED) for r in members)
+        row["no_learning"] = sum(r.status == NO_LEARNING for r in members)
         row["missing"] = sum(r.status == UNFINISHED for r in members)
         row["seeds"] = " ".join(str(s) for s in sorted({r.seed for r in ok if r.seed is not None}))
         seeds = [r.seed for r in ok]
@@ -476,7 +480,7 @@ def aggregate(runs: Sequence[Run], by: Sequence[str] = ()) -> list[dict[str, Any
             mean, std, n = _mean_std([v for _, v in pairs])
             row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"] = mean, std, n
             row["_values"][metric] = pairs
-        row["_runs"] = [r.path for r in members if r.status == "ok"]
+        row["_runs"] = [r.path for r in ok]
         row.update(_published_columns(row, members, names=(key[3], *methods), group=_group_name(key)))
         rows.append(row)
     return rows
@@ -647,7 +651,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
             "paired p (seeds)",
             "seeds to resolve",
         ]
-    header += ["failed"] + (["missing"] if has_missing else [])
+    has_chance = any(r["no_learning"] for r in rows)
+    header += (["at chance"] if has_chance else []) + ["failed"] + (["missing"] if has_missing else [])
     body = []
     for r in rows:
         cells = [*keys(r), str(r["n"])]
@@ -677,6 +682,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
                 else f"{_p(r['versus_paired_p'])} ({r['versus_paired_n']})",
                 _seeds(r["versus_seeds_needed"]),
             ]
+        cells += [str(r["no_learning"])] if has_chance else []
         cells += [str(r["failed"])] + ([str(r["missing"])] if has_missing else [])
         body.append(cells)
     lines = _md_table(header, body)
@@ -688,6 +694,11 @@ def to_markdown(rows: Sequence[dict[str, Any]], by: Sequence[str] = ()) -> str:
         notes.append(
             "Accuracies, agreement and ECE in % (×100); mean ± sample std over seeds (n = successful "
             "runs); student best = test accuracy of the best-validation epoch, last = of the last epoch."
+        )
+    if has_chance:
+        notes.append(
+            "at chance: runs whose student's best validation accuracy was not significantly above the "
+            "majority class (status no_learning); their figures are in the row's mean and n."
         )
     if any(r[f"{key}_n"] not in (0, r["n"]) for r in rows for key, *_ in METRICS):
         notes.append(
@@ -734,7 +745,7 @@ def _problems_markdown(found: Found) -> str:
             )
             names = "/".join(r.keys[k] for k in GROUP_KEYS)
             lines.append(f"- `{r.path}` ({names}, seed {r.seed}): {r.status}: {error}")
-        parts.append("Failed or unfinished runs:\n\n" + "\n".join(lines))
+        parts.append("Failed, unfinished or at-chance (no_learning) runs:\n\n" + "\n".join(lines))
     if found.skipped:
         parts.append(
             "Skipped (unreadable or malformed metrics.json):\n\n"

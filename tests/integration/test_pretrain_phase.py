@@ -154,5 +154,7 @@ def test_the_run_record_says_how_long_and_at_which_lr_it_pretrained(tmp_path, ca
 
     cfg = _scaled_row("ft", tmp_path, cache_dir, "+trainer.limit_train_batches=1")
     metrics = run(cfg)
-    assert metrics["status"] == "ok" and metrics["init/epochs"] == 2
+    # one batch of 16 images of 100 classes a epoch, from a random teacher: the student learns nothing
+    # and its record says so (status no_learning); its figures are recorded all the same
+    assert metrics["status"] == "no_learning" and metrics["init/epochs"] == 2
     assert metrics["init/lr"] == pytest.approx(0.01) and metrics["epochs"] == 3

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
+from scipy.stats import binom
+from torch import nn
 
 from conftest import FAST, compose_train, run_train
-from kdx.callbacks import DivergenceMonitor
-from kdx.errors import DivergenceError, KDXError, NonFiniteLossError
+from kdx.callbacks import ChanceTest, DivergenceMonitor
+from kdx.errors import DivergenceError, KDXError, NoLearningError, NonFiniteLossError
 from kdx.models.small import CNN1D
 from kdx.models.weights import AtomicCheckpointIO, load_weights
+from kdx.pipeline.build import _setup_warnings
 from kdx.pipeline.record import failure_record
+from kdx.pipeline.run import run_job
 from kdx.pipeline.validate import validate_config
 from kdx.teacher import cached_teacher_path
 from kdx.utils import atomic_write_json
@@ -300,24 +304,90 @@ def test_a_diverging_loss_stops_the_run_as_diverged(tmp_path):
     assert record["status"] == "diverged" and "lower optim.optimizer.lr" in record["error"]
 
 
-def test_a_student_at_chance_for_the_whole_run_is_a_warning(tmp_path):
-    # lr 1e-12: the student never leaves its initial (chance-level) accuracy on 10 classes
-    metrics = run_train([*NO_TEACHER, "optim.optimizer.lr=1e-12"], tmp_path, tmp_path / "cache")
+def test_a_student_at_chance_for_the_whole_run_ends_no_learning_with_its_figures(tmp_path):
+    # lr 1e-12 (lr 0 is refused before any work): the student never leaves its initial accuracy;
+    # the whole validation split is validated (debug=limit validates 2 batches: not judged)
+    cfg = compose_train(
+        [*NO_TEACHER, "optim.optimizer.lr=1e-12", "trainer.limit_val_batches=1.0"],
+        tmp_path,
+        tmp_path / "cache",
+    )
+    with pytest.raises(SystemExit) as stop:
+        run_job(cfg)
+    assert stop.value.code == 2  # a user error's exit code, like a diverged run
+    metrics = strict_json(tmp_path / "metrics.json")
+    assert metrics["status"] == "no_learning" and metrics["error_type"] == "NoLearningError"
     (warning,) = [w for w in metrics["warnings"] if "chance level" in w]
-    assert "over 2 validations (chance: 10.0 %)" in warning
-    assert strict_json(tmp_path / "metrics.json")["warnings"] == metrics["warnings"]
+    assert warning == metrics["error"] and "over 2 validations" in warning
+    assert "is not significantly above the majority class's" in warning and "chance_alpha" in warning
+    # the figures it reached and the checkpoints stay: a reader sees what the run did
+    assert 0 <= metrics["student/acc"] <= 1 and metrics["monitor/best"] is not None
+    assert Path(metrics["student/best_ckpt"]).is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "log" in metrics  # the log file of a Hydra run (none in-process)
+    assert not list(tmp_path.glob(".*.tmp")) and not list(
+        tmp_path.glob("metrics.json.*")
+    )  # written atomically
+    # the test's own figures: the best validation accuracy is at chance on this split
+    monitor = ChanceTest(*_val_counts(cfg))
+    assert monitor.judges and monitor.at_chance(metrics["student/val_acc_best"])
+
+
+def _val_counts(cfg) -> tuple[int, int]:
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.dataset.datamodule)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    targets = datamodule.val_targets()
+    return int(targets.numel()), int(torch.bincount(targets).max())
+
+
+def test_chance_test_golden_values():
+    # SST-2's dev split: 872 sentences, 444 positive: the majority class scores p0 = 444/872 = 50.92 %.
+    # By hand (normal approximation with continuity correction): sd = sqrt(872 p0 (1 - p0)) = 14.762,
+    # z(0.999) = 3.090, so k >= 444 + 0.5 + 3.090 * 14.762 = 490.1 correct: 491/872 = 56.31 %.
+    sst2 = ChanceTest(examples=872, majority=444, alpha=0.001)
+    assert sst2.judges and sst2.rate == pytest.approx(0.50917, abs=1e-5)
+    assert sst2.threshold() == 491 / 872
+    # scipy's exact tail agrees: 491 correct rejects at 0.001, 490 does not
+    assert binom.sf(490, 872, 444 / 872) < 0.001 <= binom.sf(489, 872, 444 / 872)
+    assert sst2.at_chance(0.509)  # the collapse seen on SST-2: the majority class
+    assert sst2.at_chance(490 / 872) and not sst2.at_chance(491 / 872)
+    assert not sst2.at_chance(0.74)  # an honest run (1.5 x 1/classes called it chance)
+    # a split so small that only a perfect score could be significant is never judged: 12 examples
+    # of 2 classes, 6 each: 12/12 has p = 0.5**12 = 0.00024 but 11/12 has (1 + 12) / 4096 = 0.0032;
+    # 8 examples, 3 of one class: 7/8 has 8 * 0.375**7 * 0.625 + 0.375**8 = 0.0056
+    for small in (ChanceTest(12, 6), ChanceTest(12, 7), ChanceTest(8, 3), ChanceTest(1, 1), ChanceTest(0, 0)):
+        assert not small.judges and small.threshold() is None
+        assert not small.at_chance(0.0) and not small.at_chance(1.0)
+    # the first 2-class split judged: 14 examples, 13/14 has (1 + 14) / 2**14 = 0.00092 < 0.001
+    assert ChanceTest(14, 7).judges and ChanceTest(14, 7).threshold() == 13 / 14
+    # 10 classes, 1000 examples, the largest class 112: p0 = 11.2 %, not 1/classes
+    ten = ChanceTest.of(torch.tensor([0] * 112 + [c for c in range(1, 10) for _ in range(98)]))
+    assert (ten.examples, ten.majority) == (994, 112)
+    assert ten.at_chance(0.12) and not ten.at_chance(0.16)
 
 
 def test_divergence_monitor_thresholds():
-    monitor = DivergenceMonitor(loss_factor=10, chance_factor=1.5)
-    # 10 classes: chance 10 %, warning below 15 %
-    monitor._best_acc, monitor._chance, monitor._validations = 0.149, 0.1, 3
+    monitor = DivergenceMonitor(loss_factor=10)
+    # SST-2's dev split: at chance below 56.3 %
+    monitor._best_acc, monitor._test, monitor._validations = 0.509, ChanceTest(872, 444), 3
+    verdict = monitor.verdict()
+    assert isinstance(verdict, NoLearningError) and verdict.status == "no_learning"
     assert "chance level" in monitor.report()["warnings"][0]
-    monitor._best_acc = 0.16
-    assert monitor.report() == {}
+    assert "50.9 % is not significantly above the majority class's 50.9 % of the 872" in str(verdict)
+    monitor._best_acc = 0.74
+    assert monitor.report() == {} and monitor.verdict() is None
+    # a validation over part of the split is not judged
+    monitor._best_acc, monitor._partial = 0.509, True
+    assert monitor.verdict() is None
+    monitor._partial = False
     with pytest.raises(ValueError, match="loss_factor=1.0 must be > 1"):
         DivergenceMonitor(loss_factor=1.0)
+    with pytest.raises(ValueError, match="chance_alpha=1.5 must lie in"):
+        DivergenceMonitor(chance_alpha=1.5)
     # a resumed run goes on with the first run's reference and its validations so far
+    monitor._best_acc = 0.16
     monitor._reference = torch.tensor(2.5)
     resumed = DivergenceMonitor(loss_factor=10)
     resumed.load_state_dict(monitor.state_dict())
@@ -330,6 +400,18 @@ def test_divergence_monitor_thresholds():
     # ... but a run's own state wins (Lightning restores callbacks for test(ckpt_path=best) too)
     resumed.load_state_dict({"reference": 9.0, "validations": 1})
     assert (float(resumed._reference), resumed._validations) == (2.5, 3)
+
+
+def test_the_teacher_check_uses_the_same_criterion():
+    cfg = OmegaConf.create({"teacher": {"name": "cnn1d"}, "dataset": {"name": "sst2"}})
+    sst2 = ChanceTest(872, 444)
+    (warning,) = _setup_warnings(cfg, nn.Linear(1, 1), None, {"teacher/val_acc": 0.509}, sst2)
+    assert warning.startswith("teacher=cnn1d validates at 50.9 % is not significantly above")
+    assert warning.endswith(
+        "distilling from it teaches nothing; train it longer or pass a better teacher.ckpt"
+    )
+    # a 74.7 % teacher on 2 classes teaches (1.5 x 1/classes called it "teaches nothing")
+    assert _setup_warnings(cfg, nn.Linear(1, 1), None, {"teacher/val_acc": 0.747}, sst2) == []
 
 
 def test_nan_inputs_are_named_as_inputs(tmp_path):

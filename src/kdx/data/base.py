@@ -226,6 +226,11 @@ class KDDataModule(L.LightningDataModule):
         """The label of every training example, in index order (the ``index`` of the batches)."""
         return dataset_targets(self._built(self.train_set))
 
+    def val_targets(self) -> Tensor:
+        """The label of every validation example, in index order; its class counts say what chance
+        is (:class:`kdx.callbacks.ChanceTest`)."""
+        return dataset_targets(self._built(self.val_set))
+
     # -- view replay ---------------------------------------------------------------------------
     def replayable_views(self) -> ReplayableViews | None:
         """The training split's raw items and its augmentation in replayable form

@@ -25,6 +25,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kdx.callbacks import ChanceTest
+from kdx.data.base import KDDataModule
 from kdx.data.text import TRAIN_TOKENIZER, TextDataModule
 from kdx.errors import HyperParameterError, KDXError
 from kdx.methods.base import METHODS, DistillationMethod
@@ -87,6 +89,7 @@ def build(cfg: DictConfig, *, train_teacher: RunFn | None = None, for_training: 
     use = method.teacher_use
     info: dict[str, Any] = {}
     teacher = None
+    teacher_chance: ChanceTest | None = None
     if use.needs_teacher or cfg.teacher.get("model") is not None:
         if use.needs_teacher and cfg.teacher.get("model") is None:
             raise KDXError(
@@ -100,7 +103,9 @@ def build(cfg: DictConfig, *, train_teacher: RunFn | None = None, for_training: 
         else:
             teacher, info = provide_teacher(cfg, train_teacher)
             if for_training:
-                info["teacher/val_acc"] = check_teacher(cfg, teacher)
+                checked = check_teacher(cfg, teacher)
+                if checked is not None:
+                    info["teacher/val_acc"], teacher_chance = checked
     warnings: list[str] = []
     if for_training:
         L.seed_everything(
@@ -109,7 +114,7 @@ def build(cfg: DictConfig, *, train_teacher: RunFn | None = None, for_training: 
         student = instantiate(cfg.student.model)
         warnings = [
             *method.run_warnings(cfg.trainer.get("max_epochs")),
-            *_setup_warnings(cfg, student, teacher, info),
+            *_setup_warnings(cfg, student, teacher, info, teacher_chance),
         ]
         for warning in warnings:
             log.warning("kdx: warning: %s", warning)
@@ -205,14 +210,21 @@ def _check_reads_input(model: nn.Module, input_shape: Any, role: str, cfg: DictC
         model.train(was_training)
 
 
-def _setup_warnings(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, info: dict) -> list[str]:
-    """Runs that are legal but likely not what the user meant."""
+def _setup_warnings(
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    info: dict,
+    teacher_chance: ChanceTest | None = None,
+) -> list[str]:
+    """Runs that are legal but likely not what the user meant. ``teacher_chance``: the test of the
+    validation split the teacher was checked on (the student's criterion, :class:`ChanceTest`)."""
     found = []
-    chance = 1.0 / int(cfg.dataset.num_classes)
-    if info.get("teacher/val_acc") is not None and info["teacher/val_acc"] < 1.5 * chance:
+    acc = info.get("teacher/val_acc")
+    if acc is not None and teacher_chance is not None and teacher_chance.at_chance(acc):
         found.append(
-            f"teacher={cfg.teacher.name} validates at {100 * info['teacher/val_acc']:.1f} % (chance: "
-            f"{100 * chance:.1f} %): distilling from it teaches nothing; train it longer or pass a better teacher.ckpt"
+            f"teacher={cfg.teacher.name} validates at {teacher_chance.describe(acc)}: distilling from it "
+            "teaches nothing; train it longer or pass a better teacher.ckpt"
         )
     if teacher is not None:
         sizes = [sum(p.numel() for p in m.parameters()) for m in (student, teacher)]
@@ -235,9 +247,11 @@ def _setup_warnings(cfg: DictConfig, student: nn.Module, teacher: nn.Module | No
 # The teacher check
 
 
-def check_teacher(cfg: DictConfig, model: nn.Module) -> float | None:
-    """Validation accuracy of the teacher (``trainer.validate`` on the run's accelerator, one device);
-    stops the run below ``teacher.min_acc``. Ranks other than 0 trust rank 0's check."""
+def check_teacher(cfg: DictConfig, model: nn.Module) -> tuple[float, ChanceTest | None] | None:
+    """Validation accuracy of the teacher (``trainer.validate`` on the run's accelerator, one device)
+    and the chance test of that split (at the student's level, ``callbacks.divergence.chance_alpha``;
+    None for a data module outside the data protocol); stops the run below ``teacher.min_acc``.
+    Ranks other than 0 trust rank 0's check."""
     if rank_zero_only.rank != 0:
         return None
     name, num_classes = cfg.teacher.name, int(cfg.dataset.num_classes)
@@ -269,8 +283,11 @@ def check_teacher(cfg: DictConfig, model: nn.Module) -> float | None:
         enable_model_summary=False,
     )
     was_training = model.training
-    results = trainer.validate(module, datamodule=instantiate(cfg.dataset.datamodule), verbose=False)
+    datamodule = instantiate(cfg.dataset.datamodule)
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
     model.train(was_training).cpu()
+    alpha = float(OmegaConf.select(cfg, "callbacks.divergence.chance_alpha", default=None) or 0.001)
+    chance = ChanceTest.of(datamodule.val_targets(), alpha) if isinstance(datamodule, KDDataModule) else None
     acc = float(results[0]["val/student/acc"])
     if acc < float(cfg.teacher.min_acc):
         raise KDXError(
@@ -278,7 +295,7 @@ def check_teacher(cfg: DictConfig, model: nn.Module) -> float | None:
             "train it longer (teacher.train.epochs), pass a better teacher.ckpt, or lower teacher.min_acc"
         )
     log.info("Teacher %s: validation accuracy %.2f %%", name, 100 * acc)
-    return acc
+    return acc, chance
 
 
 # ---------------------------------------------------------------------------------------------

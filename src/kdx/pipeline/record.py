@@ -107,14 +107,20 @@ def run_record(
     warnings: list[str],
 ) -> RunRecord:
     """The record of a finished run: the evaluation's figures, the callbacks' reports, the teacher's
-    figures, provenance, and every warning once."""
+    figures, provenance, and every warning once. A callback's verdict (DivergenceMonitor: the student
+    is at chance) sets the status and the error; the figures stay."""
     metrics = dict(evaluated)
+    verdicts = []
     for callback in callbacks:  # callbacks with headline figures of their own (diagnostics, throughput)
         if isinstance(callback, ReportsMetrics):
             metrics.update(callback.report())
+            verdicts.append(callback.verdict())
+    verdict = next((v for v in verdicts if v is not None), None)
+    if verdict is not None:
+        metrics.update({"error": str(verdict), "error_type": type(verdict).__name__, "log": log_file(cfg)})
     metrics.update(
         {
-            "status": "ok",
+            "status": "ok" if verdict is None else verdict.status,
             "time/fit_s": fit_s,
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,

@@ -4,9 +4,11 @@
 A user error (:class:`~kdx.errors.KDXError`: bad path, class-count mismatch, bad hyper-parameter,
 NaN loss) is printed as one line and the process exits 2; anything else is a bug: its full
 traceback goes to stderr and to the run's log and the process exits 1. Either way the run folder
-gets a ``metrics.json`` with ``status: failed``, the error's type and message and the log's path,
-the loggers are closed, and in a multirun the sweep goes on (the multirun then exits non-zero once
-every job has run).
+gets a ``metrics.json`` with ``status: failed`` (or the error's own: ``diverged``), the error's type
+and message and the log's path, the loggers are closed, and in a multirun the sweep goes on (the
+multirun then exits non-zero once every job has run). A run that finished but learned nothing
+(``status: no_learning``, :class:`~kdx.errors.NoLearningError`) keeps its figures and checkpoints,
+and ends the same way as a user error: one line, exit 2, the sweep goes on.
 """
 
 from __future__ import annotations
@@ -194,8 +196,14 @@ def run_job(cfg: DictConfig) -> float:
         if is_multirun():
             return worst_score(cfg)
         sys.exit(2 if user_error else 1)
+    result = RunRecord.from_dict(metrics)
     if cfg.get("print_summary", True) and rank_zero_only.rank == 0:
-        print_summary(RunRecord.from_dict(metrics), output_dir)
+        print_summary(result, output_dir)
+    if not result.ok:  # it finished but did not do what was asked (no_learning): figures kept, exit 2
+        _say(f"kdx: error: {result.error}")
+        if is_multirun():
+            return worst_score(cfg)
+        sys.exit(2)
     value = metrics.get("monitor/best")
     return float(value) if value is not None and math.isfinite(value) else worst_score(cfg)
 

@@ -133,6 +133,11 @@ def test_each_outcome_writes_its_keys_and_only_measured_figures():
     assert "student/acc" not in ok and "teacher/acc" not in ok and "error" not in ok
     failed = RunRecord(status="diverged", seed=0, error="loss is NaN", error_type="DivergenceError").to_dict()
     assert failed["log"] is None and "time/fit_s" not in failed and "warnings" not in failed
+    # a run that finished at chance: the keys of both outcomes, its figures kept
+    at_chance = RunRecord(status="no_learning", seed=0, method="none", student_acc=0.509)
+    written = at_chance.to_dict()
+    assert written["monitor/best"] is None and written["error"] is None and written["student/acc"] == 0.509
+    assert at_chance.finished and not at_chance.ok and not RunRecord(status="failed").finished
 
 
 def test_a_record_without_schema_version_reads():
@@ -251,3 +256,33 @@ def test_the_multirun_report_reads_each_job_through_the_record(tmp_path, capsys)
     )
     assert lines[3].split()[:2] == ["10", "unreadable"]
     assert "2 of 3 jobs failed (job 1, 10)" in err
+
+
+def test_a_job_at_chance_is_named_by_the_multirun_report_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from kdx.hydra_callbacks import MultirunReport
+    from kdx.pipeline import run as pipeline
+
+    at_chance = {
+        **OK_RECORD,
+        "status": "no_learning",
+        "error": "the student stayed at chance level: ...",
+        "error_type": "NoLearningError",
+        "log": None,
+    }
+    # the job itself: the line, no exit, the sweep's worst score (as for a failed job)
+    monkeypatch.setattr(pipeline, "run", lambda cfg: RunRecord.from_dict(at_chance).to_dict())
+    monkeypatch.setattr(pipeline, "is_multirun", lambda: True)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "job")}, "print_summary": False})
+    assert pipeline.run_job(cfg) == float("-inf")
+    assert "kdx: error: the student stayed at chance level" in capsys.readouterr().err
+    # the sweep's report: the job's status and figures, and exit 1 once every job ran
+    write_record(tmp_path / "0", RunRecord.from_dict(OK_RECORD))
+    write_record(tmp_path / "1", RunRecord.from_dict(at_chance))
+    with pytest.raises(SystemExit) as exit_:
+        MultirunReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].split()[:2] == ["1", "no_learning"] and "acc  69.00 %" in out.splitlines()[2]
+    assert "1 of 2 jobs failed (job 1)" in err

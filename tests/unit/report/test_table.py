@@ -308,6 +308,23 @@ def test_failed_and_diverged_are_counted_not_averaged(tmp_path):
     assert "diverged" in markdown and "RuntimeError: CUDA out of memory" in markdown
 
 
+def test_a_run_at_chance_is_averaged_in_and_marked(tmp_path):
+    # a method that collapsed on one seed of two: the collapse shows in the row, not only beside it
+    write_run(tmp_path / "0", ok_record("kd", 0, 0.80, 0.80))
+    collapsed = ok_record("kd", 1, 0.50, 0.50, status="no_learning")
+    collapsed.update(error="the student stayed at chance level: ...", error_type="NoLearningError", log=None)
+    write_run(tmp_path / "1", collapsed)
+    (row,) = make_table([tmp_path])[0]
+    assert row["n"] == 2 and row["no_learning"] == 1 and row["failed"] == 0
+    assert row["student/acc_best_mean"] == pytest.approx(65.0)  # (80 + 50) / 2, not the survivor's 80
+    _, markdown = make_table([tmp_path])
+    assert "| at chance | failed |" in markdown and "majority class (status no_learning)" in markdown
+    assert "no_learning: NoLearningError: the student stayed at chance level" in markdown
+    # a table without such a run has no such column
+    (tmp_path / "1" / "metrics.json").unlink()
+    assert "at chance" not in make_table([tmp_path])[1]
+
+
 def test_unreadable_or_malformed_run_folders_are_skipped_with_a_warning(tmp_path, caplog):
     write_run(tmp_path / "good", ok_record("kd", 0, 0.60, 0.60))
     write_run(tmp_path / "truncated", '{"status": "ok", "student/acc')
