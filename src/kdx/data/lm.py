@@ -71,6 +71,12 @@ class BlockDataset(Dataset):
     def targets(self) -> Tensor:  # no class per block: the first target stands in (kdx.data.base)
         return self.blocks[:, 1]
 
+    def target_tokens(self) -> Tensor:
+        """Every next-token target that is read (padding excluded), flattened."""
+        targets = self.blocks[:, 1:]
+        read = torch.arange(targets.shape[1]) < (self.lengths - 1).unsqueeze(1)
+        return targets[read]
+
 
 def pack(ids: list[list[int]], eos: int, pad: int, block_size: int) -> tuple[Tensor, Tensor]:
     """Documents' ids, each followed by ``eos``, as one stream cut into blocks of ``block_size + 1``;
@@ -246,6 +252,15 @@ class LMDataModule(KDDataModule):
 
     def prepare_data(self) -> None:
         self._data()
+
+    def val_targets(self) -> Tensor:
+        """Every next-token target of the validation split: ``val/student/acc`` is next-token accuracy,
+        so chance is the most frequent token's share of them (tokens of one text are not independent,
+        so the binomial test over them is a floor, not an exact level)."""
+        dataset = self._built(self.val_set)
+        if not isinstance(dataset, BlockDataset):
+            raise TypeError(f"{type(self).__name__}.val_set is a {type(dataset).__name__}, not packed blocks")
+        return dataset.target_tokens()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

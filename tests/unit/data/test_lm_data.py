@@ -20,6 +20,8 @@ def test_pack_ends_documents_and_pads_the_last_block():
     assert (
         x["input_ids"].tolist() == [1, 2] and y.tolist() == [2, 9] and x["attention_mask"].tolist() == [1, 1]
     )
+    # what chance is judged on: every target read, the padding's none ([2 9] and [9])
+    assert BlockDataset(blocks, lengths).target_tokens().tolist() == [2, 9, 9]
 
 
 def test_documents_from_lines_a_tsv_column_and_a_folder(tmp_path):
