@@ -16,6 +16,7 @@ stored outputs, moved with the batch), ``channels_last`` and ``compile`` (in pla
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -114,6 +115,8 @@ class DistillationModule(L.LightningModule):
                     f"method={method.name} cannot train from the top-k teacher cache: {sparse_problem}; "
                     "set teacher.cache=off (or exact) for this method"
                 )
+        # the fields of a training step's StepContext that stay fixed over an epoch (_training_context)
+        self._context_fields: dict[str, Any] | None = None
         self._cached_for: Any = None  # the training input whose teacher outputs came from the cache
         self._cached_out: ModelOutput | None = None
         self._cached_rows: dict[str, Tensor] | None = None
@@ -164,7 +167,7 @@ class DistillationModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: tuple[Any, Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        terms = self.method.training_step(batch, self.step_context())
+        terms = self.method.training_step(batch, self._training_context())
         loss = terms["loss"]
         self._accumulate(terms, batch[0], batch[1].shape[0])  # y is always a tensor; x may be a mapping
         # logged in on_train_batch_end, on the steps the loggers write (every log_every_n_steps)
@@ -189,6 +192,17 @@ class DistillationModule(L.LightningModule):
             manual_backward=self.manual_backward,
             clip_gradients=self.clip_gradients,
         )
+
+    def _training_context(self) -> StepContext:
+        """:meth:`step_context` for a training step: the fields that stay fixed over an epoch (data,
+        loader, rank, device, the loop's callables) are read from the trainer once an epoch."""
+        fields = self._context_fields
+        if fields is None:
+            ctx = self.step_context()
+            fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+            del fields["epoch"], fields["step"]
+            self._context_fields = fields
+        return StepContext(epoch=self.current_epoch, step=self.global_step, **fields)
 
     def _watch_teacher(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", output)
@@ -311,6 +325,7 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._term_sums = {}
+        self._context_fields = None  # the loader may be new this epoch (reload_dataloaders_every_n_epochs)
         self.method.on_train_epoch_start(self.step_context())
 
     def on_train_epoch_end(self) -> None:
