@@ -24,7 +24,8 @@ Runs are grouped once, by (dataset, teacher, student, row name) plus every confi
 differs between those runs (seed, paths and the run's own folder aside; lists and mappings shown as
 ``[100,100]``, ``{a:1}``), or, with ``--by``, plus those keys only (a row that then merges
 different configs is warned about). Runs of different teacher checkpoints (``teacher/sha256``)
-never share a row. Debug runs (``debug=...``, ``trainer.fast_dev_run``, ``trainer.limit_*_batches``
+never share a row, unless each seed has its own teacher (every run of seed s, whatever its row, used
+teacher s: ``teacher.train.seed=<seed>``), when rows average over seeds and teachers alike. Debug runs (``debug=...``, ``trainer.fast_dev_run``, ``trainer.limit_*_batches``
 a fraction below 1 or a count) are left out, and counted, unless ``--include-debug``. Each group is
 one row: mean ± sample std (n − 1) over its successful runs; a figure fewer runs recorded shows
 ``(n=k)``. Accuracies, agreement and ECE are
@@ -415,14 +416,29 @@ def split_keys(runs: Sequence[Run]) -> list[str]:
     return keys
 
 
+def _teacher_per_seed(runs: Sequence[Run]) -> bool:
+    """Whether every seed has one teacher checkpoint per (dataset, teacher): each seed distils from
+    its own teacher (``teacher.train.seed=<seed>``), so a row's mean covers the teachers' variation
+    too and rows compared seed by seed share their teacher."""
+    shas: dict[tuple[Any, ...], set[str]] = {}
+    for run in runs:
+        if run.sha:
+            shas.setdefault((run.keys["dataset"], run.keys["teacher"], run.seed), set()).add(run.sha)
+    return all(len(s) == 1 for s in shas.values())
+
+
 def _teacher_split(runs: Sequence[Run], group_keys: Sequence[str]) -> bool:
     """Give runs their teacher checkpoint as a key when some group holds runs of different ones
-    (``teacher/sha256``): runs of different teachers never share a row. True when it did."""
+    (``teacher/sha256``): runs of different teachers never share a row, unless the teacher is a
+    function of the seed (:func:`_teacher_per_seed`). True when it did."""
     shas: dict[tuple[str, ...], set[str]] = {}
     for run in runs:
         if run.sha:
             shas.setdefault(tuple(run.keys[k] for k in group_keys), set()).add(run.sha)
     if not any(len(s) > 1 for s in shas.values()):
+        return False
+    if _teacher_per_seed(runs):
+        log.info("each seed distilled from its own teacher checkpoint: rows average over seeds and teachers")
         return False
     for run in runs:
         run.keys[SHA_KEY] = run.sha[:12] if run.sha else ""

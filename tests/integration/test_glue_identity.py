@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from kdx.data.glue import GLUEDataModule
 from kdx.errors import KDXError
 from kdx.models.hf import load_tokenizer
 from kdx.pipeline.build import build, resolve_tokenizers, root_cause
-from kdx.teacher import cached_teacher_path
+from kdx.teacher import cached_teacher_path, teacher_key
 
 GOOD = "good great fine lovely superb warm funny clever".split()
 BAD = "bad awful dull boring weak cold flat stale".split()
@@ -88,6 +89,22 @@ def test_tokenizer_train_is_shared_and_the_models_vocabulary_follows_it(tmp_path
     assert student.vocab_size == size  # not BERT-base's 30,522
     dm = instantiate(cfg.dataset.datamodule)
     assert dm.tokenizers == {"": folder}
+
+
+def test_a_relative_cache_folder_names_the_teacher_as_an_absolute_one_does(tmp_path, monkeypatch):
+    """The trained tokenizer enters the teacher's key (kdx.teacher.key.portable): a run given the
+    cache folder as a relative path must find the teacher a run given it absolute trained."""
+    root = write_sst2(tmp_path / "glue")
+    overrides = glue_overrides(root, "method=kd", "student.model.tokenizer=train")
+    absolute = compose_train(overrides, tmp_path, tmp_path / "cache")
+    resolve_tokenizers(absolute)
+    monkeypatch.chdir(tmp_path)
+    relative = compose_train(overrides, tmp_path, Path("cache"))
+    resolve_tokenizers(relative)
+    assert Path(relative.student.model.tokenizer).is_absolute()
+    assert relative.student.model.tokenizer == absolute.student.model.tokenizer
+    model = instantiate(absolute.teacher.model)
+    assert teacher_key(relative, model) == teacher_key(absolute, model)
 
 
 def test_a_config_built_vocabulary_smaller_than_its_tokenizer_is_one_error(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -162,7 +163,8 @@ def resolve_tokenizers(cfg: DictConfig, *, train: bool = True) -> None:
         for role, _ in roles:
             cfg[role].model.tokenizer = TRAIN_TOKENIZER
     datamodule = instantiate(cfg.dataset.datamodule)
-    folder = datamodule.trained_tokenizer(create=train)
+    # absolute, so every key that names it is written the same way (kdx.teacher.key.portable)
+    folder = Path(datamodule.trained_tokenizer(create=train)).resolve()
     size = len(load_tokenizer(str(folder)))
     with open_dict(cfg):
         for role, built in roles:

@@ -94,6 +94,21 @@ def test_different_teacher_checkpoints_never_share_a_row(tmp_path):
     assert len(rows) == 2
 
 
+def test_a_teacher_per_seed_shares_rows(tmp_path):
+    """Seed s of every row distilled from teacher s: rows average over seeds (and teachers), and
+    each seed's pair of rows compares runs of one teacher."""
+    for seed, sha in ((0, "a"), (1, "b"), (2, "c")):
+        for method, acc in (("kd", 0.6 + seed / 100), ("dkd", 0.5 + seed / 100)):
+            extra = {"teacher/sha256": sha * 64, "teacher/acc": 0.8 + seed / 100}
+            record = ok_record(method, seed, acc, acc, names=MNIST1D, extra=extra)
+            write_run(tmp_path / f"{method}{seed}", record)
+    rows, _ = make_table([tmp_path], by=["method"], versus="dkd")
+    assert sorted((r["method"], r["n"]) for r in rows) == [("dkd", 3), ("kd", 3)]
+    kd = next(r for r in rows if r["method"] == "kd")
+    assert kd["teacher/acc_mean"] == pytest.approx(81.0)  # (80 + 81 + 82) / 3
+    assert kd["student/acc_best_mean"] == pytest.approx(61.0)
+
+
 def test_debug_runs_are_left_out_unless_asked(tmp_path, capsys, caplog):
     full = {"trainer": {"limit_train_batches": 1.0}}  # a float 1.0 is every batch: not debug
     write_run(tmp_path / "real", ok_record("kd", 0, 0.8, 0.8, names=MNIST1D, config=full))
