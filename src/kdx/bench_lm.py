@@ -265,13 +265,15 @@ def topk_error(student, teacher, dataset, ks, vocab: int, device) -> list[dict[s
     ]
 
 
-def bench_lm(cfg: DictConfig) -> dict[str, Any]:
+def bench_lm(cfg: DictConfig, device: torch.device | None = None) -> dict[str, Any]:
+    """The LM pair; ``device``: where kdx.bench put the run (by default from ``cfg.accelerator``)."""
     L.seed_everything(cfg.seed, verbose=False)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    device = torch.device(
-        "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    )
+    if device is None:
+        device = torch.device(
+            "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        )
     lm = cfg.lm
     vocab = int(lm.vocab_size)
     with tempfile.TemporaryDirectory(prefix="kdx-bench-lm-") as tmp:

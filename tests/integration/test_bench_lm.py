@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from kdx.bench_lm import bench_lm, lm_table
+from kdx.bench import PAIRS
+from kdx.bench_lm import lm_table
 
 
 def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
@@ -25,7 +27,9 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
     cfg = OmegaConf.create(
         {"seed": 0, "accelerator": "cpu", "warmup_steps": 1, "steps": 2, "rounds": 2, "lm": lm}
     )
-    result = bench_lm(cfg)
+    # through the pair protocol kdx-bench calls (kdx.bench.PAIRS): bench(cfg, device), table(result)
+    result = PAIRS["lm"].bench(cfg, torch.device("cpu"))
+    assert PAIRS["lm"].table(result) == lm_table(result)
     assert result["ratio_kdx_over_plain"] > 0 and result["ratio_cached_over_live"] > 0
     assert result["ratio_lightning_over_plain"] > 0 and result["ratio_kdx_over_lightning"] > 0
     by_k = {row["k"]: row for row in result["topk"]}
