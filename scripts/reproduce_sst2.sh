@@ -62,4 +62,4 @@ for seed in $SEEDS; do
 done
 # the first job of each seed trains that seed's teacher; the others wait on its lock and reuse it
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 xargs -d '\n' -P "$JOBS" -I{} bash -c '{}' <"$jobs_file"
-"$table" "$RUNS" "$CACHE/teachers" --out "$OUT" --versus none
+"$table" "$RUNS" "$CACHE/teachers" --by method --versus none --out "$OUT"
