@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from kdx.bench_loop import _clock, _StepTimer, _sync, _trainer
 from kdx.data.base import KDDataModule
 from kdx.data.lm import BlockDataset, LMDataModule
 from kdx.methods.base import METHODS
@@ -61,15 +61,6 @@ def _model(name: str, vocab: int) -> torch.nn.Module:
     return causal_lm(config=OmegaConf.to_container(node.config, resolve=True), vocab_size=vocab)  # type: ignore[arg-type]
 
 
-def _clock(device: torch.device):
-    return time.perf_counter if device.type == "cuda" else time.thread_time
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Blocks(KDDataModule):
     """Fixed blocks, in order, full batches: the plain loop's batches one for one."""
 
@@ -84,27 +75,6 @@ class _Blocks(KDDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, drop_last=True)
-
-
-class _Timer(L.Callback):
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.clock = warmup, device, _clock(device)
-        self.stamps: list[float] = []
-        self.samples = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            _sync(self.device)
-            self.stamps.append(self.clock())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            self.samples += batch[1].shape[0]
-            _sync(self.device)
-            self.end = self.clock()
-
-    def rate(self) -> float:
-        return self.samples / (self.end - self.stamps[0])
 
 
 def _token_kl(student_logits, teacher_logits, y):
@@ -137,14 +107,13 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(student.parameters(), lr=float(cfg.lm.lr))
-    clock = _clock(device)
     stamps, samples = [], 0
     for step, (x, y, _) in enumerate(
         DataLoader(dataset, batch_size=cfg.lm.batch_size, shuffle=False, drop_last=True)
     ):
         if step >= cfg.warmup_steps:
             _sync(device)
-            stamps.append(clock())
+            stamps.append(_clock())
         x, y = {k: v.to(device, non_blocking=True) for k, v in x.items()}, y.to(device, non_blocking=True)
         logits = student(x)
         with torch.no_grad():
@@ -156,7 +125,7 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
         if step >= cfg.warmup_steps:
             samples += y.shape[0]
     _sync(device)
-    stamps.append(clock())
+    stamps.append(_clock())
     return samples / (stamps[-1] - stamps[0])
 
 
@@ -209,22 +178,11 @@ class BareLM(L.LightningModule):
 
 
 def _fit(module, dataset, cfg, device) -> float:
-    timer = _Timer(cfg.warmup_steps, device)
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
+    timer = _StepTimer(int(cfg.warmup_steps), device)
+    # full precision whatever bench.yaml's precision: the plain loop beside it runs in float32
+    trainer = _trainer(cfg, timer, max_epochs=1, precision="32-true")
     trainer.fit(module, datamodule=_Blocks(dataset, int(cfg.lm.batch_size), int(cfg.lm.vocab_size)))
-    return timer.rate()
+    return timer.samples / (timer.end - timer.start)
 
 
 @torch.no_grad()
