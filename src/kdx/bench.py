@@ -65,7 +65,7 @@ from kdx.methods.kd import KD
 from kdx.models.small import CNN1D, MLP
 from kdx.pipeline.build import make_module
 from kdx.pipeline.compose import CONFIG_DIR
-from kdx.pipeline.switches import resolve_channels_last
+from kdx.pipeline.switches import apply_cpu_allocator, resolve_channels_last
 from kdx.teacher_outputs import TeacherOutputCache
 from kdx.utils import json_safe
 
@@ -252,9 +252,12 @@ def bench(cfg: DictConfig) -> dict:
     pair = str(cfg.get("pair", "image"))
     if pair not in PAIRS:
         raise ValueError(f"pair={pair!r}: choose one of {', '.join(PAIRS)}")
+    # before any side allocates: every side runs under the allocator policy kdx-train sets
+    allocator = str(cfg.get("cpu_allocator", "retain"))
+    memory = {"cpu_allocator": allocator, "freed_memory_retained": apply_cpu_allocator(allocator)}
     if pair != "image":
-        return {**PAIRS[pair].bench(cfg, device), "clock": clock}
-    return bench_image(cfg, device, clock)
+        return {**PAIRS[pair].bench(cfg, device), "clock": clock, **memory}
+    return {**bench_image(cfg, device, clock), **memory}
 
 
 def bench_image(cfg: DictConfig, device: torch.device, clock: str) -> dict:

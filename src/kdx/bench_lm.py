@@ -6,8 +6,10 @@ built in a temporary folder). The teacher is first trained ``lm.teacher_steps`` 
 next-token cross-entropy) so that its distributions are a language model's, not a random network's;
 the student ``lm.student_steps`` steps.
 
-Sides, each timed over ``steps`` training steps after ``warmup_steps``, alternating over ``rounds``, the
-median kept (this thread's CPU time on a CPU, wall time on a GPU):
+Sides, each timed over ``lm.steps`` training steps after ``warmup_steps``, alternating over ``lm.rounds``;
+a segment's figure is its median step (every block has the same shape, so the median drops the steps
+the machine stalled without favouring a side), a side's the median over rounds (this thread's CPU time
+on a CPU, wall time on a GPU):
 
 * ``plain``: a hand-written loop: student forward, teacher forward under ``no_grad``, token-level
   forward KL over the unmasked positions, Adam step;
@@ -18,7 +20,9 @@ median kept (this thread's CPU time on a CPU, wall time on a GPU):
   loop costs by itself, the floor of any Lightning-based step.
 
 Reported: ``ratio_kdx_over_plain``, ``ratio_lightning_over_plain``, ``ratio_kdx_over_lightning`` and
-``ratio_cached_over_live`` (cached kdx over live kdx), and for
+``ratio_cached_over_live`` (cached kdx over live kdx); per step (:func:`kdx.bench_loop.per_step`): the
+milliseconds the bare LightningModule and kdx add to the plain loop's step, their ratio in each round, and
+the plain step from which that fixed cost leaves 0.97 of the plain loop; and for
 every k of ``lm.topk`` on held-out blocks: the bytes the cache stores per token, the KL between the
 full teacher distribution and its reconstruction from the stored (float16) top-k target, per
 position, and the relative difference of the student's forward-KL loss on the cached target against
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from kdx.bench_loop import _clock, _StepTimer, _sync, _trainer
+from kdx.bench_loop import _clock, _StepTimer, _sync, _trainer, median_step, per_step, per_step_lines
 from kdx.data.base import KDDataModule
 from kdx.data.lm import BlockDataset, LMDataModule
 from kdx.methods.base import METHODS
@@ -104,10 +108,11 @@ def _train(model, loader, steps: int, lr: float, device) -> None:
 
 
 def plain_segment(student, teacher, dataset, cfg, device) -> float:
+    """Blocks/s of the hand-written loop at its median step."""
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(student.parameters(), lr=float(cfg.lm.lr))
-    stamps, samples = [], 0
+    stamps = []
     for step, (x, y, _) in enumerate(
         DataLoader(dataset, batch_size=cfg.lm.batch_size, shuffle=False, drop_last=True)
     ):
@@ -122,11 +127,9 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= cfg.warmup_steps:
-            samples += y.shape[0]
     _sync(device)
     stamps.append(_clock())
-    return samples / (stamps[-1] - stamps[0])
+    return int(cfg.lm.batch_size) / median_step(stamps)
 
 
 def kdx_segment(student, teacher, dataset, cfg, device, cache_dir: str) -> float:
@@ -182,7 +185,7 @@ def _fit(module, dataset, cfg, device) -> float:
     # full precision whatever bench.yaml's precision: the plain loop beside it runs in float32
     trainer = _trainer(cfg, timer, max_epochs=1, precision="32-true")
     trainer.fit(module, datamodule=_Blocks(dataset, int(cfg.lm.batch_size), int(cfg.lm.vocab_size)))
-    return timer.samples / (timer.end - timer.start)
+    return int(cfg.lm.batch_size) / median_step([*timer.stamps, timer.end])
 
 
 @torch.no_grad()
@@ -245,15 +248,17 @@ def bench_lm(cfg: DictConfig, device: torch.device | None = None) -> dict[str, A
         )
         data.setup()
         train, held_out = data.train_set, data.val_set
-        n = int(lm.batch_size) * (int(cfg.warmup_steps) + int(cfg.steps))
-        timed = BlockDataset(train.blocks[:n], train.lengths[:n])
+        n = int(lm.batch_size) * (int(cfg.warmup_steps) + int(lm.steps))
+        # the training blocks in order, from the first again where the corpus has fewer than n
+        rows = torch.arange(n) % len(train.blocks)
+        timed = BlockDataset(train.blocks[rows], train.lengths[rows])
         teacher0, student0 = _model(str(lm.teacher), vocab), _model(str(lm.student), vocab)
         loader = DataLoader(train, batch_size=int(lm.batch_size), shuffle=True)
         _train(teacher0, loader, int(lm.teacher_steps), float(lm.lr), device)
         _train(student0, loader, int(lm.student_steps), float(lm.lr), device)
         rates: dict[str, list[float]] = {"plain": [], "lightning": [], "kdx": [], "cached": []}
         sides = list(rates)
-        for round_ in range(int(cfg.rounds)):
+        for round_ in range(int(lm.rounds)):
             for side in sides if round_ % 2 == 0 else sides[::-1]:
                 student, teacher = copy.deepcopy(student0), copy.deepcopy(teacher0)
                 if side == "plain":
@@ -286,8 +291,9 @@ def bench_lm(cfg: DictConfig, device: torch.device | None = None) -> dict[str, A
         "ratio_cached_over_live": round(median["cached"] / median["kdx"], 4),
         "cache_topk": int(lm.cache_topk),
         "topk": errors,
-        "rounds": int(cfg.rounds),
-        "steps_per_segment": int(cfg.steps),
+        "rounds": int(lm.rounds),
+        "steps_per_segment": int(lm.steps),
+        **per_step({side: rates[side] for side in ("plain", "lightning", "kdx")}, int(lm.batch_size)),
     }
 
 
@@ -304,6 +310,7 @@ def lm_table(result: dict[str, Any]) -> str:
         f"   ({result['ratio_kdx_over_lightning']:.3f} of bare Lightning)",
         f"{'kdx (fkl, top-' + str(result['cache_topk']) + ' cache) / live':<40}"
         f"{result['cached_samples_per_s']:>12.1f}{result['ratio_cached_over_live']:>10.3f}",
+        *per_step_lines(result, {"lightning": "bare LightningModule", "kdx": "kdx (fkl, live teacher)"}),
         f"{'k':>5}{'bytes/token':>13}{'(fp32 logits)':>15}{'KL(full‖recon)':>17}{'student loss Δ':>17}",
     ]
     for row in result["topk"]:

@@ -1,5 +1,5 @@
 """What every kdx-bench pair shares: the clock, the step timer, the plain loop's KD step, the Trainer,
-and the bare LightningModule doing that step (Lightning's floor)."""
+the bare LightningModule doing that step (Lightning's floor), and the per-step summary of the sides."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ class _StepTimer(L.Callback):
         return 1000 * statistics.median(gaps)
 
 
+def median_step(stamps: list[float]) -> float:
+    """The median time between consecutive step starts (``stamps``: each step's start, then the end)."""
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def _trainer(cfg, callback: L.Callback, max_epochs: int, precision: str | None = None) -> L.Trainer:
     return L.Trainer(
         accelerator=cfg.accelerator,
@@ -111,3 +116,43 @@ class BareKD(L.LightningModule):
 
     def configure_optimizers(self):
         return self._optimizer(self.student.parameters())
+
+
+# kdx / plain = p / (p + a) for a plain step of p ms and a fixed cost of a ms per step: the goal of 0.97
+# holds from p = (0.97 / 0.03) · a on
+GOAL_RATIO = 0.97
+
+
+def per_step(rates: dict[str, list[float]], batch_size: int, base: str = "plain") -> dict[str, Any]:
+    """What each side costs a step against ``base``, from its samples/s in each round (``rates``; the
+    sides of a round ran back to back, so a round's ratio is a paired one).
+
+    Per side other than ``base``: ``step_ms_<side>`` (median over rounds), ``added_ms_<side>`` (its
+    median step minus ``base``'s: the fixed cost it adds), ``rounds_<side>`` (its ratio over ``base``
+    in each round: the spread a single figure hides) and ``goal_step_ms_<side>``: how long ``base``'s
+    step must be for that fixed cost to leave the side at :data:`GOAL_RATIO` of it."""
+    steps = {side: 1000 * batch_size / statistics.median(values) for side, values in rates.items()}
+    out: dict[str, Any] = {f"step_ms_{base}": round(steps[base], 4)}
+    for side, values in rates.items():
+        if side == base:
+            continue
+        added = steps[side] - steps[base]
+        out[f"step_ms_{side}"] = round(steps[side], 4)
+        out[f"added_ms_{side}"] = round(added, 4)
+        out[f"rounds_{side}"] = [round(v / b, 4) for v, b in zip(values, rates[base])]
+        out[f"goal_step_ms_{side}"] = round(max(0.0, added) * GOAL_RATIO / (1 - GOAL_RATIO), 2)
+    return out
+
+
+def per_step_lines(result: dict[str, Any], sides: dict[str, str], base: str = "plain") -> list[str]:
+    """The table's lines for :func:`per_step`'s fields: ``sides`` maps a side to its label."""
+    lines = [
+        f"per step: {base} loop {result[f'step_ms_{base}']:.3f} ms; added over it (ms), the ratio in each round"
+    ]
+    for side, label in sides.items():
+        rounds = result[f"rounds_{side}"]
+        lines.append(
+            f"  {label:<34}{result[f'added_ms_{side}']:>+8.3f} ms   rounds {min(rounds):.4f}-{max(rounds):.4f}"
+            f"   {GOAL_RATIO} of the plain loop from a {result[f'goal_step_ms_{side}']:.1f} ms step on"
+        )
+    return lines

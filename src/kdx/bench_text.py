@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
-from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer
+from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, per_step, per_step_lines
 from kdx.configs import conf_root
 from kdx.data.base import KDDataModule
 from kdx.data.sampling import EpochSeededSampler, LengthGroupedBatchSampler
@@ -240,6 +240,8 @@ def bench(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         "gain_grouped_over_fixed": round(median["kdx_grouped"] / median["kdx_fixed"], 4),
         "rounds": int(tcfg.rounds),
         "steps_per_segment": int(tcfg.steps),
+        # the three sides on the same length-grouped batches: what each adds to the plain loop's step
+        **per_step({side: rates[side] for side in ("plain", "lightning", "kdx_grouped")}, batch),
     }
 
 
@@ -261,5 +263,6 @@ def table(result: dict[str, Any]) -> str:
         f"{result['kdx_fixed_samples_per_s']:>12.1f}{1 / result['gain_grouped_over_fixed']:>9.3f}   (/ kdx grouped)",
         f"length grouping: {result['gain_grouped_over_random']:.2f}x over dynamic padding alone, "
         f"{result['gain_grouped_over_fixed']:.2f}x over fixed padding",
+        *per_step_lines(result, {"lightning": "bare LightningModule", "kdx_grouped": "kdx"}),
     ]
     return "\n".join(lines)

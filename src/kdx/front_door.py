@@ -108,7 +108,8 @@ def help_text(tool: str, config_name: str, extra: list[Path] | tuple[Path, ...] 
         "",
         "Config folders of your own (more options, your own methods' configs):",
         f"  {tool} --config-dir my_conf ...   or   hydra.searchpath=[file://my_conf]",
-        "Top-level keys: seed, label, monitor, monitor_mode, ckpt_path (resume), test, torch_threads, tags.",
+        "Top-level keys: seed, label, monitor, monitor_mode, ckpt_path (resume), test, torch_threads, "
+        "cpu_allocator, tags.",
         f"The whole composed config: {tool} --cfg job [overrides]   Hydra's own help: {tool} --hydra-help",
         "Docs: README.md, docs/ (extending kdx, methods, failures, reproduction).",
     ]

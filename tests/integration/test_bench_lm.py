@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -22,16 +23,25 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
             "student_steps": 1,
             "topk": [4, 64],
             "cache_topk": 4,
+            # more timed blocks than the corpus holds: the bench cycles through it
+            "steps": 12,
+            "rounds": 2,
         }
     )
-    cfg = OmegaConf.create(
-        {"seed": 0, "accelerator": "cpu", "warmup_steps": 1, "steps": 2, "rounds": 2, "lm": lm}
-    )
+    cfg = OmegaConf.create({"seed": 0, "accelerator": "cpu", "warmup_steps": 1, "lm": lm})
     # through the pair protocol kdx-bench calls (kdx.bench.PAIRS): bench(cfg, device), table(result)
     result = PAIRS["lm"].bench(cfg, torch.device("cpu"))
     assert PAIRS["lm"].table(result) == lm_table(result)
     assert result["ratio_kdx_over_plain"] > 0 and result["ratio_cached_over_live"] > 0
     assert result["ratio_lightning_over_plain"] > 0 and result["ratio_kdx_over_lightning"] > 0
+    assert result["steps_per_segment"] == 12
+    # per step: a side's added milliseconds are its step minus the plain loop's; one ratio per round
+    for side in ("lightning", "kdx"):
+        assert result[f"added_ms_{side}"] == pytest.approx(
+            result[f"step_ms_{side}"] - result["step_ms_plain"], abs=1e-3
+        )
+        assert len(result[f"rounds_{side}"]) == 2
+    assert "per step: plain loop" in lm_table(result)
     by_k = {row["k"]: row for row in result["topk"]}
     assert by_k[4]["bytes_per_token"] == 4 * 4 + 2 and by_k[64]["full_fp32_bytes_per_token"] == 256
     # k = the vocabulary: nothing lost but float16 rounding

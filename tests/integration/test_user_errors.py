@@ -81,6 +81,7 @@ def test_zero_epochs_is_an_error_not_an_untrained_ok(tmp_path):
         ("+trainer.limit_train_batches=0", r"trainer.limit_train_batches=0 trains nothing"),
         ("channels_last=yes", r"channels_last='yes': choose auto, true or false"),
         ("compile=fast", r"compile='fast' is neither true/false nor a torch.compile backend"),
+        ("cpu_allocator=jemalloc", r"cpu_allocator='jemalloc': choose retain or system"),
         (
             "student.model.name=resnet8x5",
             r"student.model.name=resnet8x5 is not a kdx zoo .*did you mean resnet8x4",

@@ -45,6 +45,7 @@ from kdx.pipeline.fit import (
     run_name,
 )
 from kdx.pipeline.interrupt import SaveOnInterrupt
+from kdx.pipeline.switches import apply_cpu_allocator
 from kdx.pipeline.validate import validate_config
 from kdx.record import RunRecord
 
@@ -66,6 +67,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
+    apply_cpu_allocator(cfg.get("cpu_allocator", "retain"))
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     resumed = resumed_from(cfg)  # read safely before any teacher or data work
     parts = build(cfg, train_teacher=run)  # an auto-teacher is trained by this same pipeline

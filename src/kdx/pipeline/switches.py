@@ -1,5 +1,6 @@
-"""The speed switches ``channels_last`` and ``compile``: parsed once, for the config check
-(:mod:`kdx.pipeline.validate`) and for the builder (:mod:`kdx.pipeline.build`) alike."""
+"""The speed switches ``channels_last``, ``compile`` and ``cpu_allocator``: parsed once, for the config
+check (:mod:`kdx.pipeline.validate`) and for the builder and the run (:mod:`kdx.pipeline.build`,
+:mod:`kdx.pipeline.run`) alike."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kdx.allocator import CHOICES as ALLOCATORS
+from kdx.allocator import retain_freed_memory
 from kdx.errors import KDXError
 
 
@@ -55,3 +58,17 @@ def compile_switch(value: Any) -> bool | str:
             f"({', '.join(torch._dynamo.list_backends())})"
         )
     return str(value)
+
+
+def cpu_allocator_switch(value: Any) -> str:
+    """``cpu_allocator``: ``retain`` (keep freed memory in the process: no page-fault storm each step,
+    :mod:`kdx.allocator`) or ``system`` (the C library's own policy)."""
+    if value not in ALLOCATORS:
+        raise KDXError(f"cpu_allocator={value!r}: choose {' or '.join(ALLOCATORS)}")
+    return str(value)
+
+
+def apply_cpu_allocator(value: Any) -> bool:
+    """Set the process's allocator policy from ``cpu_allocator`` (default ``retain``); True when
+    freed memory is now retained. Process-wide: every run and bench side after it shares it."""
+    return cpu_allocator_switch(value) == "retain" and retain_freed_memory()

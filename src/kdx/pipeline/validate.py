@@ -48,7 +48,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 import kdx.conf
 from kdx.errors import KDXError
 from kdx.models.registry import list_models
-from kdx.pipeline.switches import channels_last_switch, compile_switch
+from kdx.pipeline.switches import channels_last_switch, compile_switch, cpu_allocator_switch
 
 # Hydra's instantiate keys: read by Hydra, never passed to the target
 _INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
@@ -261,6 +261,7 @@ def _switch_problems(cfg: DictConfig) -> Iterator[str]:
             str(trainer.get("precision", "32-true")),
         ),
         lambda: compile_switch(cfg.get("compile", False)),
+        lambda: cpu_allocator_switch(cfg.get("cpu_allocator", "retain")),
     )
     for check in checks:
         try:

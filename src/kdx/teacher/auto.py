@@ -62,6 +62,7 @@ def teacher_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     with open_dict(tcfg):
         tcfg.seed = int(recipe.seed)
         tcfg.torch_threads = cfg.get("torch_threads")
+        tcfg.cpu_allocator = cfg.get("cpu_allocator", "retain")
         # whole nodes replaced, not merged: nothing of the defaults composed above may survive in them
         tcfg.dataset = resolved(teacher_dataset(cfg))
         tcfg.student = {
