@@ -6,10 +6,11 @@ training step allocates and frees the same tensors every step, and on a CPU thos
 than the threshold (a causal LM's ``(B, L, V)`` logits: 2 MiB at 32 × 32 × 512), so every step maps
 them afresh and page-faults every 4 KiB page in again; how many depends on what else the process
 has freed, and it changes from segment to segment. Measured on this project's CPU with the
-language-model pair of kdx-bench: 700–2,200 minor page faults a step, and step times that moved by
-15 % between identical segments; with freed memory kept (``retain``), 1–15 faults a step and a
-step 10–25 % shorter (docs/performance.md). jemalloc and tcmalloc keep freed memory the same way;
-they need ``LD_PRELOAD`` before Python starts, ``mallopt`` does not.
+language-model pair of kdx-bench: 650–2,200 minor page faults a step, and step times that moved by
+up to a fifth between identical segments; with freed memory kept (``retain``), 1–15 faults a step,
+the LM step 3–10 % and kdx's resnet56 → resnet20 step 19 % shorter (docs/performance.md).
+jemalloc and tcmalloc keep freed memory the same way; they need ``LD_PRELOAD`` before Python
+starts, ``mallopt`` does not.
 
 ``retain`` keeps blocks up to 32 MiB (glibc's largest mmap threshold on 64-bit) in the heap and
 returns its free top to the kernel only above 1 GiB, so a process holds on to its peak working
