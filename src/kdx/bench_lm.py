@@ -89,6 +89,12 @@ def _token_kl(student_logits, teacher_logits, y):
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def timed_blocks(train: BlockDataset, n: int) -> BlockDataset:
+    """The first ``n`` training blocks in order, from the first again where the corpus has fewer."""
+    rows = torch.arange(n) % len(train.blocks)
+    return BlockDataset(train.blocks[rows], train.lengths[rows])
+
+
 def _train(model, loader, steps: int, lr: float, device) -> None:
     """``steps`` plain steps of next-token cross-entropy (the teacher before the bench, the student)."""
     model.to(device).train()
@@ -249,9 +255,7 @@ def bench_lm(cfg: DictConfig, device: torch.device | None = None) -> dict[str, A
         data.setup()
         train, held_out = data.train_set, data.val_set
         n = int(lm.batch_size) * (int(cfg.warmup_steps) + int(lm.steps))
-        # the training blocks in order, from the first again where the corpus has fewer than n
-        rows = torch.arange(n) % len(train.blocks)
-        timed = BlockDataset(train.blocks[rows], train.lengths[rows])
+        timed = timed_blocks(train, n)
         teacher0, student0 = _model(str(lm.teacher), vocab), _model(str(lm.student), vocab)
         loader = DataLoader(train, batch_size=int(lm.batch_size), shuffle=True)
         _train(teacher0, loader, int(lm.teacher_steps), float(lm.lr), device)

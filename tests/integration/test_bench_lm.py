@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from kdx.bench import PAIRS
-from kdx.bench_lm import lm_table
+from kdx.bench_lm import lm_table, timed_blocks
+from kdx.data.lm import BlockDataset
 
 
 def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
@@ -23,8 +24,7 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
             "student_steps": 1,
             "topk": [4, 64],
             "cache_topk": 4,
-            # more timed blocks than the corpus holds: the bench cycles through it
-            "steps": 12,
+            "steps": 4,
             "rounds": 2,
         }
     )
@@ -34,7 +34,7 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
     assert PAIRS["lm"].table(result) == lm_table(result)
     assert result["ratio_kdx_over_plain"] > 0 and result["ratio_cached_over_live"] > 0
     assert result["ratio_lightning_over_plain"] > 0 and result["ratio_kdx_over_lightning"] > 0
-    assert result["steps_per_segment"] == 12
+    assert result["steps_per_segment"] == 4
     # per step: a side's added milliseconds are its step minus the plain loop's; one ratio per round
     for side in ("lightning", "kdx"):
         assert result[f"added_ms_{side}"] == pytest.approx(
@@ -48,3 +48,10 @@ def test_the_lm_pair_reports_speed_ratios_and_the_topk_error_per_k(tmp_path):
     assert by_k[64]["reconstruction_kl"] < 1e-3 and by_k[64]["student_loss_rel_diff"] < 1e-2
     assert by_k[4]["reconstruction_kl"] > by_k[64]["reconstruction_kl"]
     assert "top-4 cache" in lm_table(result)
+
+
+def test_the_timed_blocks_cycle_through_a_corpus_shorter_than_the_segment():
+    blocks = torch.arange(3 * 5).reshape(3, 5)
+    timed = timed_blocks(BlockDataset(blocks, torch.tensor([5, 4, 3])), 7)
+    assert timed.blocks[:, 0].tolist() == [0, 5, 10, 0, 5, 10, 0]
+    assert timed.lengths.tolist() == [5, 4, 3, 5, 4, 3, 5]
