@@ -58,7 +58,17 @@ from torch.utils.data import DataLoader
 
 import kdx.methods  # noqa: F401 - registers method schemas
 from kdx import bench_lm, bench_text
-from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, _use_clock
+from kdx.bench_loop import (
+    BareKD,
+    _clock,
+    _kd_step,
+    _StepTimer,
+    _sync,
+    _trainer,
+    _use_clock,
+    median_step,
+    timed_loop,
+)
 from kdx.console import configure_console
 from kdx.data.base import KDDataModule, tensor_dataset
 from kdx.methods.kd import KD
@@ -171,23 +181,20 @@ def plain_segment(
     if precomputed:
         with torch.no_grad():
             stored = [teacher(x.to(device)) for x, _, _ in loader]
-    samples, stamps = 0, []
-    for step, (x, y, _) in enumerate(loader):
-        if step >= warmup:
-            _sync(device)
-            stamps.append(_clock())
+    samples = 0
+
+    def step(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        nonlocal samples
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            loss = _kd_step(student, teacher, x, y, stored[step])
+            loss = _kd_step(student, teacher, x, y, stored[i])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= warmup:
-            samples += x.shape[0]
-    _sync(device)
-    stamps.append(_clock())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return samples / (stamps[-1] - stamps[0]), 1000 * statistics.median(gaps)
+        samples += x.shape[0] if i >= warmup else 0
+
+    stamps = timed_loop(loader, step, warmup, device)
+    return samples / (stamps[-1] - stamps[0]), 1000 * median_step(stamps)
 
 
 def overhead(cfg: DictConfig, device: torch.device) -> dict[str, Any]:

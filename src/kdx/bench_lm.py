@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from kdx.bench_loop import _clock, _StepTimer, _sync, _trainer, median_step, per_step, per_step_lines
+from kdx.bench_loop import _StepTimer, _trainer, median_step, per_step, per_step_lines, timed_loop
 from kdx.data.base import KDDataModule
 from kdx.data.lm import BlockDataset, LMDataModule
 from kdx.methods.base import METHODS
@@ -118,13 +118,8 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(student.parameters(), lr=float(cfg.lm.lr))
-    stamps = []
-    for step, (x, y, _) in enumerate(
-        DataLoader(dataset, batch_size=cfg.lm.batch_size, shuffle=False, drop_last=True)
-    ):
-        if step >= cfg.warmup_steps:
-            _sync(device)
-            stamps.append(_clock())
+
+    def step(i: int, x: Any, y: torch.Tensor) -> None:
         x, y = {k: v.to(device, non_blocking=True) for k, v in x.items()}, y.to(device, non_blocking=True)
         logits = student(x)
         with torch.no_grad():
@@ -133,9 +128,9 @@ def plain_segment(student, teacher, dataset, cfg, device) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    _sync(device)
-    stamps.append(_clock())
-    return int(cfg.lm.batch_size) / median_step(stamps)
+
+    batches = DataLoader(dataset, batch_size=cfg.lm.batch_size, shuffle=False, drop_last=True)
+    return int(cfg.lm.batch_size) / median_step(timed_loop(batches, step, int(cfg.warmup_steps), device))
 
 
 def kdx_segment(student, teacher, dataset, cfg, device, cache_dir: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -67,13 +68,28 @@ class _StepTimer(L.Callback):
 
     def step_ms(self) -> float:
         """The median time from one step's start to the next's (the loop's whole cost per step)."""
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return 1000 * statistics.median(gaps)
+        return 1000 * median_step(self.stamps)
 
 
 def median_step(stamps: list[float]) -> float:
     """The median time between consecutive step starts (``stamps``: each step's start, then the end)."""
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def timed_loop(
+    batches: Iterable[Any], step: Callable[[int, Any, Any], None], warmup: int, device
+) -> list[float]:
+    """The plain loops' clock: ``step(i, x, y)`` over ``batches`` of ``(x, y, index)``, stamped at the
+    start of every step from ``warmup`` on and once after the last (a device sync before each stamp)."""
+    stamps = []
+    for i, (x, y, _) in enumerate(batches):
+        if i >= warmup:
+            _sync(device)
+            stamps.append(_clock())
+        step(i, x, y)
+    _sync(device)
+    stamps.append(_clock())
+    return stamps
 
 
 def _trainer(cfg, callback: L.Callback, max_epochs: int, precision: str | None = None) -> L.Trainer:

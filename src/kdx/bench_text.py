@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 
-from kdx.bench_loop import BareKD, _clock, _kd_step, _StepTimer, _sync, _trainer, per_step, per_step_lines
+from kdx.bench_loop import BareKD, _kd_step, _StepTimer, _trainer, per_step, per_step_lines, timed_loop
 from kdx.configs import conf_root
 from kdx.data.base import KDDataModule
 from kdx.data.sampling import EpochSeededSampler, LengthGroupedBatchSampler
@@ -150,21 +150,19 @@ def plain_segment(cfg, student, teacher, device, warmup: int, batches_loader: Da
     student.to(device).train()
     teacher.to(device).eval().requires_grad_(False)
     optimizer = instantiate(cfg.optim.optimizer)(student.parameters())
-    samples, start = 0, 0.0
-    for step, (x, y, _) in enumerate(batches_loader):
-        if step == warmup:
-            _sync(device)
-            start = _clock()
+    samples = 0
+
+    def step(i: int, x: Any, y: torch.Tensor) -> None:
+        nonlocal samples
         x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
-        y = y.to(device, non_blocking=True)
-        loss = _kd_step(student, teacher, x, y)
+        loss = _kd_step(student, teacher, x, y.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= warmup:
-            samples += y.shape[0]
-    _sync(device)
-    return samples / (_clock() - start)
+        samples += y.shape[0] if i >= warmup else 0
+
+    stamps = timed_loop(batches_loader, step, warmup, device)
+    return samples / (stamps[-1] - stamps[0])
 
 
 def kdx_segment(cfg, student, teacher, device, data: TextBatches, bare: bool = False) -> float:
